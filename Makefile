@@ -1,0 +1,48 @@
+# Two entry points do all set-up on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION := 2.13.0
+DEEPSPEED_SPEC := deepspeed>=0.18,<0.20
+# The stamp changes whenever the dependency list does, so `make` re-installs exactly then.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+export DS_ACCELERATOR ?= cpu
+export DS_BUILD_OPS ?= 0
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export RAY_USAGE_STATS_ENABLED ?= 0
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
+
+.PHONY: install demo test test-fast bench lint clean
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	# torch first, pinned: the CPU wheel lies on local disk.
+	$(PIP) install -q "torch==$(TORCH_VERSION)"
+	# DeepSpeed's sdist must build against the torch above, never in an isolated env with a CUDA torch.
+	$(PIP) install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: install
+	$(VENV)/bin/dpn demo
+
+test: install
+	$(VENV)/bin/python -m pytest -q -ra
+
+test-fast: install
+	$(VENV)/bin/python -m pytest -q -ra -m "not slow"
+
+bench: install
+	$(VENV)/bin/python bench/flops_table.py
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf .dpn_work

@@ -1,0 +1,220 @@
+"""DPN configuration: a LLaVA-1.5 configuration (vision / text / projector sub-configs) plus the pyramid.
+
+The pyramid fields are flat on `DPNConfig` so the whole model configuration serialises to one
+`config.json` beside the safetensors weights, exactly as HF models do. Values are validated eagerly
+in `__post_init__`: a bad value fails at construction, naming the field and what would be valid.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# Compressors implemented by the model. `fastv` and `pdrop` join with the inference work; they plug in
+# at the same seam (`dpn.pyramid.Compressor`) and report token counts the same way.
+COMPRESSORS = ("dpn", "static", "none", "fastv", "pdrop")
+POOL_FUNCTIONS = ("max", "avg", "conv")
+LOCATIONS = ("post", "pre")
+ROUTER_VERSIONS = ("mlp", "linear")
+
+# (kh, kw) pooling kernels of the three Dynamic Pooling Experts: keep, halve the width, quarter.
+DEFAULT_EXPERTS = ((1, 1), (1, 2), (2, 2))
+
+
+def default_dpe_layers(num_layers: int) -> list[int]:
+    """DPE layers end each quarter of the depth: 7/15/23 of 32, 1/3/5 of 8 (0-based)."""
+    if num_layers < 4:
+        raise ValueError(f"DPN needs an LLM with at least 4 layers to place 3 DPE layers, got num_layers={num_layers}")
+    q = num_layers / 4
+    return [int(round(q * i)) - 1 for i in (1, 2, 3)]
+
+
+def expert_factor(kernel: tuple[int, int] | list[int]) -> int:
+    """Compression factor of an expert: the number of tokens one pooled token replaces (kh * kw)."""
+    return int(kernel[0]) * int(kernel[1])
+
+
+@strict
+class DPNConfig(PreTrainedConfig):
+    """Configuration of `DPNForConditionalGeneration`.
+
+    Args (besides the LLaVA ones, which keep the meaning and defaults of `LlavaConfig`):
+        compressor: "dpn" (routed pyramid), "static" (pyramid with a fixed path, no router),
+            "none" (plain LLaVA-1.5), "fastv", "pdrop" (peer methods, same harness).
+        dpe_layers: 0-based decoder layers hosting a Dynamic Pooling Expert; None = the end of each
+            quarter of the depth (7/15/23 of 32 layers).
+        experts: (kh, kw) max-pool kernels (= strides) the router picks from; the first must be (1, 1).
+        pool: pooling function of the experts: "max" (paper), "avg" or "conv" (depthwise, init to mean).
+        location: "post" pools a DPE layer's output (paper), "pre" its input.
+        router_version: "mlp" = LayerNorm -> Linear(d, d/4) -> GELU -> Linear(d/4, E) (paper);
+            "linear" = LayerNorm -> Linear(d, E) (ablation).
+        gate_temperature: p = softmax(logits / T).
+        route_loss_coef: weight of the routing loss added to the LM loss.
+        route_loss_target: L_route = max(0, target - mean(s[j*] * p[j*])).
+        min_tokens_to_pool: a sample with fewer visual tokens than this is not pooled at a DPE.
+        min_tokens_after_pool: experts that would leave fewer tokens are never sampled in training.
+        constrain_argmax: also apply `min_tokens_after_pool` to the argmax at inference (the reference
+            does not; off by default to follow it).
+        static_path: compression factor at each DPE for `compressor="static"` (1 keep, 2 = (1,2), 4 = (2,2)).
+        router_token_id: id of the `<ROUTER>` token; None = route every sample from its last prompt token.
+        fastv_layer / fastv_ratio: FastV prunes after layer K keeping (1 - R) of the visual tokens.
+        pdrop_layers / pdrop_ratio: PyramidDrop keeps `ratio` of the remaining visual tokens at each layer.
+    """
+
+    model_type = "dpn"
+    attribute_map = {"image_token_index": "image_token_id"}
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="clip_vision_model",
+            # CLIP ViT-L/14-336, as in LLaVA-1.5.
+            init_kwargs={
+                "intermediate_size": 4096,
+                "hidden_size": 1024,
+                "patch_size": 14,
+                "image_size": 336,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 16,
+                "projection_dim": 768,
+            },
+        ),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    image_token_id: int = 32000
+    router_token_id: int | None = None
+    projector_hidden_act: str = "gelu"
+    vision_feature_select_strategy: str = "default"
+    vision_feature_layer: int = -2
+    multimodal_projector_bias: bool = True
+    tie_word_embeddings: bool = False
+
+    compressor: str = "dpn"
+    dpe_layers: list[int] | None = None
+    experts: list[list[int]] | None = None
+    pool: str = "max"
+    location: str = "post"
+    router_version: str = "mlp"
+    gate_temperature: float = 10.0
+    route_loss_coef: float = 1e-3
+    route_loss_target: float = 1.5
+    min_tokens_to_pool: int = 16
+    min_tokens_after_pool: int = 18
+    constrain_argmax: bool = False
+    static_path: list[int] | None = None
+    fastv_layer: int = 2
+    fastv_ratio: float = 0.5
+    pdrop_layers: list[int] | None = None
+    pdrop_ratio: float = 0.5
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        n_layers = self.text_config.num_hidden_layers
+        if self.compressor not in COMPRESSORS:
+            raise ValueError(f"compressor must be one of {COMPRESSORS}, got {self.compressor!r}")
+        if self.pool not in POOL_FUNCTIONS:
+            raise ValueError(f"pool must be one of {POOL_FUNCTIONS}, got {self.pool!r}")
+        if self.location not in LOCATIONS:
+            raise ValueError(f"location must be one of {LOCATIONS}, got {self.location!r}")
+        if self.router_version not in ROUTER_VERSIONS:
+            raise ValueError(f"router_version must be one of {ROUTER_VERSIONS}, got {self.router_version!r}")
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(
+                f"vision_feature_select_strategy must be 'default' or 'full', got {self.vision_feature_select_strategy!r}"
+            )
+        if self.compressor in ("dpn", "static") and self.vision_feature_select_strategy != "default":
+            raise ValueError(
+                "the pyramid pools the visual patch grid, which needs vision_feature_select_strategy='default' "
+                f"(CLS dropped), got {self.vision_feature_select_strategy!r}"
+            )
+        if self.dpe_layers is None:
+            self.dpe_layers = default_dpe_layers(n_layers)
+        self.dpe_layers = [int(i) for i in self.dpe_layers]
+        if not self.dpe_layers or sorted(set(self.dpe_layers)) != self.dpe_layers:
+            raise ValueError(f"dpe_layers must be non-empty, strictly increasing, got {self.dpe_layers}")
+        if self.dpe_layers[0] < 0 or self.dpe_layers[-1] >= n_layers:
+            raise ValueError(f"dpe_layers must lie in [0, {n_layers - 1}] for a {n_layers}-layer LLM, got {self.dpe_layers}")
+        if self.experts is None:
+            self.experts = [list(k) for k in DEFAULT_EXPERTS]
+        self.experts = [[int(a) for a in k] for k in self.experts]
+        if any(len(k) != 2 or min(k) < 1 for k in self.experts):
+            raise ValueError(f"experts must be (kh, kw) pairs of positive ints, got {self.experts}")
+        if self.experts[0] != [1, 1]:
+            raise ValueError(f"the first expert must be the keep expert (1, 1), got {self.experts[0]}")
+        factors = [expert_factor(k) for k in self.experts]
+        if len(set(factors)) != len(factors):
+            raise ValueError(f"experts must have distinct compression factors (kh*kw), got {self.experts}")
+        if not self.gate_temperature > 0:
+            raise ValueError(f"gate_temperature must be > 0, got {self.gate_temperature}")
+        if self.route_loss_coef < 0:
+            raise ValueError(f"route_loss_coef must be >= 0, got {self.route_loss_coef}")
+        if self.min_tokens_to_pool < 1 or self.min_tokens_after_pool < 1:
+            raise ValueError(
+                f"min_tokens_to_pool and min_tokens_after_pool must be >= 1, got "
+                f"{self.min_tokens_to_pool} and {self.min_tokens_after_pool}"
+            )
+        if self.static_path is None:
+            # Default fixed path: strongest compression first, then weaker, e.g. (4, 2, 1) for three DPEs.
+            ranked = sorted(factors, reverse=True)
+            self.static_path = [ranked[i] if i < len(ranked) else 1 for i in range(len(self.dpe_layers))]
+        self.static_path = [int(f) for f in self.static_path]
+        if len(self.static_path) != len(self.dpe_layers):
+            raise ValueError(
+                f"static_path needs one factor per DPE layer ({len(self.dpe_layers)}), got {self.static_path}"
+            )
+        bad = [f for f in self.static_path if f not in factors]
+        if bad:
+            raise ValueError(f"static_path factors must be expert factors {factors}, got {bad}")
+        if not 0 <= self.fastv_layer < n_layers:
+            raise ValueError(f"fastv_layer must lie in [0, {n_layers - 1}], got {self.fastv_layer}")
+        if not 0.0 <= self.fastv_ratio < 1.0:
+            raise ValueError(f"fastv_ratio (share of visual tokens dropped) must be in [0, 1), got {self.fastv_ratio}")
+        if self.pdrop_layers is None:
+            self.pdrop_layers = [int(round(n_layers / 4 * i)) for i in (1, 2, 3)]
+        self.pdrop_layers = [int(i) for i in self.pdrop_layers]
+        if sorted(set(self.pdrop_layers)) != self.pdrop_layers or not all(0 < i < n_layers for i in self.pdrop_layers):
+            raise ValueError(f"pdrop_layers must be increasing in [1, {n_layers - 1}], got {self.pdrop_layers}")
+        if not 0.0 < self.pdrop_ratio <= 1.0:
+            raise ValueError(f"pdrop_ratio (share of visual tokens kept) must be in (0, 1], got {self.pdrop_ratio}")
+        if self.vision_feature_layer >= 0 and self.vision_feature_layer > self.vision_config.num_hidden_layers:
+            raise ValueError(
+                f"vision_feature_layer {self.vision_feature_layer} exceeds the vision tower's "
+                f"{self.vision_config.num_hidden_layers} layers"
+            )
+
+    # ----- derived geometry -------------------------------------------------------------------
+    @property
+    def expert_factors(self) -> list[int]:
+        return [expert_factor(k) for k in self.experts]
+
+    @property
+    def vision_grid(self) -> tuple[int, int]:
+        """(h, w) of the patch grid the vision tower produces (24 x 24 for CLIP ViT-L/14-336)."""
+        side = self.vision_config.image_size // self.vision_config.patch_size
+        return side, side
+
+    @property
+    def num_image_tokens(self) -> int:
+        h, w = self.vision_grid
+        return h * w + (1 if self.vision_feature_select_strategy == "full" else 0)
+
+    def expert_index(self, factor: int) -> int:
+        """Index of the expert with compression factor `factor` (1, 2 or 4 by default)."""
+        factors = self.expert_factors
+        if factor not in factors:
+            raise ValueError(f"compression factor must be one of {factors}, got {factor}")
+        return factors.index(factor)
+
+    @property
+    def expert_scores(self) -> list[float]:
+        """s_j of the routing loss: log2 of the compression factor, [0, 1, 2] for keep / half / quarter."""
+        return [math.log2(f) for f in self.expert_factors]
+
+
+__all__ = ["DPNConfig", "COMPRESSORS", "default_dpe_layers", "expert_factor"]

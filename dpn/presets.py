@@ -1,0 +1,81 @@
+"""Named model geometries. Each is a function returning a `DPNConfig`; keyword overrides go to the
+pyramid/LLaVA fields (e.g. `compressor="static"`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from transformers import CLIPVisionConfig, LlamaConfig
+
+from dpn.configuration_dpn import DPNConfig
+
+# CLIP ViT-L/14-336 as used by LLaVA-1.5: 24 x 24 = 576 patches.
+_CLIP_L_336 = dict(
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+    image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+)
+
+
+def llava_1_5_7b(**overrides: Any) -> DPNConfig:
+    """LLaVA-1.5-7B: CLIP ViT-L/336 + Vicuna-7B v1.5 (32 layers, d=4096, FFN 11008), llava-hf vocab."""
+    text = LlamaConfig(
+        vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        pad_token_id=32001,
+    )
+    return DPNConfig(vision_config=CLIPVisionConfig(**_CLIP_L_336), text_config=text, image_token_id=32000, **overrides)
+
+
+def llava_1_5_13b(**overrides: Any) -> DPNConfig:
+    """LLaVA-1.5-13B: CLIP ViT-L/336 + Vicuna-13B v1.5 (40 layers, d=5120, FFN 13824)."""
+    text = LlamaConfig(
+        vocab_size=32064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+        num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        pad_token_id=32001,
+    )
+    return DPNConfig(vision_config=CLIPVisionConfig(**_CLIP_L_336), text_config=text, image_token_id=32000, **overrides)
+
+
+def tiny(vocab_size: int = 1024, image_token_id: int = 4, pad_token_id: int = 3, **overrides: Any) -> DPNConfig:
+    """The embedded default: trains in minutes on 2 CPU cores. 48-px images, 4-px patches -> 12 x 12 = 144
+    visual tokens; an 8-layer LLM (DPE layers 1/3/5), d=128."""
+    vision = CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        image_size=48, patch_size=4, projection_dim=64,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=128, intermediate_size=344, num_hidden_layers=8,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024, pad_token_id=pad_token_id,
+        bos_token_id=1, eos_token_id=2,
+    )
+    return DPNConfig(vision_config=vision, text_config=text, image_token_id=image_token_id, **overrides)
+
+
+def test_tiny(vocab_size: int = 64, image_token_id: int = 60, pad_token_id: int = 0, **overrides: Any) -> DPNConfig:
+    """Smallest geometry for unit tests: 16-px images, 2-px patches -> 8 x 8 = 64 visual tokens, 4-layer LLM
+    (DPE layers 0/1/2), d=32."""
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        image_size=16, patch_size=2, projection_dim=32,
+    )
+    text = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=pad_token_id,
+        bos_token_id=1, eos_token_id=2,
+    )
+    return DPNConfig(vision_config=vision, text_config=text, image_token_id=image_token_id, **overrides)
+
+
+PRESETS: dict[str, Callable[..., DPNConfig]] = {
+    "llava-1.5-7b": llava_1_5_7b,
+    "llava-1.5-13b": llava_1_5_13b,
+    "tiny": tiny,
+    "test-tiny": test_tiny,
+}
+
+
+def get_preset(name: str, **overrides: Any) -> DPNConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name](**overrides)
