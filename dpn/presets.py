@@ -67,6 +67,9 @@ def test_tiny(vocab_size: int = 64, image_token_id: int = 60, pad_token_id: int 
     return DPNConfig(vision_config=vision, text_config=text, image_token_id=image_token_id, **overrides)
 
 
+# Not a pytest test, despite its name, when a test module imports it.
+test_tiny.__test__ = False  # type: ignore[attr-defined]
+
 PRESETS: dict[str, Callable[..., DPNConfig]] = {
     "llava-1.5-7b": llava_1_5_7b,
     "llava-1.5-13b": llava_1_5_13b,

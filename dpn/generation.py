@@ -1,0 +1,113 @@
+"""Generation for every compressor: one compressed prefill, then cached decode steps.
+
+Each decoder layer keeps its own KV cache length (shallow layers the full visual K/V, deep layers the
+pooled K/V) and each decode step continues each stage's own RoPE positions; nothing is pooled during
+decode. Batches use left padding; every sample gets exactly the tokens it would get alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GenerationOutput:
+    sequences: torch.Tensor  # (B, T) new tokens only, `pad_token_id` after a sample's EOS
+    num_new_tokens: torch.Tensor  # (B,) tokens up to and including EOS
+    routing_paths: torch.Tensor  # (B, n_dpe) expert index per DPE of the prefill, -1 = not pooled
+    visual_tokens_per_layer: torch.Tensor  # (B, n_layers) at prefill
+    text_tokens_per_layer: torch.Tensor  # (B, n_layers) at prefill
+
+
+def _next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
+    """logits: (B, V) -> (B,) next token ids (greedy, or sampling with temperature / top-k / top-p)."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # Drop tokens once the mass before them already reaches top_p (the first token always stays).
+        drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 32,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> GenerationOutput:
+    """Generate up to `max_new_tokens` per prompt.
+
+    Prompts must be left-padded when their lengths differ. With `use_cache=False` every step re-runs the
+    whole (compressed) prefix — the reference the cached path is tested against.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    cfg = model.config
+    eos = cfg.text_config.eos_token_id if eos_token_id is None else eos_token_id
+    pad = cfg.text_config.pad_token_id if pad_token_id is None else pad_token_id
+    pad = 0 if pad is None else pad
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("generation needs left padding: the last position of every prompt must be a real token")
+    B = input_ids.shape[0]
+    device = input_ids.device
+    # The router of a prompt without <ROUTER> reads its last prompt token; pin that position so the
+    # uncached reference (which appends tokens) routes exactly as the cached prefill did.
+    route_index = torch.full((B,), input_ids.shape[1] - 1, dtype=torch.long, device=device)
+
+    out = model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=use_cache,
+                logits_to_keep=1, route_index=route_index)
+    prefill = out
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    tokens = []
+    seq, mask = input_ids, attention_mask
+    for step in range(max_new_tokens):
+        nxt = _next_token(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)  # (B,)
+        nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+        tokens.append(nxt)
+        lengths += (~finished).long()
+        if eos is not None:
+            finished |= nxt == eos
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        if use_cache:
+            out = model(nxt[:, None], cache=out.cache, logits_to_keep=1)
+        else:
+            # Finished samples keep being fed (their outputs are discarded) so every row stays real.
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(nxt[:, None])], dim=1)
+            out = model(seq, pixel_values=pixel_values, attention_mask=mask, logits_to_keep=1, route_index=route_index)
+    return GenerationOutput(
+        sequences=torch.stack(tokens, dim=1),
+        num_new_tokens=lengths,
+        routing_paths=prefill.routing_paths,
+        visual_tokens_per_layer=prefill.visual_tokens_per_layer,
+        text_tokens_per_layer=prefill.text_tokens_per_layer,
+    )

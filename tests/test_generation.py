@@ -1,0 +1,91 @@
+"""Cached generation under compression: per-layer caches, left-padded batches, sampling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpn.modeling_dpn import DPNForConditionalGeneration
+from dpn.presets import test_tiny
+
+IMG, ROUTER, PAD, EOS = 60, 61, 0, 2
+N_IMG = test_tiny().num_image_tokens
+
+
+def left_pad(prompts):
+    L = max(len(p) for p in prompts)
+    ids = torch.tensor([[PAD] * (L - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+PROMPTS = [
+    [1, 5, 6] + [IMG] * N_IMG + [7, 8, ROUTER],
+    [1, 9] + [IMG] * N_IMG + [17, 18, 19, 20, ROUTER],
+    [1, 3, 4, 5, 6],  # text-only
+    [1, 11] + [IMG] * N_IMG + [12],  # no <ROUTER>: routed from its last prompt token
+]
+IMAGE_OF = {0: 0, 1: 1, 3: 2}
+
+
+def make_model(compressor, **kw):
+    torch.manual_seed(0)
+    model = DPNForConditionalGeneration(test_tiny(compressor=compressor, router_token_id=ROUTER, **kw)).eval()
+    if compressor == "dpn":
+        for r in model.routers.values():  # opinionated routers: samples take different paths
+            torch.nn.init.normal_(r.fc2.weight, std=5.0)
+    return model
+
+
+@pytest.mark.parametrize("compressor", ["none", "static", "dpn"])
+def test_cached_equals_uncached_and_batched_equals_alone(compressor):
+    model = make_model(compressor)
+    px = torch.randn(3, 3, 16, 16)
+    ids, mask = left_pad(PROMPTS)
+    kw = dict(max_new_tokens=10, eos_token_id=-1)
+    cached = model.generate(ids, pixel_values=px, attention_mask=mask, **kw)
+    uncached = model.generate(ids, pixel_values=px, attention_mask=mask, use_cache=False, **kw)
+    assert cached.sequences.tolist() == uncached.sequences.tolist()
+    for b, p in enumerate(PROMPTS):
+        px_b = px[IMAGE_OF[b] : IMAGE_OF[b] + 1] if b in IMAGE_OF else None
+        alone = model.generate(torch.tensor([p]), pixel_values=px_b, **kw)
+        assert alone.sequences[0].tolist() == cached.sequences[b].tolist(), b
+        assert alone.routing_paths[0].tolist() == cached.routing_paths[b].tolist()
+    if compressor != "none":
+        assert (cached.visual_tokens_per_layer[:, -1] < cached.visual_tokens_per_layer[:, 0]).sum() == 3
+
+
+def test_each_layer_cache_has_its_own_length():
+    model = make_model("static", static_path=[4, 2, 1])
+    ids = torch.tensor([PROMPTS[0]])
+    out = model(ids, pixel_values=torch.randn(1, 3, 16, 16), use_cache=True)
+    lengths = [out.cache.get_seq_length(i) for i in range(4)]
+    # layer 0 sees all 64 visual tokens, layer 1 16 (after (2,2)), layers 2-3 8 (after (1,2)); 6 text tokens
+    assert lengths == [70, 22, 14, 14]
+    step = model(torch.tensor([[9]]), cache=out.cache)
+    assert [step.cache.get_seq_length(i) for i in range(4)] == [71, 23, 15, 15]
+
+
+def test_sampling_is_reproducible_and_matches_uncached():
+    model = make_model("dpn")
+    ids, mask = left_pad(PROMPTS[:2])
+    px = torch.randn(2, 3, 16, 16)
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, top_k=20, eos_token_id=-1)
+    a = model.generate(ids, pixel_values=px, attention_mask=mask, generator=torch.Generator().manual_seed(7), **kw)
+    b = model.generate(ids, pixel_values=px, attention_mask=mask, generator=torch.Generator().manual_seed(7),
+                       use_cache=False, **kw)
+    assert a.sequences.tolist() == b.sequences.tolist()
+
+
+def test_eos_stops_and_pads():
+    model = make_model("none")
+    ids = torch.tensor([PROMPTS[2]])
+    first = model.generate(ids, max_new_tokens=3, eos_token_id=-1).sequences[0, 0].item()
+    out = model.generate(ids, max_new_tokens=5, eos_token_id=first, pad_token_id=PAD)
+    assert out.sequences.tolist() == [[first]] and out.num_new_tokens.tolist() == [1]
+
+
+def test_right_padding_is_rejected():
+    model = make_model("none")
+    with pytest.raises(ValueError, match="left padding"):
+        model.generate(torch.tensor([[1, 5, 0]]), attention_mask=torch.tensor([[1, 1, 0]]))
