@@ -1,0 +1,104 @@
+"""`dpn flops`: price a compressor / routing path on a model geometry, without weights.
+
+    dpn flops --preset llava-1.5-7b --compressor dpn --path 4,2,1 --text-tokens 64
+    dpn flops --config runs/x/checkpoint --compressor static
+
+Prints a one-line summary, then one JSON object as the last stdout line (see `dpn.flops.flops_report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_PRESET = "llava-1.5-7b"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "flops",
+        help="LLM prefill FLOPs of a compressor / routing path vs the uncompressed baseline (no weights needed)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=None, help=f"model geometry from dpn.presets (default {DEFAULT_PRESET})")
+    src.add_argument("--config", default=None, help="a DPNConfig config.json, or a directory holding one")
+    p.add_argument(
+        "--compressor",
+        default=None,
+        help="none | static | dpn | fastv | pdrop (default: the config's own compressor)",
+    )
+    p.add_argument(
+        "--path",
+        default=None,
+        help="compression factor at each DPE layer, comma-separated (1 keep, 2 = (1,2), 4 = (2,2)), e.g. 4,2,1; "
+        "required for dpn, overrides the static path for static",
+    )
+    p.add_argument("--text-tokens", type=int, default=64, help="text tokens of the sample (default 64)")
+    p.set_defaults(handler=run)
+
+
+def _load_config(args: argparse.Namespace):
+    if args.config is not None:
+        from dpn.configuration_dpn import DPNConfig
+
+        path = Path(args.config)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ValueError(f"--config {args.config}: no such config file (give a config.json or a directory with one)")
+        return DPNConfig.from_json_file(str(path)), str(path)
+    from dpn.presets import PRESETS, get_preset
+
+    name = args.preset or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise ValueError(f"--preset {name!r} is unknown; choose one of {sorted(PRESETS)}")
+    return get_preset(name), name
+
+
+def _parse_path(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--path {text!r} must be comma-separated integers, e.g. 4,2,1") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from dpn.flops import ANALYTIC_COMPRESSORS, analytic_token_counts, flops_report
+
+    try:
+        config, source = _load_config(args)
+        compressor = args.compressor or config.compressor
+        if compressor not in ANALYTIC_COMPRESSORS:
+            raise ValueError(f"--compressor {compressor!r} is unknown; choose one of {list(ANALYTIC_COMPRESSORS)}")
+        path = _parse_path(args.path)
+        if args.text_tokens < 0:
+            raise ValueError(f"--text-tokens must be >= 0, got {args.text_tokens}")
+        visual, text = analytic_token_counts(config, args.text_tokens, path, compressor)
+    except ValueError as e:
+        print(f"dpn flops: error: {e}", file=sys.stderr)
+        return 2
+
+    report = flops_report(config, visual, text)
+    if compressor == "static" and path is None:
+        path = list(config.static_path)
+    result = {
+        "config": source,
+        "compressor": compressor,
+        "path": path,
+        "text_tokens": args.text_tokens,
+        "convention": "fastv (4nd^2 + 2n^2d + 2ndm per layer); *_exact = real matmul FLOPs",
+        **report,
+    }
+    print(
+        f"{compressor} path={path}: LLM prefill {report['tflops']:.4g} TFLOPs vs baseline "
+        f"{report['baseline_tflops']:.4g} (saving {100 * report['saving']:.1f}%); exact "
+        f"{report['tflops_exact']:.4g} vs {report['baseline_tflops_exact']:.4g}"
+    )
+    print(json.dumps(result))
+    return 0

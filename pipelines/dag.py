@@ -1,0 +1,326 @@
+"""A small cached, resumable workflow DAG.
+
+Each step declares its inputs (upstream steps) and its config section. Its fingerprint is
+sha256(step name, config section, the inputs' fingerprints, code version), so a changed corpus or config
+re-runs exactly the steps downstream of the change. A step's output directory is published atomically
+(written under a temporary name, renamed when the step returns) together with `_SUCCESS.json`; a step
+whose fingerprint already has a published output is a cache hit. After a crash, re-running the same
+pipeline skips everything that finished and resumes with the first unfinished step; a step may keep
+resumable state (e.g. training checkpoints) in its `scratch_dir`, which survives failed attempts.
+
+Independent steps run concurrently on driver threads (each step's heavy work is itself distributed by
+Ray), as long as the CPUs they declare fit the budget.
+
+Nothing here knows about MLflow: the runner calls the optional `hooks` (see `RunHooks`) so that the one
+tracking module stays the only place that talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUCCESS_FILE = "_SUCCESS.json"
+
+
+def fingerprint(obj: Any) -> str:
+    """Stable sha256 of a JSON-able object (keys sorted)."""
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def code_version(packages: tuple[str, ...] = ("dpn", "pipelines")) -> str:
+    """Content hash of the project's Python sources: any code change invalidates cached outputs."""
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for pkg in packages:
+        for path in sorted((root / pkg).rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class StepResult:
+    """A finished (or cached) step as downstream steps and the summary see it."""
+
+    name: str
+    fingerprint: str
+    out_dir: Path
+    outputs: dict[str, Any]
+    status: str  # "ran" | "cached" | "failed" | "skipped"
+    seconds: float = 0.0
+    run_id: str | None = None  # tracking run that produced the output
+    error: str | None = None
+
+
+@dataclass
+class StepContext:
+    """What a step function gets: where to write, what its inputs produced, where to keep resumable state."""
+
+    name: str
+    config: dict[str, Any]
+    out_dir: Path  # temporary; published atomically when the step returns
+    scratch_dir: Path  # survives failed attempts of the same fingerprint (checkpoints, partial shards)
+    inputs: dict[str, StepResult]
+    run_id: str | None  # this step's tracking run (created by the hooks), resumed across attempts
+    parent_run_id: str | None
+
+
+@dataclass(kw_only=True)
+class Step:
+    """One node of the DAG.
+
+    Args:
+        name: unique step name.
+        fn: called with a `StepContext`; writes under ctx.out_dir and returns a JSON-able dict of outputs.
+        inputs: names of the steps whose outputs this one reads.
+        config: the step's config section; part of its fingerprint.
+        cpus: CPUs the step occupies while it runs (concurrency budget), at most the runner's budget.
+    """
+
+    name: str
+    fn: Callable[[StepContext], dict[str, Any]]
+    inputs: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    cpus: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"step name must be a plain non-empty name, got {self.name!r}")
+        if self.cpus < 0:
+            raise ValueError(f"step {self.name!r}: cpus must be >= 0, got {self.cpus}")
+
+
+class RunHooks:
+    """Tracking callbacks; the default does nothing. `start_step` returns the step's run id."""
+
+    def start_pipeline(self, pipeline_fp: str, resume_run_id: str | None) -> str | None:
+        return None
+
+    def start_step(self, step: Step, fp: str, parent_run_id: str | None, resume_run_id: str | None) -> str | None:
+        return None
+
+    def end_step(self, step: Step, result: StepResult) -> None:
+        pass
+
+    def cached_step(self, step: Step, result: StepResult, parent_run_id: str | None) -> None:
+        pass
+
+    def end_pipeline(self, parent_run_id: str | None, status: str, results: list[StepResult]) -> None:
+        pass
+
+
+class Pipeline:
+    """Runs `steps` under `work_dir` (outputs in work_dir/steps/<name>/<fingerprint>)."""
+
+    def __init__(self, steps: list[Step], work_dir: str | Path, version: str | None = None, max_cpus: float = 2.0,
+                 hooks: RunHooks | None = None, log: Callable[[str], None] | None = None):
+        names = [s.name for s in steps]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"duplicate step names: {sorted(dup)}")
+        self.steps = {s.name: s for s in steps}
+        for s in steps:
+            missing = [i for i in s.inputs if i not in self.steps]
+            if missing:
+                raise ValueError(f"step {s.name!r} reads unknown step(s) {missing}; known: {names}")
+            if s.cpus > max_cpus:
+                raise ValueError(f"step {s.name!r} needs {s.cpus} CPUs but the budget is {max_cpus}")
+        self.order = self._topological(steps)
+        self.work_dir = Path(work_dir)
+        self.version = version if version is not None else code_version()
+        self.max_cpus = max_cpus
+        self.hooks = hooks or RunHooks()
+        self.log = log or (lambda msg: None)
+        self._fps = self._fingerprints()
+
+    # ----- structure --------------------------------------------------------------------------
+    @staticmethod
+    def _topological(steps: list[Step]) -> list[str]:
+        deps = {s.name: set(s.inputs) for s in steps}
+        order: list[str] = []
+        while deps:
+            ready = sorted(n for n, d in deps.items() if not d)
+            if not ready:
+                raise ValueError(f"the steps form a cycle: {sorted(deps)}")
+            order += ready
+            for n in ready:
+                del deps[n]
+            for d in deps.values():
+                d.difference_update(ready)
+        return order
+
+    def _fingerprints(self) -> dict[str, str]:
+        fps: dict[str, str] = {}
+        for name in self.order:
+            s = self.steps[name]
+            fps[name] = fingerprint(
+                {"step": name, "config": s.config, "inputs": {i: fps[i] for i in s.inputs}, "code": self.version}
+            )[:20]
+        return fps
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self._fps)[:20]
+
+    def out_dir(self, name: str) -> Path:
+        return self.work_dir / "steps" / name / self._fps[name]
+
+    def _state_file(self) -> Path:
+        return self.work_dir / "pipelines" / f"{self.fingerprint}.json"
+
+    def load_state(self) -> dict[str, Any]:
+        f = self._state_file()
+        return json.loads(f.read_text()) if f.is_file() else {}
+
+    def _save_state(self, state: dict[str, Any]) -> None:
+        f = self._state_file()
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+        os.replace(tmp, f)
+
+    def _completed(self, name: str) -> StepResult | None:
+        marker = self.out_dir(name) / SUCCESS_FILE
+        if not marker.is_file():
+            return None
+        meta = json.loads(marker.read_text())
+        return StepResult(name, self._fps[name], self.out_dir(name), meta["outputs"], "cached",
+                          meta.get("seconds", 0.0), meta.get("run_id"))
+
+    def plan(self) -> list[dict[str, Any]]:
+        """What a run would do, without running: per step, its fingerprint and whether it is cached."""
+        return [
+            {"name": n, "fingerprint": self._fps[n], "inputs": self.steps[n].inputs,
+             "action": "cached" if self._completed(n) else "run"}
+            for n in self.order
+        ]
+
+    def status(self) -> dict[str, Any]:
+        """Which steps are done, cached or failed in the latest execution, with their run ids."""
+        state = self.load_state()
+        steps = []
+        for n in self.order:
+            done = self._completed(n)
+            recorded = state.get("steps", {}).get(n, {})
+            steps.append({
+                "name": n,
+                "fingerprint": self._fps[n],
+                "status": recorded.get("status") or ("done" if done else "pending"),
+                "done": done is not None,
+                "mlflow_run_id": (done.run_id if done else None) or recorded.get("run_id"),
+                "error": recorded.get("error"),
+            })
+        return {"pipeline_fingerprint": self.fingerprint, "parent_run_id": state.get("parent_run_id"),
+                "state": state.get("status", "never run"), "steps": steps}
+
+    # ----- running ----------------------------------------------------------------------------
+    def run(self) -> tuple[str, str | None, list[StepResult]]:
+        """Run every step not already done. Returns (status "succeeded"|"failed", parent run id, results)."""
+        state = self.load_state()
+        resume_parent = state.get("parent_run_id") if state.get("status") == "running" else None
+        parent = self.hooks.start_pipeline(self.fingerprint, resume_parent)
+        state = {"status": "running", "parent_run_id": parent, "steps": state.get("steps", {}) if resume_parent else {},
+                 "started_at": time.time()}
+        self._save_state(state)
+        lock = threading.Lock()
+        results: dict[str, StepResult] = {}
+        for n in self.order:
+            done = self._completed(n)
+            if done is not None:
+                results[n] = done
+                self.hooks.cached_step(self.steps[n], done, parent)
+                state["steps"].setdefault(n, {})["status"] = "cached"
+                self.log(f"[{n}] cached ({self._fps[n]}), produced by run {done.run_id}")
+        self._save_state(state)
+
+        pending = [n for n in self.order if n not in results]
+        running: dict[Future, str] = {}
+        used = 0.0
+        with ThreadPoolExecutor(max_workers=max(1, len(pending))) as pool:
+            while pending or running:
+                for n in list(pending):
+                    s = self.steps[n]
+                    inputs = [results.get(i) for i in s.inputs]
+                    if any(r is not None and r.status in ("failed", "skipped") for r in inputs):
+                        pending.remove(n)
+                        results[n] = StepResult(n, self._fps[n], self.out_dir(n), {}, "skipped",
+                                                error="an input step failed")
+                        state["steps"].setdefault(n, {})["status"] = "skipped"
+                        continue
+                    if any(r is None for r in inputs):
+                        continue
+                    if running and used + s.cpus > self.max_cpus:
+                        continue
+                    pending.remove(n)
+                    used += s.cpus
+                    prev_run = state["steps"].get(n, {}).get("run_id")
+                    run_id = self.hooks.start_step(s, self._fps[n], parent, prev_run)
+                    with lock:
+                        state["steps"][n] = {"status": "running", "run_id": run_id}
+                        self._save_state(state)
+                    self.log(f"[{n}] running ({self._fps[n]})")
+                    ctx = StepContext(n, s.config, self._tmp_dir(n), self.work_dir / "scratch" / n / self._fps[n],
+                                      {i: results[i] for i in s.inputs}, run_id, parent)
+                    running[pool.submit(self._run_one, s, ctx)] = n
+                if not running:
+                    continue
+                done_set, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                for fut in done_set:
+                    n = running.pop(fut)
+                    used -= self.steps[n].cpus
+                    res = fut.result()
+                    results[n] = res
+                    self.hooks.end_step(self.steps[n], res)
+                    with lock:
+                        state["steps"][n] = {"status": res.status, "run_id": res.run_id, "seconds": res.seconds,
+                                             "error": res.error}
+                        self._save_state(state)
+                    self.log(f"[{n}] {res.status} in {res.seconds:.1f}s" + (f": {res.error}" if res.error else ""))
+        ordered = [results[n] for n in self.order]
+        status = "failed" if any(r.status in ("failed", "skipped") for r in ordered) else "succeeded"
+        state["status"] = status
+        self._save_state(state)
+        self.hooks.end_pipeline(parent, status, ordered)
+        return status, parent, ordered
+
+    def _tmp_dir(self, name: str) -> Path:
+        d = self.out_dir(name).parent / f".tmp-{self._fps[name]}-{os.getpid()}-{threading.get_ident()}"
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir(parents=True)
+        return d
+
+    def _run_one(self, step: Step, ctx: StepContext) -> StepResult:
+        t0 = time.time()
+        ctx.scratch_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            outputs = step.fn(ctx) or {}
+            json.dumps(outputs)  # outputs must be JSON-able: they are the step's manifest
+        except Exception as e:  # a failed step is reported, its dependents skipped; nothing half-published
+            shutil.rmtree(ctx.out_dir, ignore_errors=True)
+            err = f"{type(e).__name__}: {e}"
+            self.log(traceback.format_exc())
+            return StepResult(step.name, self._fps[step.name], self.out_dir(step.name), {}, "failed",
+                              time.time() - t0, ctx.run_id, err)
+        seconds = time.time() - t0
+        meta = {"name": step.name, "fingerprint": self._fps[step.name], "outputs": outputs, "seconds": seconds,
+                "run_id": ctx.run_id, "finished_at": time.time(), "code_version": self.version}
+        (ctx.out_dir / SUCCESS_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        final = self.out_dir(step.name)
+        if final.exists():  # a stale unpublished attempt; the marker was missing or we'd be cached
+            shutil.rmtree(final)
+        os.replace(ctx.out_dir, final)
+        shutil.rmtree(ctx.scratch_dir, ignore_errors=True)
+        return StepResult(step.name, self._fps[step.name], final, outputs, "ran", seconds, ctx.run_id)
