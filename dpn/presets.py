@@ -39,7 +39,9 @@ def llava_1_5_13b(**overrides: Any) -> DPNConfig:
 
 def tiny(vocab_size: int = 1024, image_token_id: int = 4, pad_token_id: int = 3, **overrides: Any) -> DPNConfig:
     """The embedded default: trains in minutes on 2 CPU cores. 48-px images, 4-px patches -> 12 x 12 = 144
-    visual tokens; an 8-layer LLM (DPE layers 1/3/5), d=128."""
+    visual tokens; an 8-layer LLM (DPE layers 1/3/5), d=128. Token ids are those of
+    `dpn.tokenizer.train_tokenizer` (unk 0, bos 1, eos 2, pad 3, <image> 4, <ROUTER> 5)."""
+    overrides.setdefault("router_token_id", 5)
     vision = CLIPVisionConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
         image_size=48, patch_size=4, projection_dim=64,
