@@ -1,0 +1,494 @@
+"""Scorers against hand-computed cases: the VQA normalisation quirks, each benchmark's parsing rules,
+the join's refusals, and `dpn eval score` end to end. Expected numbers are derived in the comments."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpn.eval.scoring import (
+    SCORERS,
+    EvalDataError,
+    load_jsonl,
+    mmbench_parse,
+    mme_parse,
+    pope_parse,
+    primary_metric,
+    scienceqa_parse,
+    score,
+    score_files,
+)
+from dpn.eval.vqa_normalize import (
+    evalai_normalize,
+    leave_one_out_accuracy,
+    process_digit_article,
+    process_punctuation,
+    textvqa_accuracy,
+    vizwiz_accuracy,
+    vqa_accuracy,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def preds(*pairs):
+    return [{"question_id": q, "text": t} for q, t in pairs]
+
+
+# ------------------------------------------------------------------------------------------------
+# Normalisation
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Two", "2"),  # number words -> digits
+        ("none", "0"),  # ... including "none"
+        ("the cat.", "cat"),  # article dropped, final period dropped
+        ("A cat", "cat"),
+        ("dont", "don't"),  # contraction table
+        ("don't", "don't"),  # already contracted: untouched ("'" is not punctuation)
+        ("1,000", "1000"),  # the EvalAI processor deletes commas outright
+        ("2.5", "2.5"),  # a period before a digit survives
+        ("2.5.", "2.5"),  # ... the final one does not
+        ("Yes!", "yes"),
+        ("t-shirt", "t shirt"),  # '-' touching no space becomes a space
+        ("left - right", "left right"),  # ' -' touches a space: deleted, then whitespace collapsed
+        ("The dog's bone?", "dog 's bone"),  # "'s" split off, '?' deleted
+        ("  two\tdogs\n", "2 dogs"),
+    ],
+)
+def test_evalai_normalize(raw, expected):
+    assert evalai_normalize(raw) == expected
+
+
+def test_official_punctuation_rules():
+    # A digit comma anywhere switches every punctuation mark to deletion.
+    assert process_punctuation("1,000") == "1000"
+    assert process_punctuation("a,b (1,2)") == "ab 12"
+    # Without one, an untouched mark becomes a space.
+    assert process_punctuation("a,b") == "a b"
+    # The originals pass re.UNICODE (32) as `count`: at most 32 periods go. 40 - 32 = 8 remain.
+    assert process_punctuation("." * 40) == "." * 8
+    assert process_digit_article("The Two Cats") == "2 cats"
+
+
+@pytest.mark.parametrize(("k", "expected"), [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+def test_leave_one_out_with_10_annotators(k, expected):
+    # k matching answers among 10. Leaving out a matching one (k cases) leaves k-1 matches, a
+    # non-matching one (10-k cases) leaves k: acc = (k*min(1,(k-1)/3) + (10-k)*min(1,k/3)) / 10.
+    # k=1: 9*(1/3)/10 = 0.3; k=2: (2/3 + 8*2/3)/10 = 0.6; k=3: (3*2/3 + 7)/10 = 0.9; k=4: 1.
+    answers = ["cat"] * k + ["dog"] * (10 - k)
+    assert leave_one_out_accuracy("cat", answers) == pytest.approx(expected)
+
+
+def test_vqa_accuracy_processes_only_when_annotators_disagree():
+    # Unanimous answers: compared raw, so a capitalised prediction fails on its own ...
+    assert vqa_accuracy("Yes", ["yes"] * 10) == 0.0
+    # ... which is why LLaVA runs the EvalAI processor first.
+    assert vqa_accuracy(evalai_normalize("Yes"), ["yes"] * 10) == 1.0
+    # Disagreeing answers are processed on both sides: "Two" and "2 " both become "2".
+    assert vqa_accuracy("Two", ["2 "] * 3 + ["3"] * 7) == pytest.approx(0.9)
+
+
+def test_vizwiz_compares_with_raw_annotator_answers():
+    assert vizwiz_accuracy(evalai_normalize("Unanswerable"), ["unanswerable"] * 10) == 1.0
+    # Annotator answers are not normalised: a capitalised one never matches.
+    assert vizwiz_accuracy(evalai_normalize("Unanswerable"), ["Unanswerable"] * 10) == 0.0
+    # The prediction is: "two" -> "2".
+    assert vizwiz_accuracy("two", ["2"] * 2 + ["3"] * 8) == pytest.approx(0.6)
+
+
+def test_textvqa_normalises_annotator_answers():
+    # "Nike." and "NIKE" normalise to "nike": 4 matches -> 1.0; 3 of them -> 0.9.
+    assert textvqa_accuracy("nike", ["Nike.", "NIKE", "nike", "nike"] + ["adidas"] * 6) == 1.0
+    assert textvqa_accuracy("Nike!", ["Nike.", "NIKE", "nike"] + ["adidas"] * 7) == pytest.approx(0.9)
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmarks
+# ------------------------------------------------------------------------------------------------
+
+
+def test_vqav2():
+    gt = [
+        {"question_id": 1, "answers": ["2"] * 10},
+        {"question_id": 2, "answers": ["cat"] * 2 + ["dog"] * 8},
+        {"question_id": 3, "answers": ["don't know"] * 3 + ["no"] * 7},
+        {"question_id": 4, "answers": ["1000"] * 10},
+    ]
+    p = preds((1, "Two"), (2, "the cat."), (3, "dont know"), (4, "1,000"))
+    # q1: "Two" -> "2", unanimous -> 1.0; q2: "cat", 2 matches -> 0.6;
+    # q3: "dont know" -> "don't know", 3 matches -> 0.9; q4: "1,000" -> "1000" -> 1.0.
+    # (1 + 0.6 + 0.9 + 1) / 4 = 0.875
+    assert score("vqav2", p, gt) == {"accuracy": pytest.approx(87.5)}
+
+
+def test_vizwiz_and_textvqa_scores():
+    gt = [{"question_id": "a", "answers": ["unanswerable"] * 10}, {"question_id": "b", "answers": ["red"] * 10}]
+    # a: 1.0, b: "Red." -> "red" -> 1.0 ... and "blue" -> 0: (1 + 0) / 2 = 50
+    assert score("vizwiz", preds(("a", "Unanswerable"), ("b", "blue")), gt) == {"accuracy": pytest.approx(50.0)}
+    assert score("textvqa", preds(("a", "unanswerable"), ("b", "Red.")), gt) == {"accuracy": pytest.approx(100.0)}
+    with pytest.raises(EvalDataError, match=r"question_id 'a'.*9 answers.*exactly 10"):
+        score("textvqa", preds(("a", "x")), [{"question_id": "a", "answers": ["x"] * 9}])
+
+
+def test_gqa():
+    gt = [{"question_id": str(i), "answer": a} for i, a in enumerate(["yes", "left", "left", "yes", "no"])]
+    # "Yes." -> "yes" right; "Left" -> "left" right; "the left" wrong (no article stripping);
+    # "yes.." -> every trailing period goes -> right; "no " wrong (no whitespace stripping). 3 / 5.
+    p = preds(("0", "Yes."), ("1", "Left"), ("2", "the left"), ("3", "yes.."), ("4", "no "))
+    assert score("gqa", p, gt) == {"accuracy": pytest.approx(60.0)}
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("Yes, there is a dog in the image.", "yes"),
+        ("No, there is no cat.", "no"),
+        ("There is no cat", "no"),
+        ("not sure", "no"),
+        ("NO", "yes"),  # only "No", "no", "not" count
+        ("Yes. But no.", "yes"),  # only the first sentence counts
+        ("no.", "no"),
+        ("", "yes"),
+    ],
+)
+def test_pope_parse(text, parsed):
+    assert pope_parse(text) == parsed
+
+
+def test_pope():
+    gt = [
+        {"question_id": 1, "answer": "yes", "category": "random"},
+        {"question_id": 2, "answer": "no", "category": "random"},
+        {"question_id": 3, "answer": "no", "category": "random"},
+        {"question_id": 4, "answer": "yes", "category": "random"},
+        {"question_id": 5, "answer": "yes", "category": "random"},
+        {"question_id": 6, "answer": "no", "category": "random"},
+        {"question_id": 7, "answer": "yes", "category": "adversarial"},
+        {"question_id": 8, "answer": "no", "category": "adversarial"},
+    ]
+    p = preds(
+        (1, "Yes, there is a dog in the image."),  # TP
+        (2, "No, there is no cat."),  # TN
+        (3, "There is a cat."),  # FP
+        (4, "not sure"),  # FN
+        (5, "Yes"),  # TP
+        (6, "Yes"),  # FP
+        (7, "NO"),  # parsed yes: TP
+        (8, "no."),  # TN
+    )
+    # random: TP 2, TN 1, FP 2, FN 1 (n 6): acc 3/6, precision 2/4, recall 2/3,
+    # f1 = 2 * 0.5 * 2/3 / (0.5 + 2/3) = 4/7, yes_ratio 4/6.
+    # adversarial: TP 1, TN 1: acc, precision, recall, f1 all 1; yes_ratio 1/2.
+    out = score("pope", p, gt)
+    assert list(out) == ["adversarial", "random"]
+    assert out["random"] == pytest.approx(
+        {"accuracy": 50.0, "precision": 50.0, "recall": 200 / 3, "f1": 400 / 7, "yes_ratio": 200 / 3}
+    )
+    assert out["adversarial"] == pytest.approx(
+        {"accuracy": 100.0, "precision": 100.0, "recall": 100.0, "f1": 100.0, "yes_ratio": 50.0}
+    )
+    # Headline: mean F1 over the categories = (400/7 + 100) / 2.
+    assert primary_metric("pope", out) == pytest.approx((400 / 7 + 100) / 2)
+
+
+def test_pope_no_predicted_yes_and_bad_label():
+    # No predicted yes and no actual yes: precision/recall/F1 are 0 (LLaVA's script divides by zero).
+    out = score("pope", preds((1, "No")), [{"question_id": 1, "answer": "no", "category": "popular"}])
+    assert out == {"popular": {"accuracy": 100.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0}}
+    with pytest.raises(EvalDataError, match=r"question_id 1.*'Yes'.*'yes' or 'no'"):
+        score("pope", preds((1, "No")), [{"question_id": 1, "answer": "Yes", "category": "popular"}])
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [("Yes", "yes"), ("no", "no"), ("Yes, it is.", "yes"), ("Not sure", "no"), ("The answer is no", "other"),
+     ("none", "no"), ("", "other")],
+)
+def test_mme_parse(text, parsed):
+    assert mme_parse(text) == parsed
+
+
+def test_mme_acc_plus_needs_both_questions_of_an_image():
+    gt = [
+        {"question_id": "existence/1.png#0", "image": "existence/1.png", "category": "existence", "answer": "Yes"},
+        {"question_id": "existence/1.png#1", "image": "existence/1.png", "category": "existence", "answer": "No"},
+        {"question_id": "existence/2.png#0", "image": "existence/2.png", "category": "existence", "answer": "Yes"},
+        {"question_id": "existence/2.png#1", "image": "existence/2.png", "category": "existence", "answer": "No"},
+        {"question_id": "code/3#0", "image": "code_reasoning/3.png", "category": "code_reasoning", "answer": "Yes"},
+        {"question_id": "code/3#1", "image": "code_reasoning/3.png", "category": "code_reasoning", "answer": "No"},
+        {"question_id": "code/4#0", "image": "code_reasoning/4.png", "category": "code_reasoning", "answer": "Yes"},
+        {"question_id": "code/4#1", "image": "code_reasoning/4.png", "category": "code_reasoning", "answer": "No"},
+    ]
+    p = preds(
+        ("existence/1.png#0", "Yes"), ("existence/1.png#1", "No"),  # image 1: both right
+        ("existence/2.png#0", "yes"), ("existence/2.png#1", "Yes"),  # image 2: one right
+        ("code/3#0", "Not sure"), ("code/3#1", "The answer is no"),  # "no" (wrong), "other" (wrong)
+        ("code/4#0", "yes, it is"), ("code/4#1", "no"),  # both right
+    )
+    # existence: acc 3/4, acc+ 1/2 -> 75 + 50 = 125. code_reasoning: acc 2/4, acc+ 1/2 -> 50 + 50 = 100.
+    out = score("mme", p, gt)
+    assert out["subtasks"] == pytest.approx({"existence": 125.0, "code_reasoning": 100.0})
+    assert out["perception"] == pytest.approx(125.0)
+    assert out["cognition"] == pytest.approx(100.0)
+    assert len(out["missing_subtasks"]) == 12 and "existence" not in out["missing_subtasks"]
+    assert primary_metric("mme", out) == pytest.approx(125.0)
+
+
+def test_mme_rejects_odd_images_and_unknown_subtasks():
+    row = {"image": "count/1.png", "category": "count", "answer": "Yes"}
+    with pytest.raises(EvalDataError, match=r"'count/1.png': 1 questions"):
+        score("mme", preds((1, "yes")), [{"question_id": 1, **row}])
+    with pytest.raises(EvalDataError, match=r"unknown MME subtask 'Count'"):
+        score("mme", preds((1, "yes")), [{"question_id": 1, **row, "category": "Count"}])
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed"),
+    [
+        ("B", "B"),
+        ("C. Paris", "C"),
+        ("The answer is B.", "B"),
+        ("The answer is B", None),  # the pattern wants one more character after the letter
+        ("The answer is A. No wait, the answer is B.", "A"),  # "the" lower-case: one match only
+        ("The answer is A. The answer is B.", None),  # two matches: unparseable
+        ("b", None),
+        ("Paris", None),
+    ],
+)
+def test_scienceqa_parse(text, parsed):
+    assert scienceqa_parse(text) == parsed
+
+
+def test_scienceqa():
+    gt = [
+        {"question_id": "1", "answer": "A", "num_choices": 2, "has_image": True},
+        {"question_id": "2", "answer": "B", "num_choices": 3, "has_image": True},
+        {"question_id": "3", "answer": "C", "num_choices": 3, "has_image": False},
+        {"question_id": "4", "answer": "B", "num_choices": 2, "has_image": True},
+        {"question_id": "5", "answer": "A", "num_choices": 2, "has_image": False},
+        {"question_id": "6", "answer": "B", "num_choices": 4, "has_image": False},
+    ]
+    p = preds(
+        ("1", "A"),  # right
+        ("2", "The answer is B."),  # right
+        ("3", "C. Paris"),  # right
+        ("4", "The answer is B"),  # unparseable: wrong
+        ("5", "E"),  # beyond 2 choices: wrong
+        ("6", "The answer is A. No wait, the answer is B."),  # parsed A: wrong
+    )
+    # accuracy 3/6; image questions 1, 2, 4 -> 2/3.
+    out = score("scienceqa", p, gt)
+    assert out == pytest.approx({"accuracy": 50.0, "img_accuracy": 200 / 3})
+    assert primary_metric("scienceqa", out) == pytest.approx(200 / 3)
+    text_only = score("scienceqa", preds(("3", "C")), [gt[2]])
+    assert text_only == {"accuracy": 100.0, "img_accuracy": None}
+    with pytest.raises(EvalDataError, match=r"question_id '1'.*'C' not in \('A', 'B'\)"):
+        score("scienceqa", preds(("1", "C")), [{**gt[0], "answer": "C"}])
+
+
+@pytest.mark.parametrize(
+    ("text", "options", "parsed"),
+    [
+        ("A", {"A": "cat", "B": "dog"}, "A"),
+        ("(B)", {"A": "cat", "B": "dog"}, "B"),
+        ("The answer is D", {"A": "w", "B": "x", "C": "y", "D": "z"}, "D"),
+        # A bare "A" in an answer of more than 3 words may be the article: letters give up, and no
+        # option text occurs -> unparseable.
+        ("A is the answer", {"A": "red", "B": "blue"}, None),
+        ("A.", {"A": "red", "B": "blue"}, "A"),
+        ("It is a cat", {"A": "bird", "B": "cat", "C": "dog"}, "B"),  # option text
+        ("cat or dog", {"A": "cat", "B": "dog"}, None),  # two option texts: ambiguous
+        ("I think so", {"A": "no", "B": "yes"}, None),
+    ],
+)
+def test_mmbench_parse(text, options, parsed):
+    assert mmbench_parse(text, options) == parsed
+
+
+def test_mmbench_circular_needs_every_rotation_right():
+    gt = [
+        {"question_id": 0, "answer": "A", "options": {"A": "cat", "B": "dog", "C": "bird"}},
+        {"question_id": 1_000_000, "answer": "C", "options": {"A": "dog", "B": "bird", "C": "cat"}},
+        {"question_id": 2_000_000, "answer": "B", "options": {"A": "bird", "B": "cat", "C": "dog"}},
+        {"question_id": 1, "answer": "B", "options": {"A": "yes", "B": "no"}},
+        {"question_id": 1_000_001, "answer": "A", "options": {"A": "no", "B": "yes"}},
+        {"question_id": 2, "answer": "D", "options": {"A": "w", "B": "x", "C": "y", "D": "z"}},
+        {"question_id": 3, "answer": "A", "options": {"A": "red", "B": "blue"}},
+    ]
+    p = preds(
+        (0, "A"), (1_000_000, "C"), (2_000_000, "The answer is a cat"),  # all right (last by text)
+        (1, "B"), (1_000_001, "I think so"),  # original right, rotation unparseable
+        (2, "The answer is D"),  # right, no rotations
+        (3, "A is the answer"),  # unparseable
+    )
+    # circular: q0 hit, q1 miss, q2 hit, q3 miss -> 2/4. single (originals): q0, q1, q2 right -> 3/4.
+    out = score("mmbench", p, gt)
+    assert out == pytest.approx({"circular_accuracy": 50.0, "single_accuracy": 75.0})
+    assert primary_metric("mmbench", out) == pytest.approx(50.0)
+
+
+def test_mmbench_rejects_orphans_and_string_ids():
+    options = {"A": "x", "B": "y"}
+    with pytest.raises(EvalDataError, match=r"without their original question.*5"):
+        score("mmbench", preds((1_000_005, "A")), [{"question_id": 1_000_005, "answer": "A", "options": options}])
+    with pytest.raises(EvalDataError, match=r"MMBench question_id '5'"):
+        score("mmbench", preds(("5", "A")), [{"question_id": "5", "answer": "A", "options": options}])
+
+
+def test_seed_exact_match_per_type():
+    gt = [
+        {"question_id": 1, "answer": "A", "question_type_id": 1},
+        {"question_id": 2, "answer": "B", "question_type_id": 1},
+        {"question_id": 3, "answer": "C", "question_type_id": 2},
+        {"question_id": 4, "answer": "D", "question_type_id": 10},
+    ]
+    # "B." and " D" are not exact matches: 2 / 4 right; type 1: 1/2, type 2: 1/1, type 10: 0/1.
+    out = score("seed", preds((1, "A"), (2, "B."), (3, "C"), (4, " D")), gt)
+    assert out["accuracy"] == pytest.approx(50.0)
+    assert out["per_type"] == pytest.approx({"1": 50.0, "2": 100.0, "10": 0.0})
+    assert list(out["per_type"]) == ["1", "2", "10"]  # numeric order, string keys
+
+
+def test_synthetic_per_difficulty_and_category():
+    gt = [
+        {"question_id": "s1", "answer": "2", "difficulty": "easy", "category": "count"},
+        {"question_id": "s2", "answer": "red circle", "difficulty": "hard", "category": "color"},
+        {"question_id": "s3", "answer": "yes", "difficulty": "hard", "category": "existence"},
+        {"question_id": "s4", "answer": "blue", "difficulty": "hard", "category": "color"},
+    ]
+    # "Two." -> "2" right; "The red circle" -> "red circle" right; "Yes, there is" -> "yes there is"
+    # wrong; "green" wrong. Overall 2/4; easy 1/1, hard 1/3; color 1/2, count 1/1, existence 0/1.
+    p = preds(("s1", "Two."), ("s2", "The red circle"), ("s3", "Yes, there is"), ("s4", "green"))
+    out = score("synthetic", p, gt)
+    assert set(out) == {"accuracy", "per_difficulty", "per_category"}
+    assert out["accuracy"] == pytest.approx(50.0)
+    assert out["per_difficulty"] == pytest.approx({"easy": 100.0, "hard": 100 / 3})
+    assert out["per_category"] == pytest.approx({"color": 50.0, "count": 100.0, "existence": 0.0})
+
+
+# ------------------------------------------------------------------------------------------------
+# Joining and reading: never a silent partial score
+# ------------------------------------------------------------------------------------------------
+
+GQA_GT = [{"question_id": 1, "answer": "yes"}, {"question_id": "2", "answer": "no"}]
+
+
+def test_ids_keep_their_type():
+    # 1 (int) and "2" (str) are matched as they are ...
+    assert score("gqa", preds((1, "yes"), ("2", "no")), GQA_GT) == {"accuracy": 100.0}
+    # ... and "1" is not 1: the error names both spellings.
+    with pytest.raises(EvalDataError, match=r"ground truth 1 \(int\) vs prediction '1' \(str\)"):
+        score("gqa", preds(("1", "yes"), ("2", "no")), GQA_GT)
+
+
+@pytest.mark.parametrize(
+    ("predictions", "message"),
+    [
+        (preds((1, "yes")), r"no prediction for ground-truth question_id '2'"),
+        (preds((1, "yes"), (1, "no"), ("2", "no")), r"duplicate prediction for question_id 1"),
+        (preds((1, "yes"), ("2", "no"), (3, "x")), r"predictions without ground truth: question_id 3"),
+        (preds((True, "yes")), r"question_id True is a bool"),
+        (preds((1.0, "yes")), r"question_id 1.0 is a float"),
+        ([{"question_id": 1, "text": None}], r"question_id 1 has no string 'text'"),
+        ([{"text": "yes"}], r"prediction record 1 has no 'question_id'"),
+    ],
+)
+def test_join_errors(predictions, message):
+    with pytest.raises(EvalDataError, match=message):
+        score("gqa", predictions, GQA_GT)
+
+
+def test_extra_predictions_can_be_allowed_and_other_errors():
+    p = preds((1, "yes"), ("2", "yes"), (3, "x"))
+    # Only the ground truth is scored: 1 right, "2" wrong.
+    assert score("gqa", p, GQA_GT, allow_extra_predictions=True) == {"accuracy": 50.0}
+    with pytest.raises(EvalDataError, match=r"duplicate ground-truth question_id 1"):
+        score("gqa", preds((1, "yes")), [GQA_GT[0], GQA_GT[0]])
+    with pytest.raises(EvalDataError, match=r"empty"):
+        score("gqa", [], [])
+    with pytest.raises(EvalDataError, match=r"unknown benchmark 'vqa'; valid: vqav2, gqa"):
+        score("vqa", p, GQA_GT)
+    with pytest.raises(EvalDataError, match=r"question_id 1 has no 'answer'"):
+        score("gqa", preds((1, "yes")), [{"question_id": 1}])
+
+
+def test_load_jsonl_names_file_and_line(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"question_id": 1, "text": "a"}\n\n{"question_id": "1", "text": "b"}\n')
+    assert load_jsonl(good) == [{"question_id": 1, "text": "a"}, {"question_id": "1", "text": "b"}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question_id": 1, "text": "a"}\n\n{"question_id": 2, "text": \n')
+    with pytest.raises(EvalDataError, match=rf"{bad}:3: malformed JSON"):
+        load_jsonl(bad)
+    bad.write_text('{"question_id": 1}\n[1, 2]\n')
+    with pytest.raises(EvalDataError, match=rf"{bad}:2: expected a JSON object, got list"):
+        load_jsonl(bad)
+
+
+def test_registry_covers_the_suite():
+    assert set(SCORERS) == {"vqav2", "gqa", "textvqa", "scienceqa", "pope", "mme", "mmbench", "seed", "vizwiz",
+                            "synthetic"}
+
+
+# ------------------------------------------------------------------------------------------------
+# CLI
+# ------------------------------------------------------------------------------------------------
+
+
+def _write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_cli_score_end_to_end(tmp_path):
+    p = _write_jsonl(tmp_path / "pred.jsonl", [
+        {"question_id": 1, "prompt": "q", "text": "Two", "answer_id": "x", "model_id": "m", "metadata": {}},
+        {"question_id": 2, "prompt": "q", "text": "the cat.", "answer_id": "y", "model_id": "m", "metadata": {}},
+    ])
+    g = _write_jsonl(tmp_path / "gt.jsonl", [
+        {"question_id": 1, "answers": ["2"] * 10},
+        {"question_id": 2, "answers": ["cat"] * 2 + ["dog"] * 8},
+    ])
+    # (1.0 + 0.6) / 2 = 0.8
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "eval", "score", "--benchmark", "vqav2",
+         "--predictions", str(p), "--ground-truth", str(g)],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == pytest.approx({"accuracy": 80.0})
+    assert score_files("vqav2", p, g) == pytest.approx({"accuracy": 80.0})
+
+
+def test_cli_bad_input_exits_2(tmp_path, capsys):
+    from jobs.cli import main
+
+    g = _write_jsonl(tmp_path / "gt.jsonl", [{"question_id": 1, "answer": "yes"}, {"question_id": 2, "answer": "no"}])
+    p = tmp_path / "pred.jsonl"
+    p.write_text('{"question_id": 1, "text": "yes"}\n{"question_id": 2, "text": "no"\n')
+    argv = ["eval", "score", "--benchmark", "gqa", "--predictions", str(p), "--ground-truth", str(g)]
+    assert main(argv) == 2
+    assert f"{p}:2: malformed JSON" in capsys.readouterr().err
+
+    _write_jsonl(p, [{"question_id": 1, "text": "yes"}])
+    assert main(argv) == 2
+    assert "no prediction for ground-truth question_id 2" in capsys.readouterr().err
+
+    assert main(["eval", "score", "--benchmark", "nope", "--predictions", str(p), "--ground-truth", str(g)]) == 2
+    assert "unknown benchmark 'nope'" in capsys.readouterr().err
+
+    assert main(["eval", "score", "--benchmark", "gqa", "--predictions", str(tmp_path / "missing.jsonl"),
+                 "--ground-truth", str(g)]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+
+    _write_jsonl(p, [{"question_id": 1, "text": "Yes."}, {"question_id": 2, "text": "yes"}])
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"accuracy": 50.0}
