@@ -16,12 +16,10 @@ import sys
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="score benchmark predictions (and run evaluations)")
-    commands = parser.add_subparsers(dest="eval_command", required=True, metavar="{score}")
+    commands = parser.add_subparsers(dest="eval_command", required=True, metavar="{score,run}")
     _register_score(commands)
-    # ---- `dpn eval run` goes here --------------------------------------------------------------
-    # The Ray fan-out (`dpn eval run --model DIR --benchmarks a,b --data-root DIR ...`) registers its
-    # own sub-parser on `commands` with a `_register_run(commands)` next to `_register_score`, sets
-    # `handler=` to its function and adds its name to the metavar above. Not implemented here.
+    # ---- `dpn eval run` ------------------------------------------------------------------------
+    _register_run(commands)
     # ------------------------------------------------------------------------------------------
 
 
@@ -57,4 +55,102 @@ def _score(args: argparse.Namespace) -> int:
         print(f"dpn eval score: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(metrics))
+    return 0
+
+
+# ---- `dpn eval run`: the Ray fan-out (pipelines/evaluate.py) ----------------------------------------
+def _register_run(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "run",
+        help="evaluate a checkpoint on benchmarks, fanned out over Ray workers, tracked in MLflow",
+        description="Split every benchmark into shards, answer them on Ray workers (one per GPU, else CPU "
+        "workers), score them and write predictions jsonl + metrics JSON per (model, compressor, benchmark). "
+        "Finished shards are reused on a re-run. Prints the results table, then one JSON summary as the last "
+        "line; exits 1 when shards still fail after retries, 2 on bad input.",
+    )
+    p.add_argument("--model", required=True, help="save_pretrained directory of the DPN checkpoint")
+    p.add_argument("--benchmarks", required=True, help="comma-separated: vqav2,gqa,textvqa,scienceqa,pope,mme,"
+                   "mmbench,seed,vizwiz,synthetic")
+    p.add_argument("--data-root", required=True, help="LLaVA's playground/data/eval (or dpn synth's DIR/eval)")
+    p.add_argument("--compressors", default=None, help="comma-separated: dpn,static,none,fastv,pdrop "
+                   "(default: the one the checkpoint was saved with)")
+    p.add_argument("--out", default=".dpn_work/eval", help="output directory (default .dpn_work/eval)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions of each benchmark")
+    p.add_argument("--name", default=None, help="model name in outputs and MLflow (default: the model folder's)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory or "
+                   "its tokenizer/ folder)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default 8)")
+    p.add_argument("--shard-size", type=int, default=128, help="questions per shard (default 128)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="generation cap (default 16)")
+    p.add_argument("--workers", type=int, default=None, help="Ray workers (default: one per GPU, else CPUs)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="num_cpus of each worker (default 1)")
+    p.add_argument("--device", choices=("auto", "gpu", "cpu"), default="auto")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--max-attempts", type=int, default=3, help="attempts per shard before it is reported failed")
+    p.add_argument("--template", default="vicuna_v1", help="conversation template (default vicuna_v1)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, "
+                   "else SQLite under --work-dir)")
+    p.add_argument("--work-dir", default=".dpn_work", help="root of the default MLflow store (default .dpn_work)")
+    p.add_argument("--experiment", default="dpn", help="MLflow experiment (default dpn)")
+    p.add_argument("--parent-run-id", default=None, help="MLflow run to nest the child runs under "
+                   "(default: $DPN_PARENT_RUN_ID, else a new 'evaluate' run)")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.set_defaults(handler=_run)
+
+
+def _split(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _run(args: argparse.Namespace) -> int:
+    import re
+    from pathlib import Path
+
+    from dpn.eval.scoring import EvalDataError
+    from pipelines.evaluate import (
+        EvalConfig,
+        EvalShardsFailed,
+        EvalTarget,
+        TrackingOptions,
+        format_table,
+        run_evaluation,
+    )
+    from pipelines.tracking import resolve_parent_run_id
+
+    name = args.name or re.sub(r"[^A-Za-z0-9._-]", "_", Path(args.model).resolve().name).lstrip("._-") or "model"
+    try:
+        config = EvalConfig(
+            targets=[EvalTarget(name=name, model_dir=args.model, compressors=_split(args.compressors),
+                                tokenizer_dir=args.tokenizer)],
+            benchmarks=_split(args.benchmarks) or [],
+            data_root=args.data_root,
+            out_dir=args.out,
+            limit=args.limit,
+            template=args.template,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            max_new_tokens=args.max_new_tokens,
+            dtype=args.dtype,
+            device=args.device,
+            num_workers=args.workers,
+            cpus_per_worker=args.cpus_per_worker,
+            max_attempts=args.max_attempts,
+        )
+        tracking = None if args.no_tracking else TrackingOptions(
+            tracking_uri=args.tracking_uri, work_dir=args.work_dir, experiment=args.experiment,
+            parent_run_id=resolve_parent_run_id(args.parent_run_id),
+        )
+        summary = run_evaluation(config, tracking=tracking)
+    except EvalShardsFailed as e:
+        print(f"dpn eval run: error: {e}", file=sys.stderr)
+        print(json.dumps(e.summary, default=str))
+        return 1
+    except (EvalDataError, ValueError, OSError) as e:
+        print(f"dpn eval run: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(summary))
+    print(json.dumps(summary, default=str))
     return 0

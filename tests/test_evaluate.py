@@ -1,0 +1,317 @@
+"""The evaluation fan-out (pipelines/evaluate.py) on a tiny random model and a small synthetic benchmark:
+fan-out vs one worker, retry of a failing shard, resume from finished shards, MLflow child runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dpn.eval.scoring import EvalDataError, load_jsonl, score_files
+from dpn.flops import llm_prefill_flops
+from pipelines import evaluate as ev
+
+N_EVAL = 15  # the synthetic generator's minimum: one question per (category, difficulty) cell
+SHARD_SIZE = 4  # -> 4 shards per (model, compressor); a multiple of BATCH_SIZE
+BATCH_SIZE = 2
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A synthetic corpus (eval set in LLaVA's layout + tokenizer) and two tiny random checkpoints: one with
+    routers (saved as dpn) and one saved as none."""
+    import torch
+
+    from dpn.modeling_dpn import DPNForConditionalGeneration
+    from dpn.presets import test_tiny
+    from dpn.tokenizer import ROUTER_ID, load_tokenizer
+    from pipelines.synth import generate_corpus
+
+    root = tmp_path_factory.mktemp("eval")
+    generate_corpus(root / "corpus", n_pretrain=20, n_instruct=20, n_eval=N_EVAL, vocab_size=300)
+    tok = load_tokenizer(root / "corpus" / "tokenizer")
+    dirs = {}
+    for compressor in ("dpn", "none"):
+        torch.manual_seed(0)
+        cfg = test_tiny(vocab_size=len(tok), image_token_id=4, pad_token_id=3, router_token_id=ROUTER_ID,
+                        compressor=compressor)
+        model = DPNForConditionalGeneration(cfg)
+        # A larger output projection makes greedy answers depend on the input, so mixed-up questions or
+        # batches would show in the predictions.
+        with torch.no_grad():
+            model.language_model.lm_head.weight.normal_(0.0, 2.0)
+        d = root / f"model-{compressor}"
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        dirs[compressor] = d
+    return {"root": root, "data_root": root / "corpus" / "eval", "model": dirs["dpn"], "model_none": dirs["none"]}
+
+
+def _config(assets, out: Path, **overrides) -> ev.EvalConfig:
+    kw = dict(
+        targets=[ev.EvalTarget(name="tiny", model_dir=str(assets["model"]), compressors=["dpn", "none"])],
+        benchmarks=["synthetic"], data_root=str(assets["data_root"]), out_dir=str(out),
+        batch_size=BATCH_SIZE, shard_size=SHARD_SIZE, max_new_tokens=3,
+    )
+    kw.update(overrides)
+    return ev.EvalConfig(**kw)
+
+
+def _read(path) -> list[dict]:
+    return load_jsonl(path)
+
+
+# ----- pure functions --------------------------------------------------------------------------------
+def test_path_label_and_aggregate_hand_computed():
+    assert ev.path_label([2, 1, 0], [1, 2, 4]) == "4-2-1"
+    assert ev.path_label([1, -1, -1], [1, 2, 4]) == "2-n-n"
+
+    def rec(path, tflops, base, difficulty):
+        return {"metadata": {"routing_path": path, "prefill_tflops": tflops, "prefill_tflops_exact": 2 * tflops,
+                             "baseline_prefill_tflops": base, "vision_tflops": 0.5, "difficulty": difficulty}}
+
+    agg = ev.aggregate([rec("4-2-1", 1.0, 4.0, "easy"), rec("4-2-1", 2.0, 4.0, "easy"),
+                        rec("1-1-1", 4.0, 4.0, "hard"), rec("2-2-2", 3.0, 4.0, "hard")])
+    assert agg["num_samples"] == 4
+    assert agg["prefill_tflops_per_sample"] == pytest.approx(2.5)
+    assert agg["prefill_tflops_exact_per_sample"] == pytest.approx(5.0)
+    assert agg["baseline_prefill_tflops_per_sample"] == pytest.approx(4.0)
+    assert agg["path_shares"] == {"1-1-1": 25.0, "2-2-2": 25.0, "4-2-1": 50.0}
+    assert agg["path_shares_by_difficulty"] == {"easy": {"4-2-1": 100.0}, "hard": {"1-1-1": 50.0, "2-2-2": 50.0}}
+
+
+def test_pareto_front():
+    # (TFLOPs, accuracy): (2, 60) is dominated by (1, 70); the front runs from cheapest to most accurate.
+    assert ev._pareto_front([(3.0, 80.0), (1.0, 70.0), (2.0, 60.0), (4.0, 79.0)]) == [(1.0, 70.0), (3.0, 80.0)]
+
+
+def test_config_validation_names_bad_values():
+    with pytest.raises(ValueError, match="unknown benchmark.*'nope'"):
+        ev.EvalConfig(targets=[ev.EvalTarget(name="m", model_dir="x")], benchmarks=["nope"], data_root=".", out_dir=".")
+    with pytest.raises(ValueError, match="unknown compressor.*'fast'"):
+        ev.EvalTarget(name="m", model_dir="x", compressors=["fast"])
+    with pytest.raises(ValueError, match="target name"):
+        ev.EvalTarget(name="a/b", model_dir="x")
+
+
+def test_load_benchmark_limit_and_missing_ground_truth(assets, tmp_path):
+    data = ev.load_benchmark("synthetic", assets["data_root"], limit=5)
+    assert [it.question_id for it in data.items] == [0, 1, 2, 3, 4]
+    assert sorted(r["question_id"] for r in data.ground_truth) == [0, 1, 2, 3, 4]
+    assert data.items[0].extra["difficulty"] in ("easy", "medium", "hard")
+
+    broken = tmp_path / "eval"
+    shutil.copytree(assets["data_root"], broken)
+    gt = broken / "synthetic" / "ground_truth.jsonl"
+    rows = [r for r in _read(gt) if r["question_id"] != 3]
+    gt.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(EvalDataError, match=r"no ground truth.*\[3\]"):
+        ev.load_benchmark("synthetic", broken)
+
+
+def test_dpn_needs_router_weights(assets):
+    ev.check_checkpoint(assets["model_none"], "static")  # no routers needed
+    with pytest.raises(ValueError, match="no router weights"):
+        ev.check_checkpoint(assets["model_none"], "dpn")
+    with pytest.raises(ValueError, match="no router weights"):
+        ev.load_model(assets["model_none"], "dpn")
+    model = ev.load_model(assets["model"], "static")
+    assert model.config.compressor == "static" and not model.training
+
+
+def test_shard_fingerprint_tracks_inputs(assets, tmp_path):
+    cfg = _config(assets, tmp_path)
+    data = {"synthetic": ev.load_benchmark("synthetic", cfg.data_root)}
+    comps = {"tiny": ["dpn", "none"]}
+    tasks = ev.plan_shards(cfg, data, comps, "code-1", "float32")
+    assert [t.key for t in tasks[:5]] == [f"tiny/dpn/synthetic/{i}" for i in range(4)] + ["tiny/none/synthetic/0"]
+    assert [len(t.items) for t in tasks[:4]] == [4, 4, 4, 3]
+    same = ev.plan_shards(_config(assets, tmp_path), data, comps, "code-1", "float32")
+    assert [t.fingerprint for t in same] == [t.fingerprint for t in tasks]
+    for changed in (ev.plan_shards(_config(assets, tmp_path, max_new_tokens=5), data, comps, "code-1", "float32"),
+                    ev.plan_shards(cfg, data, comps, "code-2", "float32"),
+                    ev.plan_shards(cfg, data, comps, "code-1", "bfloat16")):
+        assert all(a.fingerprint != b.fingerprint for a, b in zip(changed, tasks, strict=True))
+
+
+# ----- the fan-out on Ray ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fanned_out(ray_cluster, assets):
+    """2 CPU workers, one shard failing on its first attempt, tracked in a SQLite MLflow store."""
+    out = assets["root"] / "out-2w"
+    cfg = _config(assets, out, num_workers=2, inject_failures={"tiny/dpn/synthetic/1": 1})
+    uri = f"sqlite:///{assets['root'] / 'mlflow.db'}"
+    tracking = ev.TrackingOptions(tracking_uri=uri, work_dir=str(assets["root"]), experiment="eval-test")
+    summary = ev.run_evaluation(cfg, tracking=tracking, log=lambda m: None)
+    return {"summary": summary, "out": out, "uri": uri}
+
+
+@pytest.mark.slow
+def test_failed_shard_is_retried(fanned_out):
+    shards = fanned_out["summary"]["shards"]
+    assert fanned_out["summary"]["status"] == "succeeded"
+    assert shards["retried"] == {"tiny/dpn/synthetic/1": 2}
+    assert shards["failed"] == {}
+    assert (shards["total"], shards["computed"], shards["reused"]) == (8, 8, 0)
+
+
+@pytest.mark.slow
+def test_outputs_and_metrics(fanned_out, assets):
+    summary, out = fanned_out["summary"], fanned_out["out"]
+    rows = {r["compressor"]: r for r in summary["rows"]}
+    assert set(rows) == {"dpn", "none"}
+    gt = assets["data_root"] / "synthetic" / "ground_truth.jsonl"
+    questions = _read(assets["data_root"] / "synthetic" / "questions.jsonl")
+    for comp, row in rows.items():
+        pred_file = out / "tiny" / comp / "synthetic" / "predictions.jsonl"
+        preds = _read(pred_file)
+        # LLaVA answer format, question order, every question once.
+        assert [p["question_id"] for p in preds] == [q["question_id"] for q in questions]
+        assert set(preds[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+        assert [p["metadata"]["difficulty"] for p in preds] == [q["difficulty"] for q in questions]
+        assert row["metrics"]["synthetic"] == score_files("synthetic", pred_file, gt)
+        assert row["accuracy"]["synthetic"] == row["metrics"]["synthetic"]["accuracy"]
+        assert row["accuracy_by_difficulty"]["synthetic"] == row["metrics"]["synthetic"]["per_difficulty"]
+        metrics_json = json.loads((out / "tiny" / comp / "synthetic" / "metrics.json").read_text())
+        assert metrics_json["metrics"] == row["metrics"]["synthetic"]
+        # Per-sample TFLOPs are the FastV-convention prefill FLOPs of the sample's own token counts.
+        from dpn.presets import test_tiny
+
+        text_cfg = test_tiny().text_config
+        for p in preds:
+            m = p["metadata"]
+            n = [v + t for v, t in zip(m["visual_tokens_per_layer"], m["text_tokens_per_layer"], strict=True)]
+            assert m["prefill_tflops"] == pytest.approx(llm_prefill_flops(text_cfg, n) / 1e12)
+        mean = sum(p["metadata"]["prefill_tflops"] for p in preds) / len(preds)
+        assert row["prefill_tflops_per_sample"] == pytest.approx(mean)
+        for shares in [row["path_shares"]["synthetic"], *row["path_shares_by_difficulty"]["synthetic"].values()]:
+            assert sum(shares.values()) == pytest.approx(100.0)
+    # `none` never pools: 64 visual tokens at every layer, one path, no saving vs the uncompressed input.
+    assert rows["none"]["path_shares"]["synthetic"] == {"n-n-n": 100.0}
+    assert rows["none"]["saving_vs_uncompressed_pct"] == pytest.approx(0.0)
+    assert rows["none"]["saving_vs_none_pct"] == pytest.approx(0.0)
+    # dpn pools at the first DPE (64 -> <= 32 tokens) on every sample, so it must be cheaper than none.
+    assert all(not p.startswith("n") for p in rows["dpn"]["path_shares"]["synthetic"])
+    expected = 100 * (1 - rows["dpn"]["prefill_tflops_per_sample"] / rows["none"]["prefill_tflops_per_sample"])
+    assert rows["dpn"]["saving_vs_none_pct"] == pytest.approx(expected)
+    assert expected > 0
+    for fig in summary["figures"].values():
+        assert Path(fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "tiny" in ev.format_table(summary) and "acc/hard" in ev.format_table(summary)
+
+
+@pytest.mark.slow
+def test_mlflow_child_runs_hold_metrics_and_artifacts(fanned_out):
+    from pipelines.tracking import child_runs, client, get_run
+
+    summary, uri = fanned_out["summary"], fanned_out["uri"]
+    parent_id = summary["mlflow"]["parent_run_id"]
+    children = {c["run_name"]: c for c in child_runs(parent_id, tracking_uri=uri)}
+    assert set(children) == {"tiny/dpn", "tiny/none"}
+    c = client(uri)
+    for row in summary["rows"]:
+        run = get_run(row["mlflow_run_id"], tracking_uri=uri)
+        assert run["parent_run_id"] == parent_id and run["status"] == "FINISHED"
+        metrics = run["metrics"]
+        assert metrics["eval/synthetic/accuracy"] == pytest.approx(row["accuracy"]["synthetic"])
+        for d, acc in row["accuracy_by_difficulty"]["synthetic"].items():
+            assert metrics[f"eval/synthetic/per_difficulty/{d}"] == pytest.approx(acc)
+        assert metrics["flops/prefill_tflops_per_sample"] == pytest.approx(row["prefill_tflops_per_sample"])
+        assert metrics["flops/synthetic/prefill_tflops_per_sample"] == pytest.approx(row["prefill_tflops_per_sample"])
+        for d, shares in row["path_shares_by_difficulty"]["synthetic"].items():
+            for label, share in shares.items():
+                assert metrics[f"routing/synthetic/{d}/share_pct/{label}"] == pytest.approx(share)
+        assert run["params"]["compressor"] == row["compressor"]
+        files = {a.path for top in ("predictions/synthetic", "tables", "figures")
+                 for a in c.list_artifacts(row["mlflow_run_id"], top)}
+        assert {"predictions/synthetic/predictions.jsonl", "tables/predictions.json",
+                "figures/accuracy_vs_flops.png", "figures/routing_by_difficulty.png"} <= files
+    parent_files = {a.path for a in c.list_artifacts(parent_id, "figures")}
+    assert "figures/accuracy_vs_flops.png" in parent_files
+
+
+@pytest.mark.slow
+def test_one_worker_gives_the_same_results(fanned_out, assets, ray_cluster):
+    out = assets["root"] / "out-1w"
+    summary = ev.run_evaluation(_config(assets, out, num_workers=1), log=lambda m: None)
+    assert summary["shards"]["computed"] == 8
+    two = {(r["model"], r["compressor"]): r for r in fanned_out["summary"]["rows"]}
+    for row in summary["rows"]:
+        other = two[(row["model"], row["compressor"])]
+        assert row["metrics"] == other["metrics"]
+        assert row["prefill_tflops_per_sample"] == other["prefill_tflops_per_sample"]
+        assert row["path_shares_by_difficulty"] == other["path_shares_by_difficulty"]
+        mine = (out / "tiny" / row["compressor"] / "synthetic" / "predictions.jsonl").read_bytes()
+        theirs = (fanned_out["out"] / "tiny" / row["compressor"] / "synthetic" / "predictions.jsonl").read_bytes()
+        assert mine == theirs
+    # The answers are not all alike, so a reordering of questions or batches would have shown above.
+    texts = {p["text"] for p in _read(out / "tiny" / "dpn" / "synthetic" / "predictions.jsonl")}
+    assert len(texts) > 1
+
+
+@pytest.mark.slow
+def test_persistent_failure_is_reported_then_resumed(fanned_out, assets, ray_cluster):
+    out = assets["root"] / "out-fail"
+    bad = "tiny/none/synthetic/2"
+    cfg = _config(assets, out, num_workers=2, max_attempts=2, inject_failures={bad: 2})
+    with pytest.raises(ev.EvalShardsFailed, match=bad) as info:
+        ev.run_evaluation(cfg, log=lambda m: None)
+    summary = info.value.summary
+    assert list(summary["shards"]["failed"]) == [bad]
+    assert "InjectedShardFailure" in summary["shards"]["failed"][bad]
+    assert summary["shards"]["computed"] == 7
+    # Nothing is scored from the incomplete benchmark; the complete pair is.
+    assert [r["compressor"] for r in summary["rows"]] == ["dpn"]
+    assert not (out / "tiny" / "none" / "synthetic" / "predictions.jsonl").exists()
+    assert json.loads((out / "summary.json").read_text())["status"] == "failed"
+
+    resumed = ev.run_evaluation(_config(assets, out, num_workers=1), log=lambda m: None)
+    assert resumed["status"] == "succeeded"
+    assert (resumed["shards"]["computed"], resumed["shards"]["reused"]) == (1, 7)
+    ref = assets["root"] / "out-2w" / "tiny" / "none" / "synthetic" / "predictions.jsonl"
+    assert (out / "tiny" / "none" / "synthetic" / "predictions.jsonl").read_bytes() == ref.read_bytes()
+
+
+# ----- the CLI ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_cli_eval_run(assets, ray_cluster, capsys):
+    from jobs.cli import main
+
+    out = assets["root"] / "out-cli"
+    rc = main(["eval", "run", "--model", str(assets["model"]), "--benchmarks", "synthetic",
+               "--data-root", str(assets["data_root"]), "--compressors", "static", "--out", str(out),
+               "--limit", "4", "--batch-size", "2", "--max-new-tokens", "2", "--workers", "1", "--no-tracking"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [(r["model"], r["compressor"]) for r in summary["rows"]] == [("model-dpn", "static")]
+    preds = _read(out / "model-dpn" / "static" / "synthetic" / "predictions.jsonl")
+    assert [p["question_id"] for p in preds] == [0, 1, 2, 3]
+    # static: the default fixed path (4, 2, 1) pools 8x8 -> 4x4 -> 4x2; the third DPE sees 8 < 16 tokens.
+    assert {p["metadata"]["routing_path"] for p in preds} == {"4-2-n"}
+    assert preds[0]["metadata"]["visual_tokens_per_layer"] == [64, 16, 8, 8]
+
+
+def test_cli_eval_run_bad_input_exits_2(assets, capsys):
+    from jobs.cli import main
+
+    rc = main(["eval", "run", "--model", str(assets["model_none"]), "--benchmarks", "synthetic",
+               "--data-root", str(assets["data_root"]), "--compressors", "dpn", "--no-tracking"])
+    assert rc == 2
+    assert "no router weights" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_injection_seam_rejects_unknown_shard_keys(assets, tmp_path, ray_cluster):
+    cfg = _config(assets, tmp_path, inject_failures={"tiny/dpn/synthetic/99": 1})
+    with pytest.raises(ValueError, match="inject_failures names no shard.*synthetic/99"):
+        ev.run_evaluation(cfg, log=lambda m: None)
