@@ -61,8 +61,10 @@ class DPNConfig(PreTrainedConfig):
             does not; off by default to follow it).
         static_path: compression factor at each DPE for `compressor="static"` (1 keep, 2 = (1,2), 4 = (2,2)).
         router_token_id: id of the `<ROUTER>` token; None = route every sample from its last prompt token.
-        fastv_layer / fastv_ratio: FastV prunes after layer K keeping (1 - R) of the visual tokens.
-        pdrop_layers / pdrop_ratio: PyramidDrop keeps `ratio` of the remaining visual tokens at each layer.
+        fastv_layer / fastv_ratio: FastV (K, R): layers 0..K-1 see every visual token; the attention of
+            layer K-1 ranks them and layers K onwards keep floor(n * (1 - R)) (FastV's code). K >= 1.
+        pdrop_layers / pdrop_ratio: PyramidDrop keeps floor(n * ratio) of the remaining visual tokens on
+            entering each of its layers, ranked by that layer's attention; None = 8/16/24 of 32 layers.
     """
 
     model_type = "dpn"
@@ -171,8 +173,9 @@ class DPNConfig(PreTrainedConfig):
         bad = [f for f in self.static_path if f not in factors]
         if bad:
             raise ValueError(f"static_path factors must be expert factors {factors}, got {bad}")
-        if not 0 <= self.fastv_layer < n_layers:
-            raise ValueError(f"fastv_layer must lie in [0, {n_layers - 1}], got {self.fastv_layer}")
+        if not 1 <= self.fastv_layer < n_layers:
+            # Layer K-1's attention ranks the tokens FastV keeps from layer K on: there is none before layer 0.
+            raise ValueError(f"fastv_layer must lie in [1, {n_layers - 1}], got {self.fastv_layer}")
         if not 0.0 <= self.fastv_ratio < 1.0:
             raise ValueError(f"fastv_ratio (share of visual tokens dropped) must be in [0, 1), got {self.fastv_ratio}")
         if self.pdrop_layers is None:

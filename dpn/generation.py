@@ -1,8 +1,8 @@
 """Generation for every compressor: one compressed prefill, then cached decode steps.
 
 Each decoder layer keeps its own KV cache length (shallow layers the full visual K/V, deep layers the
-pooled K/V) and each decode step continues each stage's own RoPE positions; nothing is pooled during
-decode. Batches use left padding; every sample gets exactly the tokens it would get alone.
+pooled or pruned K/V) and each decode step continues each stage's own RoPE positions; nothing is pooled
+or pruned during decode. Batches use left padding; every sample gets exactly the tokens it would get alone.
 """
 
 from __future__ import annotations
@@ -77,8 +77,9 @@ def generate(
         raise ValueError("generation needs left padding: the last position of every prompt must be a real token")
     B = input_ids.shape[0]
     device = input_ids.device
-    # The router of a prompt without <ROUTER> reads its last prompt token; pin that position so the
-    # uncached reference (which appends tokens) routes exactly as the cached prefill did.
+    # The router of a prompt without <ROUTER> reads its last prompt token, and FastV / PDrop rank visual
+    # tokens by its attention; pin that position so the uncached reference (which appends tokens) routes
+    # and prunes exactly as the cached prefill did.
     route_index = torch.full((B,), input_ids.shape[1] - 1, dtype=torch.long, device=device)
 
     out = model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=use_cache,

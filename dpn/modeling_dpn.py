@@ -6,9 +6,14 @@ Layout of one forward (prefill):
   input_ids -> embeddings, image tokens replaced by image features      # (B, L, d)
   for each decoder layer i:
       [DPE before layer i if location == "pre"]
+      [PDrop before each layer of pdrop_layers: keep the visual tokens layer i's attention ranks highest]
       hidden = layer_i(hidden)                                          # runs on this stage's length
       [DPE after layer i if location == "post"]: per sample, pool the visual grid with the routed expert,
           scale by p[chosen], drop padding, re-pad to the longest sample, renumber positions.
+      [FastV after layer K-1: keep the visual tokens layer K-1's attention ranked highest]
+
+Every compressor changes a sample's visual span through one seam, `_SequenceState.replace_visual`; each
+change starts a new stage (its own padding mask, positions and, in the cache, KV length).
 
 The decoder layers are the HF `LlamaDecoderLayer`s of `language_model` called one by one, so that each
 stage really runs on its own (shorter) sequence and each layer's KV cache keeps its own length.
@@ -27,6 +32,8 @@ from transformers.utils import ModelOutput
 
 from dpn.configuration_dpn import DPNConfig
 from dpn.constants import IGNORE_INDEX
+from dpn.geometry import kept_count
+from dpn.pruning import query_attention, query_weights, top_visual
 from dpn.pyramid import DPNRouter, PoolingExperts, choose_experts, routing_loss, valid_experts
 
 
@@ -84,12 +91,13 @@ class DPNOutput(ModelOutput):
 class _SequenceState:
     """The batch as the current stage of the decoder sees it.
 
-    Per sample we track where its visual span starts among its real tokens and its current (h, w) grid;
-    per token, attributes that must follow the tokens through compaction: the shifted LM target and the
-    router-read weight.
+    Per sample we track where its visual span starts among its real tokens and its current (h, w) grid
+    ((1, n) once FastV / PDrop have picked n tokens: a selection has no grid); per token, attributes that
+    must follow the tokens through compaction: the shifted LM target, the router-read weight and the
+    FastV / PDrop query weight.
     """
 
-    def __init__(self, hidden, mask, vis_start, grid, targets, route_weight, left_pad):
+    def __init__(self, hidden, mask, vis_start, grid, targets, route_weight, left_pad, query_weight=None):
         self.hidden = hidden  # (B, L, d)
         self.mask = mask  # (B, L) bool, True = real token
         self.vis_start = vis_start  # list[int]: offset of the visual span among real tokens, -1 = none
@@ -97,6 +105,8 @@ class _SequenceState:
         self.targets = targets  # (B, L) long or None: label of the NEXT token (already shifted)
         self.route_weight = route_weight  # (B, L) float: router input = sum_t weight_t * hidden_t
         self.left_pad = left_pad
+        # (B, L) float: FastV / PDrop rank visual tokens by the attention of these tokens (`dpn.pruning`).
+        self.query_weight = torch.zeros_like(route_weight) if query_weight is None else query_weight
 
     @property
     def positions(self) -> torch.Tensor:
@@ -108,7 +118,15 @@ class _SequenceState:
 
     def text_counts(self) -> list[int]:
         real = self.mask.sum(-1).tolist()
-        return [n - v for n, v in zip(real, self.visual_counts())]
+        return [n - v for n, v in zip(real, self.visual_counts(), strict=True)]
+
+    def visual_offsets(self) -> list[int]:
+        """Index of each sample's visual span in the padded layout (-1 = no image)."""
+        real = self.mask.sum(-1).tolist()
+        L = self.mask.shape[1]
+        return [
+            -1 if s < 0 else (L - n + s if self.left_pad else s) for s, n in zip(self.vis_start, real, strict=True)
+        ]
 
     def router_inputs(self) -> torch.Tensor:
         # (B, d): weighted mean of the hidden states at the <ROUTER> tokens (or the last prompt token).
@@ -118,28 +136,38 @@ class _SequenceState:
     def replace_visual(self, new_visual: list[tuple[torch.Tensor, int, int] | None]) -> None:
         """Swap each sample's visual span for new tokens (n', d) with grid (h', w'); None = unchanged.
         Text tokens keep their order; padding is re-done to the longest sample."""
-        seqs, tgts, rws = [], [], []
+        seqs, tgts, rws, qws = [], [], [], []
         for b in range(self.hidden.shape[0]):
             real = self.mask[b]
             h_b = self.hidden[b][real]  # (n_b, d)
             t_b = self.targets[b][real] if self.targets is not None else None
             r_b = self.route_weight[b][real]
+            q_b = self.query_weight[b][real]
             if new_visual[b] is not None:
                 tokens, nh, nw = new_visual[b]
+                n_new = tokens.shape[0]
                 s = self.vis_start[b]
                 e = s + self.grid[b][0] * self.grid[b][1]
                 h_b = torch.cat([h_b[:s], tokens, h_b[e:]], dim=0)
                 if t_b is not None:
                     # The last visual token predicts the first token after the image; keep that target on
                     # the last pooled token so the shifted labels stay aligned.
-                    vis_t = torch.full((tokens.shape[0],), IGNORE_INDEX, dtype=t_b.dtype, device=t_b.device)
-                    vis_t[-1] = t_b[e - 1]
+                    vis_t = torch.full((n_new,), IGNORE_INDEX, dtype=t_b.dtype, device=t_b.device)
+                    if n_new:
+                        vis_t[-1] = t_b[e - 1]
                     t_b = torch.cat([t_b[:s], vis_t, t_b[e:]])
-                r_b = torch.cat([r_b[:s], r_b.new_zeros(tokens.shape[0]), r_b[e:]])
+                r_b = torch.cat([r_b[:s], r_b.new_zeros(n_new), r_b[e:]])
+                # A query token inside the span (a prompt ending on its image) hands its weight to the last
+                # new token, which now sits right before the answer, as it did.
+                vis_q = q_b.new_zeros(n_new)
+                if n_new:
+                    vis_q[-1] = q_b[s:e].sum()
+                q_b = torch.cat([q_b[:s], vis_q, q_b[e:]])
                 self.grid[b] = (nh, nw)
             seqs.append(h_b)
             tgts.append(t_b)
             rws.append(r_b)
+            qws.append(q_b)
         lengths = [s.shape[0] for s in seqs]
         L = max(lengths)
         B, d = len(seqs), self.hidden.shape[-1]
@@ -147,14 +175,17 @@ class _SequenceState:
         mask = torch.zeros(B, L, dtype=torch.bool, device=self.hidden.device)
         targets = None if self.targets is None else self.targets.new_full((B, L), IGNORE_INDEX)
         route_weight = self.route_weight.new_zeros(B, L)
+        query_weight = self.query_weight.new_zeros(B, L)
         for b, n in enumerate(lengths):
             sl = slice(L - n, L) if self.left_pad else slice(0, n)
             hidden[b, sl] = seqs[b]
             mask[b, sl] = True
             route_weight[b, sl] = rws[b]
+            query_weight[b, sl] = qws[b]
             if targets is not None:
                 targets[b, sl] = tgts[b]
-        self.hidden, self.mask, self.targets, self.route_weight = hidden, mask, targets, route_weight
+        self.hidden, self.mask, self.targets = hidden, mask, targets
+        self.route_weight, self.query_weight = route_weight, query_weight
 
 
 def build_attention_mask(kv_mask: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -351,6 +382,27 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
             routed_probs.append(probs)
         state.replace_visual(new_visual)
 
+    # ----- FastV / PyramidDrop ------------------------------------------------------------------
+    def _prune_visual(self, state: _SequenceState, layer: nn.Module, rank_hidden, position_embeddings, keep_ratio) -> bool:
+        """Keep, per sample, the `kept_count(n, keep_ratio)` visual tokens that its query tokens attend to
+        most in `layer` run on `rank_hidden` (`dpn.pruning.query_attention`), in their original order.
+        Returns False (nothing changed) when no sample has tokens to drop."""
+        counts = state.visual_counts()
+        keep = [kept_count(n, keep_ratio) for n in counts]
+        rows = [b for b, (n, k) in enumerate(zip(counts, keep, strict=True)) if k < n]
+        if not rows:
+            return False
+        scores = query_attention(layer, rank_hidden, state.mask, position_embeddings, state.query_weight)  # (B, L)
+        starts = state.visual_offsets()
+        new_visual: list = [None] * len(counts)
+        for b in rows:
+            s, n = starts[b], counts[b]
+            idx = top_visual(scores[b, s : s + n], keep[b]) + s  # (k,) in the padded layout
+            # Indexing (not a copy of detached values): in training the kept tokens pass gradients through.
+            new_visual[b] = (state.hidden[b, idx], 1, keep[b])
+        state.replace_visual(new_visual)
+        return True
+
     # ----- forward ----------------------------------------------------------------------------
     def forward(
         self,
@@ -374,7 +426,10 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
             attention_mask: (B, L) 1 = real token; left or right padding.
             labels: (B, L) in the input layout (IGNORE_INDEX where not supervised); shifted internally.
             force_path: (B, n_dpe) expert indices to use instead of the router (ablations, tests).
-            route_index: (B,) input position the router reads in samples without a `<ROUTER>` token.
+            route_index: (B,) input position of each sample's last prompt token: the router reads it in
+                samples without a `<ROUTER>` token, and FastV / PDrop rank visual tokens by its attention
+                (without it: the token before each supervised span if `labels`, else the last real token;
+                see `dpn.pruning.query_weights`).
             logits_to_keep: if > 0, only the last that many positions get logits (generation).
         """
         if cache is not None and cache.stage_masks:
@@ -397,11 +452,16 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
             targets[:, :-1] = labels[:, 1:]
             targets = targets.masked_fill(~attention_mask, IGNORE_INDEX)
         route_w = self._route_weights(input_ids, attention_mask, labels, cfg.router_token_id, route_index)
-        state = _SequenceState(embeds, attention_mask, vis_start, list(grid), targets, route_w, left_pad)
+        query_w = query_weights(attention_mask, labels, route_index) if cfg.compressor in ("fastv", "pdrop") else None
+        state = _SequenceState(embeds, attention_mask, vis_start, list(grid), targets, route_w, left_pad, query_w)
 
         layers = self.decoder.layers
         n_layers = len(layers)
         dpe = {layer: k for k, layer in enumerate(cfg.dpe_layers)} if cfg.compressor in ("dpn", "static") else {}
+        # FastV ranks by the attention of the last layer that sees every visual token (K-1) and prunes on
+        # entering layer K, as its code does; PDrop ranks by each of its layers' own attention, before it.
+        fastv_rank_layer = cfg.fastv_layer - 1 if cfg.compressor == "fastv" else -1
+        pdrop_layers = set(cfg.pdrop_layers) if cfg.compressor == "pdrop" else set()
         n_dpe = len(cfg.dpe_layers)
         paths = torch.full((B, n_dpe), -1, dtype=torch.long)
         probs_out = torch.zeros(B, n_dpe, len(cfg.experts))
@@ -416,6 +476,10 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
             if i in dpe and cfg.location == "pre":
                 self._apply_dpe(state, i, force_path, paths, probs_out, routed_probs, dpe[i])
                 stage_inputs = None
+            if i in pdrop_layers:
+                rope = stage_inputs[1] if stage_inputs is not None else self._rotary(state)
+                if self._prune_visual(state, layer, state.hidden, rope, cfg.pdrop_ratio):
+                    stage_inputs = None
             if stage_inputs is None:
                 stage_inputs = self._stage_inputs(state, cache)
             attn_mask, pos_emb, pos_ids = stage_inputs
@@ -423,6 +487,7 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
             txt_counts[:, i] = torch.tensor(state.text_counts())
             if cache is not None:
                 cache.layer_stage.append(len(cache.stage_masks) - 1)
+            layer_input = state.hidden
             state.hidden = layer(
                 state.hidden,
                 attention_mask=attn_mask,
@@ -433,6 +498,8 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
             )
             if i in dpe and cfg.location == "post":
                 self._apply_dpe(state, i, force_path, paths, probs_out, routed_probs, dpe[i])
+                stage_inputs = None
+            if i == fastv_rank_layer and self._prune_visual(state, layer, layer_input, pos_emb, 1.0 - cfg.fastv_ratio):
                 stage_inputs = None
 
         hidden = self.decoder.norm(state.hidden)
@@ -476,9 +543,24 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
 
         return generate(self, input_ids, **kwargs)
 
+    def _rotary(self, state: _SequenceState):
+        # (cos, sin), each (B, L, hd), for the current layout's contiguous positions.
+        return self.decoder.rotary_emb(state.hidden, position_ids=state.positions)
+
+    def _attention_mask(self, kv_mask: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The additive mask of `build_attention_mask`, or None where nothing is padded and the attention
+        applies causality itself: a single new token (it sees every key), or a prefill under SDPA, whose
+        `is_causal` path lets the kernels skip the masked half instead of computing and discarding it."""
+        if bool(kv_mask.all()):
+            if q_len == 1:
+                return None
+            if q_len == kv_mask.shape[-1] and self.decoder.config._attn_implementation == "sdpa":
+                return None
+        return build_attention_mask(kv_mask, q_len, dtype)
+
     def _stage_inputs(self, state: _SequenceState, cache: DPNCache | None):
         """Attention mask, rotary embeddings and positions for a stage that starts now (prefill)."""
-        attn_mask = build_attention_mask(state.mask, state.mask.shape[1], state.hidden.dtype)
+        attn_mask = self._attention_mask(state.mask, state.mask.shape[1], state.hidden.dtype)
         pos_ids = state.positions
         pos_emb = self.decoder.rotary_emb(state.hidden, position_ids=pos_ids)
         if cache is not None:
@@ -499,7 +581,7 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
             pos_ids = cache.next_positions(s)[:, None] + new_mask.long().cumsum(-1) - 1  # (B, q)
             kv_mask = torch.cat([old, new_mask], dim=-1)
             stage_inputs[s] = (
-                build_attention_mask(kv_mask, q, hidden.dtype),
+                self._attention_mask(kv_mask, q, hidden.dtype),
                 self.decoder.rotary_emb(hidden, position_ids=pos_ids),
                 pos_ids,
                 kv_mask,

@@ -37,7 +37,7 @@ def make_model(compressor, **kw):
     return model
 
 
-@pytest.mark.parametrize("compressor", ["none", "static", "dpn"])
+@pytest.mark.parametrize("compressor", ["none", "static", "dpn", "fastv", "pdrop"])
 def test_cached_equals_uncached_and_batched_equals_alone(compressor):
     model = make_model(compressor)
     px = torch.randn(3, 3, 16, 16)
@@ -51,23 +51,34 @@ def test_cached_equals_uncached_and_batched_equals_alone(compressor):
         alone = model.generate(torch.tensor([p]), pixel_values=px_b, **kw)
         assert alone.sequences[0].tolist() == cached.sequences[b].tolist(), b
         assert alone.routing_paths[0].tolist() == cached.routing_paths[b].tolist()
+        assert alone.visual_tokens_per_layer[0].tolist() == cached.visual_tokens_per_layer[b].tolist()
     if compressor != "none":
         assert (cached.visual_tokens_per_layer[:, -1] < cached.visual_tokens_per_layer[:, 0]).sum() == 3
 
 
-def test_each_layer_cache_has_its_own_length():
-    model = make_model("static", static_path=[4, 2, 1])
+@pytest.mark.parametrize(
+    "compressor,kw,lengths",
+    [
+        # layer 0 sees all 64 visual tokens, layer 1 16 (after (2,2)), layers 2-3 8 (after (1,2)); 6 text tokens
+        ("static", dict(static_path=[4, 2, 1]), [70, 22, 14, 14]),
+        # FastV K=2: layers 0-1 all 64, then floor(64 * 0.5) = 32
+        ("fastv", dict(fastv_layer=2, fastv_ratio=0.5), [70, 70, 38, 38]),
+        # PDrop at layers 1/2/3: 64 -> 32 -> 16 -> 8
+        ("pdrop", dict(), [70, 38, 22, 14]),
+    ],
+)
+def test_each_layer_cache_has_its_own_length(compressor, kw, lengths):
+    model = make_model(compressor, **kw)
     ids = torch.tensor([PROMPTS[0]])
     out = model(ids, pixel_values=torch.randn(1, 3, 16, 16), use_cache=True)
-    lengths = [out.cache.get_seq_length(i) for i in range(4)]
-    # layer 0 sees all 64 visual tokens, layer 1 16 (after (2,2)), layers 2-3 8 (after (1,2)); 6 text tokens
-    assert lengths == [70, 22, 14, 14]
+    assert [out.cache.get_seq_length(i) for i in range(4)] == lengths
     step = model(torch.tensor([[9]]), cache=out.cache)
-    assert [step.cache.get_seq_length(i) for i in range(4)] == [71, 23, 15, 15]
+    assert [step.cache.get_seq_length(i) for i in range(4)] == [n + 1 for n in lengths]
 
 
-def test_sampling_is_reproducible_and_matches_uncached():
-    model = make_model("dpn")
+@pytest.mark.parametrize("compressor", ["dpn", "fastv", "pdrop"])
+def test_sampling_is_reproducible_and_matches_uncached(compressor):
+    model = make_model(compressor)
     ids, mask = left_pad(PROMPTS[:2])
     px = torch.randn(2, 3, 16, 16)
     kw = dict(max_new_tokens=8, do_sample=True, temperature=0.8, top_p=0.9, top_k=20, eos_token_id=-1)

@@ -1,0 +1,115 @@
+"""`dpn pipeline run|status|plan`: the DPN workflow DAG (see `pipelines/workflow.py`).
+
+`run` prints progress to stderr and, as the last stdout line, one JSON object: tracking_uri,
+parent_run_id, steps (name, status ran/cached/failed/skipped, seconds, mlflow_run_id) and results (per
+compressor: accuracy, average FLOPs per sample, saving).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pipeline", help="run, inspect or plan the workflow DAG")
+    psub = p.add_subparsers(dest="pipeline_command", required=True)
+    for name, handler, help_text in (
+        ("run", _run, "run every step that is not already done (cached steps are skipped)"),
+        ("status", _status, "which steps are done, cached or failed, with their MLflow run ids"),
+        ("plan", _plan, "what `run` would do, without running anything"),
+    ):
+        q = psub.add_parser(name, help=help_text)
+        q.add_argument("--recipe", default=None, help="pipeline recipe: tiny (default) or llava-1.5-7b")
+        q.add_argument("--config", default=None, help="YAML/JSON file of PipelineConfig fields overriding the recipe")
+        q.add_argument("--work-dir", default=None, help="override the recipe's work_dir")
+        if name == "run":
+            q.add_argument("--trigger", default="manual", choices=("manual", "scheduled"),
+                           help="tag of the run; `scheduled` is what the cron manifests pass")
+        q.set_defaults(handler=handler)
+
+
+def _config(args: argparse.Namespace):
+    from pipelines.workflow import load_pipeline_config
+
+    cfg = load_pipeline_config(args.recipe, args.config)
+    if args.work_dir:
+        cfg.work_dir = args.work_dir
+    return cfg
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _fail(msg: str) -> int:
+    print(f"dpn pipeline: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run_and_report(recipe: str | None, config_file: str | None, work_dir: str | None, trigger: str,
+                   demo: bool = False) -> int:
+    """Run the pipeline; print the results table (demo) and the JSON summary as the last stdout line."""
+    from pipelines.workflow import load_pipeline_config, run_pipeline
+
+    try:
+        cfg = load_pipeline_config(recipe, config_file)
+        if work_dir:
+            cfg.work_dir = work_dir
+    except ValueError as e:
+        return _fail(str(e))
+    t0 = time.time()
+    try:
+        summary = run_pipeline(cfg, trigger=trigger, log=_log)
+    except ConnectionError as e:
+        return _fail(str(e))
+    summary["seconds"] = round(time.time() - t0, 1)
+    if demo and summary["eval_summary"]:
+        from pipelines.evaluate import format_table
+
+        with open(summary["eval_summary"]) as f:
+            print(format_table(json.load(f)))
+        reg = summary.get("registry") or {}
+        if reg:
+            print(f"\nregistry: {reg['model']} v{reg['version']} "
+                  f"{'promoted to champion' if reg['promoted'] else 'kept as challenger'} ({reg['reason']})")
+        uri = summary["tracking_uri"]
+        store = uri.removeprefix("sqlite:///")
+        print(f"\nMLflow UI:  .venv/bin/mlflow ui --backend-store-uri {uri}"
+              + (f"   (store: {store})" if store != uri else ""))
+        print(f"pipeline finished {summary['status']} in {summary['seconds']}s\n")
+    print(json.dumps(summary))
+    return 0 if summary["status"] == "succeeded" else 1
+
+
+def _run(args: argparse.Namespace) -> int:
+    return run_and_report(args.recipe, args.config, args.work_dir, args.trigger)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pipelines.workflow import build_pipeline
+
+    try:
+        status = build_pipeline(_config(args)).status()
+    except ValueError as e:
+        return _fail(str(e))
+    for s in status["steps"]:
+        print(f"{s['name']:<28} {s['status']:<8} run {s['mlflow_run_id']}", file=sys.stderr)
+    print(json.dumps(status))
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from pipelines.workflow import build_pipeline
+
+    try:
+        plan = build_pipeline(_config(args)).plan()
+    except ValueError as e:
+        return _fail(str(e))
+    for s in plan:
+        print(f"{s['name']:<28} {s['action']:<7} {s['fingerprint']}  <- {', '.join(s['inputs']) or '-'}",
+              file=sys.stderr)
+    print(json.dumps({"steps": plan}))
+    return 0

@@ -1,0 +1,595 @@
+"""`dpn preprocess`: a LLaVA annotations file + its images -> validated, tokenized Parquet shards, with Ray Data.
+
+Data flow (one Ray Data pipeline, streaming end to end):
+
+    annotations.json --ijson--> read task: blocks of {index, record JSON}      (one task, no CPU reserved)
+        --map_batches--> RecordProcessor.process_block: validate, tokenize, decode/check the image,
+                         then write the block's shard + quarantine file; only counts flow back
+
+The LLaVA files are one JSON array (~1 GB for mix665K): Arrow's JSON reader does not take an array and
+`json.load` would build ~10 GB of Python objects, so the array is parsed incrementally with ijson and
+handed to Ray Data as blocks; nobody holds the whole file.
+
+Output, published atomically (written under `OUT/.tmp-*`, then renamed):
+
+    OUT/<fingerprint>/shards/part-<first index>.parquet      `records.SHARD_SCHEMA`
+    OUT/<fingerprint>/quarantine/part-<first index>.parquet  `records.QUARANTINE_SCHEMA` (index, id, reason, detail)
+    OUT/<fingerprint>/manifest.json                          config, fingerprint inputs, counts, token ids
+    OUT/LATEST                                               the fingerprint of the last published run
+
+The fingerprint is a sha256 over the annotations bytes, the referenced images, the tokenizer files,
+the template and every option that shapes a row, and the code version (the sources that shape a row
+plus the library versions that decode/tokenize). A re-run with the same inputs finds the published
+directory and does nothing; a changed input gets a new directory, so old and new shards never mix.
+Images are identified by (path, size, mtime) by default, as make and rsync do: reading every image of
+a 665K corpus twice (once to hash, once to process) doubles the I/O; `image_identity="content"` hashes
+their bytes instead.
+
+On a multi-node cluster the annotations, images, tokenizer and OUT must be on a filesystem every node
+sees (the read and processing tasks open them by path; the driver publishes what the tasks wrote).
+
+Image storage: "bytes" (default) keeps each original file and its geometry; the loader decodes and
+pads/resizes/normalises at batch time with `dpn.image_processing`, the same code evaluation runs.
+"pixels" stores the processed float32 tensor. See bench/RESULTS_preprocess.md for the measurements
+behind the default.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import resource
+import secrets
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines.data.records import IMAGE_STORAGES, QUARANTINE_REASONS, RecordError, resolve_image_path
+
+# Bump when the shard layout or the meaning of a column changes (also part of the fingerprint).
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LATEST = "LATEST"
+SHARDS_DIR = "shards"
+QUARANTINE_DIR = "quarantine"
+TEMPLATES = ("plain", "vicuna_v1")
+IMAGE_IDENTITIES = ("stat", "content")
+
+_REPO = Path(__file__).resolve().parent.parent
+# The sources whose behaviour shapes a shard row: a change in any of them changes the fingerprint.
+_CODE_FILES = (
+    "pipelines/preprocess.py",
+    "pipelines/data/records.py",
+    "dpn/conversation.py",
+    "dpn/image_processing.py",
+    "dpn/tokenizer.py",
+    "dpn/constants.py",
+)
+# Libraries whose version can change decoded pixels or token ids.
+_LIBRARIES = ("PIL", "tokenizers", "transformers", "torch", "numpy")
+
+
+@dataclass(kw_only=True)
+class PreprocessConfig:
+    """One preprocessing run. Paths are checked when the config is built."""
+
+    annotations: str
+    """LLaVA annotations: one JSON array of {id, [image], conversations} records."""
+    image_root: str
+    """Directory the records' relative `image` paths are resolved against."""
+    tokenizer: str
+    """Directory of a saved fast tokenizer holding `<image>` (and `<ROUTER>` with add_router_token)."""
+    template: str
+    """Conversation template: "plain" (stage 1) or "vicuna_v1" (stage 2)."""
+    out: str
+    """Output root; the run publishes OUT/<fingerprint>/."""
+    image_size: int
+    """Side of the model's square input image (pixels mode resizes to it; recorded in the manifest)."""
+    num_image_tokens: int
+    """Visual tokens per image: `<image>` becomes this many image token ids in input_ids."""
+    add_router_token: bool = False
+    """DPN: append `<ROUTER>` to every human turn of image records."""
+    image_storage: str = "bytes"
+    """"bytes": the original file + geometry; "pixels": the processed float32 (3, S, S) tensor."""
+    min_image_side: int = 1
+    """Images with a side below this are quarantined (image_too_small)."""
+    max_image_side: int = 20000
+    """Images with a side above this are quarantined (image_too_large)."""
+    max_image_pixels: int = 89_478_485
+    """Images with more pixels are quarantined before decoding (PIL's decompression-bomb limit)."""
+    max_length: int | None = None
+    """Records with more tokens (image tokens included) are quarantined (too_long); None = no limit."""
+    rows_per_shard: int = 1024
+    """Most records per block (= per shard file); small corpora get smaller blocks to use all CPUs."""
+    image_identity: str = "stat"
+    """How images enter the fingerprint: "stat" = (path, size, mtime_ns), "content" = sha256 of bytes."""
+    num_cpus: int | None = None
+    """CPUs for `ray.init` when Ray is not initialised yet (None = all); an existing session is reused."""
+
+    def __post_init__(self) -> None:
+        for name in ("annotations", "image_root", "tokenizer", "out"):
+            value = getattr(self, name)
+            if not isinstance(value, str | os.PathLike) or not str(value):
+                raise ValueError(f"{name} must be a path; got {value!r}")
+            setattr(self, name, str(Path(value).expanduser().absolute()))
+        if not Path(self.annotations).is_file():
+            raise ValueError(f"annotations {self.annotations!r} is not a file")
+        if not Path(self.image_root).is_dir():
+            raise ValueError(f"image_root {self.image_root!r} is not a directory")
+        if not (Path(self.tokenizer) / "tokenizer.json").is_file():
+            raise ValueError(f"tokenizer {self.tokenizer!r} must be a directory holding tokenizer.json "
+                             f"(a saved fast tokenizer)")
+        for name, valid in (("template", TEMPLATES), ("image_storage", IMAGE_STORAGES),
+                            ("image_identity", IMAGE_IDENTITIES)):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"{name} must be one of {valid}; got {getattr(self, name)!r}")
+        for name in ("image_size", "num_image_tokens", "min_image_side", "max_image_side", "max_image_pixels",
+                     "rows_per_shard"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1; got {value!r}")
+        if self.min_image_side > self.max_image_side:
+            raise ValueError(f"min_image_side ({self.min_image_side}) must be <= max_image_side ({self.max_image_side})")
+        if self.max_length is not None and (isinstance(self.max_length, bool) or not isinstance(self.max_length, int)
+                                            or self.max_length <= self.num_image_tokens):
+            raise ValueError(f"max_length must be None or an int > num_image_tokens ({self.num_image_tokens}); "
+                             f"got {self.max_length!r}")
+        if self.num_cpus is not None and (isinstance(self.num_cpus, bool) or not isinstance(self.num_cpus, int)
+                                          or self.num_cpus < 1):
+            raise ValueError(f"num_cpus must be None or an int >= 1; got {self.num_cpus!r}")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            raise ValueError(f"out {self.out!r} exists and is not a directory")
+        if not isinstance(self.add_router_token, bool):
+            raise ValueError(f"add_router_token must be a bool; got {self.add_router_token!r}")
+
+    def row_options(self) -> dict[str, Any]:
+        """The options that shape a shard row (part of the fingerprint; paths and CPUs are not)."""
+        return {
+            "template": self.template, "image_size": self.image_size, "num_image_tokens": self.num_image_tokens,
+            "add_router_token": self.add_router_token, "image_storage": self.image_storage,
+            "min_image_side": self.min_image_side, "max_image_side": self.max_image_side,
+            "max_image_pixels": self.max_image_pixels, "max_length": self.max_length,
+        }
+
+
+@dataclass(kw_only=True)
+class PreprocessSummary:
+    """What a run did; `to_json()` is the last stdout line of `dpn preprocess`."""
+
+    rows_in: int
+    rows_out: int
+    quarantined: dict[str, int]
+    """reason -> count (only reasons that occurred)."""
+    shards: int
+    fingerprint: str
+    seconds: float
+    """Wall time of this call (fingerprinting included)."""
+    rows_per_s: float | None
+    """rows_in / seconds of this call; None when it reused a published output (nothing processed)."""
+    path: str
+    """The published directory OUT/<fingerprint> (give it to `pipelines.data.loader`)."""
+    reused: bool
+    images_out: int
+    image_storage: str
+    shard_bytes: int
+    driver_peak_rss_mib: float
+    """Peak resident memory of this (driver) process so far."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d.update(d.pop("extra"))
+        return json.dumps(d, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fingerprint
+
+
+class _HashingReader:
+    """A binary file wrapper that hashes every byte the parser reads (one pass for hash and parse)."""
+
+    def __init__(self, f):
+        self._f = f
+        self.sha = hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.sha.update(data)
+        return data
+
+
+def scan_annotations(path: str | os.PathLike[str]) -> tuple[str, int, list[str]]:
+    """Stream the annotations once: (sha256 of its bytes, number of array elements, sorted unique image
+    paths of object records). Raises ValueError when the file is not one well-formed JSON array."""
+    import ijson
+
+    count, images = 0, set()
+    with open(path, "rb") as f:
+        reader = _HashingReader(f)
+        try:
+            _check_array_start(f)
+            for item in ijson.items(reader, "item", use_float=True):
+                count += 1
+                if isinstance(item, dict) and isinstance(item.get("image"), str):
+                    images.add(item["image"])
+        except ijson.JSONError as e:
+            raise ValueError(f"annotations {str(path)!r} is not valid JSON (after {count} records): {e}") from None
+    return reader.sha.hexdigest(), count, sorted(images)
+
+
+def _check_array_start(f) -> None:
+    """The file must be one JSON array (LLaVA's layout), not JSON lines or an object."""
+    head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    f.seek(0)
+    if not head.startswith(b"["):
+        raise ValueError(f"annotations must be one JSON array (LLaVA layout); the file starts with {head[:40]!r}")
+
+
+def _images_digest(image_root: Path, images: list[str], identity: str) -> str:
+    h = hashlib.sha256()
+    for rel in images:
+        try:
+            path = resolve_image_path(image_root, rel)
+        except RecordError:
+            h.update(f"{rel}\0outside\n".encode())
+            continue
+        try:
+            st = path.stat()
+        except OSError:
+            h.update(f"{rel}\0missing\n".encode())
+            continue
+        if identity == "stat":
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        else:
+            try:
+                with open(path, "rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()
+            except OSError as e:
+                digest = f"unreadable:{type(e).__name__}"
+            h.update(f"{rel}\0{digest}\n".encode())
+    return h.hexdigest()
+
+
+def _dir_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def code_version() -> dict[str, str]:
+    """Hash of the sources that shape a row, plus the versions of the libraries that decode/tokenize."""
+    import importlib.metadata
+
+    h = hashlib.sha256(f"format={FORMAT_VERSION}".encode())
+    for rel in _CODE_FILES:
+        h.update(rel.encode() + b"\0" + (_REPO / rel).read_bytes())
+    versions = {}
+    for lib in _LIBRARIES:
+        dist = {"PIL": "pillow"}.get(lib, lib)
+        try:
+            versions[lib] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[lib] = "absent"
+    return {"sources": h.hexdigest(), **versions}
+
+
+def fingerprint_inputs(cfg: PreprocessConfig) -> tuple[str, dict[str, Any], int]:
+    """(fingerprint, its components, number of records) for `cfg`. Reads the annotations once and stats
+    (or hashes) every referenced image."""
+    sha, count, images = scan_annotations(cfg.annotations)
+    components = {
+        "format": FORMAT_VERSION,
+        "annotations_sha256": sha,
+        "images": {"identity": cfg.image_identity, "count": len(images),
+                   "digest": _images_digest(Path(cfg.image_root), images, cfg.image_identity)},
+        "tokenizer_sha256": _dir_digest(Path(cfg.tokenizer)),
+        "options": cfg.row_options(),
+        "code": code_version(),
+    }
+    blob = json.dumps(components, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:24], components, count
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ray Data pieces (module level: Ray pickles them by reference into the workers)
+
+
+def _read_json_array(path: str, rows_per_yield: int = 32) -> Iterator[Any]:
+    """Read task: stream the array with ijson, yield small tables of {index, record as JSON text}; Ray
+    Data's output buffer gathers them into blocks of the dataset's target block size.
+
+    Records are carried as text because LLaVA records are heterogeneous (a text-only record has no
+    `image`, a bad one may be anything); the processing task parses each one back."""
+    import ijson
+    import pyarrow as pa
+
+    indices: list[int] = []
+    texts: list[str] = []
+    with open(path, "rb") as f:
+        for i, item in enumerate(ijson.items(f, "item", use_float=True)):
+            indices.append(i)
+            texts.append(json.dumps(item, ensure_ascii=False))
+            if len(indices) == rows_per_yield:
+                yield pa.table({"index": pa.array(indices, pa.int64()), "record": pa.array(texts, pa.string())})
+                indices, texts = [], []
+    if indices:
+        yield pa.table({"index": pa.array(indices, pa.int64()), "record": pa.array(texts, pa.string())})
+
+
+def _make_datasource(path: str, num_rows: int):
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class LlavaJsonDatasource(Datasource):
+        """One LLaVA JSON array, streamed by a single read task (a JSON array cannot be split by
+        byte range without parsing it); parallelism comes from the processing tasks downstream."""
+
+        def estimate_inmemory_data_size(self) -> int:
+            return os.path.getsize(path)
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context=None) -> list[ReadTask]:
+            meta = BlockMetadata(num_rows=num_rows, size_bytes=os.path.getsize(path), input_files=[path],
+                                 exec_stats=None)
+            return [ReadTask(functools.partial(_read_json_array, path), meta)]
+
+    return LlavaJsonDatasource()
+
+
+@dataclass(frozen=True, kw_only=True)
+class _WorkerSpec:
+    """Everything a processing task needs to build its RecordProcessor (cached per worker process)."""
+
+    tokenizer: str
+    image_root: str
+    template: str
+    num_image_tokens: int
+    add_router_token: bool
+    image_storage: str
+    image_size: int
+    min_image_side: int
+    max_image_side: int
+    max_image_pixels: int
+    max_length: int | None
+
+    @classmethod
+    def from_config(cls, cfg: PreprocessConfig) -> _WorkerSpec:
+        return cls(tokenizer=cfg.tokenizer, image_root=cfg.image_root, template=cfg.template,
+                   num_image_tokens=cfg.num_image_tokens, add_router_token=cfg.add_router_token,
+                   image_storage=cfg.image_storage, image_size=cfg.image_size, min_image_side=cfg.min_image_side,
+                   max_image_side=cfg.max_image_side, max_image_pixels=cfg.max_image_pixels,
+                   max_length=cfg.max_length)
+
+
+@functools.lru_cache(maxsize=4)
+def build_processor(spec: _WorkerSpec):
+    """The RecordProcessor of `spec`, loaded once per process (Ray reuses worker processes)."""
+    from dpn.image_processing import build_image_processor
+    from dpn.tokenizer import load_tokenizer
+    from pipelines.data.records import RecordProcessor
+
+    return RecordProcessor(
+        tokenizer=load_tokenizer(spec.tokenizer), template=spec.template, num_image_tokens=spec.num_image_tokens,
+        add_router_token=spec.add_router_token, image_root=spec.image_root, image_storage=spec.image_storage,
+        image_processor=build_image_processor(spec.image_size) if spec.image_storage == "pixels" else None,
+        min_image_side=spec.min_image_side, max_image_side=spec.max_image_side,
+        max_image_pixels=spec.max_image_pixels, max_length=spec.max_length,
+    )
+
+
+def _process_and_write(batch, spec: _WorkerSpec, out_dir: str):
+    """map_batches function: a block of {index, record} -> its shard + quarantine files in `out_dir`;
+    returns one row with the block's counts (JSON), so only counts travel back through Ray.
+
+    Writing inside the task (instead of returning the rows to a Ray Data sink) keeps the processed rows,
+    image bytes included, out of Ray's output block slicing and object store: they go from the
+    processing code straight into the Parquet file."""
+    import pyarrow as pa
+
+    start, cpu = time.perf_counter(), time.process_time()
+    block = build_processor(spec).process_block(batch["index"].to_pylist(), batch["record"].to_pylist())
+    result = write_block(block, out_dir)
+    result.update(task_s=time.perf_counter() - start, task_cpu_s=time.process_time() - cpu)
+    return pa.table({"result": [json.dumps(result)]})
+
+
+def write_block(block, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Split a processed block into its shard and quarantine files under `out_dir`; return its counts.
+
+    File names carry the block's first record index, so they are unique and a retried task rewrites
+    the same file. Image bytes are stored uncompressed (JPEG/PNG are compressed already); everything
+    else with zstd."""
+    import pyarrow.parquet as pq
+
+    from pipelines.data.records import split_block
+
+    rows, quarantine = split_block(block)
+    first = min(block["index"].to_pylist(), default=0)
+    name = f"part-{first:010d}.parquet"
+    out = Path(out_dir)
+    result: dict[str, Any] = {"shard": None, "rows": rows.num_rows, "bytes": 0, "images": 0,
+                              "quarantined": dict(Counter(quarantine["reason"].to_pylist())),
+                              "max_length": 0, "tokens": 0}
+    if rows.num_rows:
+        path = out / SHARDS_DIR / name
+        compression = {c: ("none" if c == "image_bytes" else "zstd") for c in rows.column_names}
+        # Row groups of <= 256 rows and ~64 MiB: a reader holds a whole row group in memory.
+        row_group = max(1, min(256, (64 << 20) * rows.num_rows // max(rows.nbytes, 1)))
+        pq.write_table(rows, path, compression=compression, row_group_size=row_group)
+        lengths = rows["length"].to_pylist()
+        result.update(shard=name, bytes=path.stat().st_size, max_length=max(lengths), tokens=sum(lengths),
+                      images=rows.num_rows - rows["modality"].to_pylist().count("text"))
+    if quarantine.num_rows:
+        pq.write_table(quarantine, out / QUARANTINE_DIR / name, compression="zstd")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# The step
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def ensure_ray(num_cpus: int | None) -> int:
+    """Start a local Ray instance with `num_cpus` CPUs unless one is running; return the cluster's CPUs."""
+    import ray
+
+    if not ray.is_initialized():
+        # Ray starts workers at nice 15 (background priority), so on a shared machine any foreground
+        # process starves them; a local `dpn preprocess` is the foreground job (Ray Jobs set 0 as well).
+        ray.init(num_cpus=num_cpus, include_dashboard=False, _system_config={"worker_niceness": 0})
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def _token_ids(tokenizer_dir: str, add_router_token: bool) -> dict[str, Any]:
+    """The tokenizer's ids the loader and the model need; fails early if a required token is missing."""
+    from dpn.constants import IMAGE_TOKEN, ROUTER_TOKEN
+    from dpn.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    needed = [IMAGE_TOKEN] + ([ROUTER_TOKEN] if add_router_token else [])
+    for token in needed:
+        if token not in tok.all_special_tokens:
+            raise ValueError(f"tokenizer {tokenizer_dir!r} lacks the special token {token!r}; add it with "
+                             f"dpn.tokenizer.ensure_special_tokens and save the tokenizer again")
+    if tok.pad_token_id is None:
+        raise ValueError(f"tokenizer {tokenizer_dir!r} has no pad token (dpn.tokenizer.ensure_special_tokens adds one)")
+    return {
+        "image_token_id": tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        "router_token_id": tok.convert_tokens_to_ids(ROUTER_TOKEN) if ROUTER_TOKEN in tok.all_special_tokens else None,
+        "pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+        "vocab_size": len(tok),
+    }
+
+
+def _summary_from_manifest(manifest: dict[str, Any], path: Path, seconds: float, reused: bool) -> PreprocessSummary:
+    c = manifest["counts"]
+    return PreprocessSummary(
+        rows_in=c["rows_in"], rows_out=c["rows_out"], quarantined=c["quarantined"], shards=len(manifest["shards"]),
+        fingerprint=manifest["fingerprint"], seconds=round(seconds, 3),
+        rows_per_s=None if reused else round(c["rows_in"] / max(seconds, 1e-9), 1), path=str(path), reused=reused,
+        images_out=c["images_out"], image_storage=manifest["config"]["image_storage"],
+        shard_bytes=c["shard_bytes"], driver_peak_rss_mib=round(_peak_rss_mib(), 1),
+    )
+
+
+def _publish_latest(out: Path, fp: str) -> None:
+    tmp = out / f".{LATEST}.{secrets.token_hex(4)}"
+    tmp.write_text(fp + "\n")
+    os.replace(tmp, out / LATEST)  # atomic: readers see the old or the new name, never half a file
+
+
+def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
+    """Validate, tokenize and shard a LLaVA annotations file with Ray Data (a pipeline step).
+
+    Args:
+        cfg: the run's config (see PreprocessConfig).
+    Returns:
+        The run summary. When OUT/<fingerprint> already exists the call only fingerprints the inputs
+        and returns the published run's counts with `reused=True` (Ray is not even started).
+    Raises:
+        ValueError when the annotations are not one well-formed JSON array or the tokenizer lacks a
+        required special token. Bad records never raise: they are quarantined.
+    """
+    start = time.perf_counter()
+    fp, components, rows_in = fingerprint_inputs(cfg)
+    fingerprint_s = time.perf_counter() - start
+    out = Path(cfg.out)
+    final = out / fp
+    if (final / MANIFEST).is_file():
+        manifest = json.loads((final / MANIFEST).read_text(encoding="utf-8"))
+        _publish_latest(out, fp)
+        return _summary_from_manifest(manifest, final, time.perf_counter() - start, reused=True)
+
+    token_ids = _token_ids(cfg.tokenizer, cfg.add_router_token)
+    num_cpus = ensure_ray(cfg.num_cpus)
+    import ray
+
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".tmp-{fp}-{secrets.token_hex(4)}"
+    (tmp / SHARDS_DIR).mkdir(parents=True)
+    (tmp / QUARANTINE_DIR).mkdir()
+    try:
+        # About four blocks per CPU so every core stays busy to the end; at least 32 records per block so
+        # per-task overhead stays small; at most rows_per_shard so shard files stay bounded.
+        rows_per_block = max(1, min(cfg.rows_per_shard, max(32, math.ceil(rows_in / (4 * num_cpus)))))
+        ds = ray.data.read_datasource(
+            _make_datasource(cfg.annotations, rows_in),
+            # The parser is light next to decoding; reserving no CPU lets every core run a processing task.
+            num_cpus=0,
+            # One read task (a JSON array cannot be split unparsed); without this Ray would slice its
+            # output to reach a default block count.
+            override_num_blocks=1,
+        )
+        # Ray Data cuts a task's output into blocks by bytes (128 MiB by default): that would put a small
+        # corpus into one block and one task. Size this dataset's blocks to ~rows_per_block records
+        # (Arrow holds a record as its JSON text plus ~12 bytes of offsets and index).
+        record_bytes = os.path.getsize(cfg.annotations) / max(rows_in, 1) + 12
+        ds.context.target_max_block_size = max(1024, int(record_bytes * rows_per_block))
+        ds = ds.map_batches(_process_and_write, fn_kwargs={"spec": _WorkerSpec.from_config(cfg), "out_dir": str(tmp)},
+                            batch_size=None, batch_format="pyarrow", num_cpus=1)
+        process_start = time.perf_counter()
+        results = [json.loads(row["result"]) for row in ds.iter_rows()]
+        process_s = time.perf_counter() - process_start
+        results.sort(key=lambda r: r["shard"] or "")
+        quarantined: Counter[str] = Counter()
+        for r in results:
+            quarantined.update(r["quarantined"])
+        rows_out = sum(r["rows"] for r in results)
+        if rows_out + sum(quarantined.values()) != rows_in:
+            # Never publish a run that lost or duplicated records.
+            raise RuntimeError(f"record accounting failed: {rows_in} records read, {rows_out} written + "
+                               f"{sum(quarantined.values())} quarantined")
+        unknown = set(quarantined) - set(QUARANTINE_REASONS)
+        if unknown:
+            raise RuntimeError(f"unknown quarantine reasons {sorted(unknown)}")
+        seconds = time.perf_counter() - start
+        shards = [{"file": r["shard"], "rows": r["rows"], "bytes": r["bytes"]} for r in results if r["shard"]]
+        manifest = {
+            "format": FORMAT_VERSION,
+            "fingerprint": fp,
+            "components": components,
+            "config": {**cfg.row_options(), "annotations": cfg.annotations, "image_root": cfg.image_root,
+                       "tokenizer": cfg.tokenizer, "rows_per_block": rows_per_block},
+            "tokens": token_ids,
+            "counts": {
+                "rows_in": rows_in, "rows_out": rows_out, "images_out": sum(r["images"] for r in results),
+                "quarantined": dict(sorted(quarantined.items())), "shard_bytes": sum(s["bytes"] for s in shards),
+                "tokens": sum(r["tokens"] for r in results),
+                "max_length": max((r["max_length"] for r in results), default=0),
+            },
+            "shards": shards,
+            "seconds": round(seconds, 3),
+            "fingerprint_s": round(fingerprint_s, 3),
+            "process_s": round(process_s, 3),
+            "created_unix": time.time(),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        try:
+            tmp.rename(final)  # atomic publish: the directory appears complete or not at all
+        except OSError:
+            if not (final / MANIFEST).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # a concurrent run published the same fingerprint first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish_latest(out, fp)
+    summary = _summary_from_manifest(manifest, final, time.perf_counter() - start, reused=False)
+    # Where the time went: fingerprinting (driver) vs the Ray Data pipeline (parse, process, write).
+    summary.extra = {"fingerprint_s": round(fingerprint_s, 3), "process_s": round(process_s, 3),
+                     "task_s": round(sum(r["task_s"] for r in results), 3),
+                     "task_cpu_s": round(sum(r["task_cpu_s"] for r in results), 3)}
+    return summary

@@ -1,0 +1,528 @@
+"""Training configs and named recipes.
+
+A recipe is a Python function `recipe(stage) -> TrainConfig`; `get_recipe(name, stage, overrides)` looks
+it up and applies `key.path=value` overrides with type checking. Every config is a typed
+`@dataclass(kw_only=True)` validated in `__post_init__`, so a bad value fails when the config is built,
+naming the field, before Ray or any worker starts. Paths that must exist are checked separately by
+`TrainConfig.check_paths()` (a stage-2 recipe may name the output of a stage 1 that has not run yet).
+
+Recipes:
+    tiny            the embedded default: the `tiny` geometry from random weights on the synthetic corpus,
+                    2 Ray CPU workers, fp32; a few minutes on 2 cores.
+    llava-1.5-7b    the paper's setup: CLIP ViT-L/336 + Vicuna-7B v1.5, 8 GPUs, bf16. Stage 1: lr 1e-3,
+                    global batch 256, ZeRO-2; stage 2: lr 2e-5, global batch 128, cosine, warmup 0.03,
+                    gradient checkpointing, max length 2048, ZeRO-2.
+    llava-1.5-13b   the same with Vicuna-13B v1.5, stage 2 with ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STAGES = (1, 2)
+TEMPLATES = ("plain", "vicuna_v1")
+INITS = ("random", "pretrained", "llava_hf", "components")
+COMPRESSORS = ("dpn", "static", "none", "fastv", "pdrop")  # as `dpn.configuration_dpn.COMPRESSORS`
+PRECISIONS = ("fp32", "bf16")  # fp16 is not offered: DeepSpeed on CPU lacks it and bf16 needs no loss scaling
+SCHEDULES = ("cosine", "linear", "constant")
+ZERO_STAGES = (0, 1, 2, 3)
+MODEL_PRESETS = ("tiny", "test-tiny", "llava-1.5-7b", "llava-1.5-13b")  # as `dpn.presets.PRESETS`
+
+
+def _fail(field_name: str, value: Any, valid: str) -> None:
+    raise ValueError(f"{field_name}: {valid}, got {value!r}")
+
+
+def _check_choice(field_name: str, value: Any, choices: Sequence) -> None:
+    if value not in choices:
+        _fail(field_name, value, f"must be one of {list(choices)}")
+
+
+def _check_number(field_name: str, value: Any, kind: type, low: float | None = None, high: float | None = None,
+                  low_open: bool = False) -> None:
+    ok_type = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_type):
+        _fail(field_name, value, f"must be {'an int' if kind is int else 'a number'}")
+    if low is not None and (value <= low if low_open else value < low):
+        _fail(field_name, value, f"must be {'>' if low_open else '>='} {low}")
+    if high is not None and value > high:
+        _fail(field_name, value, f"must be <= {high}")
+
+
+@dataclass(kw_only=True)
+class ModelSpec:
+    """Where the model's weights come from and which parts train."""
+
+    preset: str = "tiny"
+    """Geometry (`dpn.presets`) of a model built from random weights (init="random")."""
+    init: str = "random"
+    """"random" (preset, seeded), "pretrained" (our `save_pretrained` dir, e.g. stage 1's model),
+    "llava_hf" (a llava-hf checkpoint dir), "components" (LLM dir + CLIP dir [+ projector])."""
+    path: str | None = None
+    """The checkpoint directory for init="pretrained" / "llava_hf"."""
+    llm_path: str | None = None
+    """LLaMA-family LLM directory (init="components")."""
+    vision_path: str | None = None
+    """CLIP vision model directory (init="components")."""
+    projector_path: str | None = None
+    """A stage-1 projector (directory or file: `multi_modal_projector.safetensors` or LLaVA's
+    `mm_projector.bin`) loaded over the initial weights. Stage 1 is skipped when it exists."""
+    compressor: str = "dpn"
+    """Compressor of the trained model: stage 1 trains plain LLaVA ("none"); stage 2 "dpn" (or the
+    "static" / "none" ablations)."""
+    route_loss_coef: float | None = None
+    """Weight of the routing loss; None keeps the model config's (0.001, the paper's)."""
+    train_vision_tower: bool = False
+    """Stage 2 only: also train the vision tower (the reference does; the paper's 7B recipe does not)."""
+    gradient_checkpointing: bool = False
+    """Recompute decoder-layer activations in the backward pass (memory for compute)."""
+    seed: int = 0
+    """Seed of random initialisation, router sampling and data order."""
+
+    def __post_init__(self) -> None:
+        _check_choice("model.preset", self.preset, MODEL_PRESETS)
+        _check_choice("model.init", self.init, INITS)
+        _check_choice("model.compressor", self.compressor, COMPRESSORS)
+        if self.init in ("pretrained", "llava_hf") and not self.path:
+            _fail("model.path", self.path, f"is required with model.init={self.init!r} (a checkpoint directory)")
+        if self.init == "components" and not (self.llm_path and self.vision_path):
+            _fail("model.llm_path/model.vision_path", (self.llm_path, self.vision_path),
+                  "are both required with model.init='components'")
+        if self.route_loss_coef is not None:
+            _check_number("model.route_loss_coef", self.route_loss_coef, float, 0.0)
+        _check_number("model.seed", self.seed, int, 0)
+        for name in ("train_vision_tower", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(f"model.{name}", getattr(self, name), "must be a bool")
+
+
+@dataclass(kw_only=True)
+class DataSpec:
+    """Training data: preprocessed Parquet shards, or a LLaVA JSON preprocessed on the fly (cached by
+    content fingerprint), or the synthetic corpus generated under the work dir."""
+
+    shards: str | None = None
+    """Directory of Parquet shards written by `dpn preprocess`; used as is when set."""
+    annotations: str | None = None
+    """LLaVA-format JSON (LCS-558K / mix665K schema) preprocessed first when `shards` is unset."""
+    image_root: str | None = None
+    """Root the records' `image` paths are relative to (with `annotations`)."""
+    tokenizer: str | None = None
+    """Tokenizer directory (`save_pretrained`); copied next to the trained model."""
+    synthetic: bool = False
+    """Use the synthetic corpus (`dpn synth`) in <work_dir>/synth: its pretrain.json for stage 1, its
+    instruct.json for stage 2, its tokenizer. Generated when missing."""
+    synth_records: int = 256
+    """Records per split of a generated synthetic corpus."""
+    template: str = "plain"
+    """Conversation template: "plain" (stage 1) or "vicuna_v1" (stage 2)."""
+    add_router_token: bool = False
+    """Append `<ROUTER>` to every human turn of image samples (DPN stage 2)."""
+    max_length: int = 2048
+    """Records longer than this many tokens (image tokens included) are quarantined by preprocessing."""
+    micro_batch_size: int = 4
+    """Samples per micro-batch per worker."""
+    group_by_length: bool = True
+    """Micro-batches hold samples of similar length (less padding). They are always single-modality
+    (image-only or text-only), as in the reference: `pipelines.data.loader`."""
+
+    def __post_init__(self) -> None:
+        _check_choice("data.template", self.template, TEMPLATES)
+        sources = [name for name in ("shards", "annotations") if getattr(self, name)] + (
+            ["synthetic"] if self.synthetic else [])
+        if len(sources) != 1:
+            _fail("data.shards/data.annotations/data.synthetic", sources,
+                  "exactly one data source must be set (Parquet shards, a LLaVA JSON, or synthetic=true)")
+        if self.annotations and not self.image_root:
+            _fail("data.image_root", self.image_root, "is required with data.annotations")
+        if (self.shards or self.annotations) and not self.tokenizer:
+            _fail("data.tokenizer", self.tokenizer, "is required with data.shards / data.annotations")
+        _check_number("data.synth_records", self.synth_records, int, 15)
+        _check_number("data.max_length", self.max_length, int, 8)
+        _check_number("data.micro_batch_size", self.micro_batch_size, int, 1)
+        for name in ("synthetic", "add_router_token", "group_by_length"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(f"data.{name}", getattr(self, name), "must be a bool")
+
+
+@dataclass(kw_only=True)
+class OptimSpec:
+    """AdamW with warmup and a decay schedule; the global batch is fixed, whatever the worker count."""
+
+    lr: float
+    """Peak learning rate (stage 1: 1e-3, stage 2: 2e-5 in the paper)."""
+    global_batch_size: int
+    """Samples per optimizer step over all workers = micro_batch_size * num_workers * accumulation."""
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    """Share of the steps with linear warmup from 0."""
+    schedule: str = "cosine"
+    """Decay after warmup: "cosine" (to 0), "linear" (to 0) or "constant"."""
+    num_epochs: float = 1.0
+    """Passes over the data; the step count is ceil(num_epochs * rows / global_batch_size)."""
+    max_steps: int | None = None
+    """Fixed number of optimizer steps (overrides num_epochs)."""
+    grad_clip: float = 1.0
+    """Max global grad norm; 0 disables clipping."""
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check_number("optim.lr", self.lr, float, 0.0, 1.0, low_open=True)
+        _check_number("optim.global_batch_size", self.global_batch_size, int, 1)
+        _check_number("optim.weight_decay", self.weight_decay, float, 0.0)
+        _check_number("optim.warmup_ratio", self.warmup_ratio, float, 0.0, 1.0)
+        _check_choice("optim.schedule", self.schedule, SCHEDULES)
+        _check_number("optim.num_epochs", self.num_epochs, float, 0.0, low_open=True)
+        if self.max_steps is not None:
+            _check_number("optim.max_steps", self.max_steps, int, 1)
+        _check_number("optim.grad_clip", self.grad_clip, float, 0.0)
+        _check_number("optim.beta1", self.beta1, float, 0.0, 1.0)
+        _check_number("optim.beta2", self.beta2, float, 0.0, 1.0)
+        _check_number("optim.eps", self.eps, float, 0.0, low_open=True)
+
+
+@dataclass(kw_only=True)
+class ScalingSpec:
+    """Ray workers and the DeepSpeed engine each runs."""
+
+    num_workers: int = 2
+    """Ray Train workers (one DeepSpeed rank each)."""
+    use_gpu: bool = False
+    """One GPU per worker, NCCL; otherwise CPU workers with gloo (DS_ACCELERATOR=cpu)."""
+    cpus_per_worker: float = 1.0
+    """CPUs Ray reserves per worker. Ray Data reads the shards with what the workers leave free, so the
+    workers must not take every CPU of the cluster (the tiny recipe uses 0.5 of 2 cores)."""
+    precision: str = "fp32"
+    """"fp32" or "bf16" (weights and activations; DeepSpeed keeps fp32 master weights)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 2 for stage 1 and LLaVA-1.5-7B stage 2, 3 for the 13B model."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload of the optimizer state to CPU memory (stage >= 1)."""
+
+    def __post_init__(self) -> None:
+        _check_number("scaling.num_workers", self.num_workers, int, 1)
+        _check_number("scaling.cpus_per_worker", self.cpus_per_worker, float, 0.0, low_open=True)
+        _check_choice("scaling.precision", self.precision, PRECISIONS)
+        _check_choice("scaling.zero_stage", self.zero_stage, ZERO_STAGES)
+        if self.offload_optimizer and self.zero_stage == 0:
+            _fail("scaling.offload_optimizer", self.offload_optimizer, "needs scaling.zero_stage >= 1")
+        if not isinstance(self.use_gpu, bool):
+            _fail("scaling.use_gpu", self.use_gpu, "must be a bool")
+
+
+@dataclass(kw_only=True)
+class CheckpointSpec:
+    """Fault tolerance: DeepSpeed state of every worker reported to Ray Train every N steps."""
+
+    every_n_steps: int = 50
+    """Checkpoint interval in optimizer steps (the last step is always checkpointed)."""
+    num_to_keep: int = 2
+    """Checkpoints kept in storage (older ones are deleted)."""
+    max_failures: int = 3
+    """Worker-group restarts (from the last checkpoint) before the stage fails."""
+
+    def __post_init__(self) -> None:
+        _check_number("checkpoint.every_n_steps", self.every_n_steps, int, 1)
+        _check_number("checkpoint.num_to_keep", self.num_to_keep, int, 1)
+        _check_number("checkpoint.max_failures", self.max_failures, int, 0)
+
+
+@dataclass(kw_only=True)
+class TrackingSpec:
+    """MLflow (through `pipelines.tracking`, from the rank-0 worker)."""
+
+    tracking_uri: str | None = None
+    """None: $MLFLOW_TRACKING_URI, else sqlite:///<work_dir>/mlflow.db."""
+    experiment: str = "dpn"
+    log_every_n_steps: int = 1
+    system_metrics: bool = True
+    """Sample CPU/memory/GPU into `system/*` metrics while the stage runs."""
+    system_metrics_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.experiment, str) or not self.experiment:
+            _fail("tracking.experiment", self.experiment, "must be a non-empty string")
+        _check_number("tracking.log_every_n_steps", self.log_every_n_steps, int, 1)
+        _check_number("tracking.system_metrics_interval_s", self.system_metrics_interval_s, float, 0.1)
+
+
+# Fields that do not change what is trained: left out of the run fingerprint, so that e.g. a different
+# tracking server or retry budget still resumes the same run.
+_NOT_FINGERPRINTED = ("run_name", "tracking", "checkpoint.max_failures")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """One training stage."""
+
+    recipe: str
+    """Name of the recipe this config came from."""
+    stage: int
+    """1: projector pre-training (vision tower and LLM frozen); 2: DPN instruction tuning."""
+    model: ModelSpec
+    data: DataSpec
+    optim: OptimSpec
+    scaling: ScalingSpec = field(default_factory=ScalingSpec)
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    work_dir: str = ".dpn_work"
+    """Root of outputs, Ray storage, the synthetic corpus and the default MLflow store."""
+    run_name: str | None = None
+    """Run name (Ray storage folder, MLflow run); None = "<recipe>-stage<N>-<config fingerprint>", so
+    re-running the same command resumes the same run."""
+
+    def __post_init__(self) -> None:
+        _check_choice("stage", self.stage, STAGES)
+        if not isinstance(self.recipe, str) or not self.recipe:
+            _fail("recipe", self.recipe, "must be a non-empty string")
+        if self.stage == 1:
+            if self.model.compressor != "none":
+                _fail("model.compressor", self.model.compressor,
+                      "must be 'none' in stage 1 (projector pre-training trains plain LLaVA-1.5)")
+            if self.model.train_vision_tower:
+                _fail("model.train_vision_tower", True, "must be false in stage 1 (only the projector trains)")
+        per_step = self.data.micro_batch_size * self.scaling.num_workers
+        if self.optim.global_batch_size % per_step:
+            valid = [per_step * k for k in range(1, 5)]
+            _fail("optim.global_batch_size", self.optim.global_batch_size,
+                  f"must be a multiple of data.micro_batch_size * scaling.num_workers = "
+                  f"{self.data.micro_batch_size} * {self.scaling.num_workers} (e.g. {valid})")
+        if self.run_name is not None and (not self.run_name or "/" in self.run_name):
+            _fail("run_name", self.run_name, "must be a non-empty name without '/'")
+
+    # ----- derived --------------------------------------------------------------------------------
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches per worker per optimizer step: the global batch is kept for any worker count."""
+        return self.optim.global_batch_size // (self.data.micro_batch_size * self.scaling.num_workers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """sha256 (first 10 hex) of everything that changes what is trained."""
+        d = self.to_dict()
+        for key in _NOT_FINGERPRINTED:
+            parent, _, leaf = key.rpartition(".")
+            (d[parent] if parent else d).pop(leaf, None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+    def resolved_run_name(self) -> str:
+        return self.run_name or f"{self.recipe}-stage{self.stage}-{self.fingerprint()}"
+
+    def check_paths(self) -> None:
+        """Raise FileNotFoundError naming the field of a path that does not exist (called by the driver
+        before any worker starts)."""
+        checks = [
+            ("model.path", self.model.path, True),
+            ("model.llm_path", self.model.llm_path, True),
+            ("model.vision_path", self.model.vision_path, True),
+            ("data.shards", self.data.shards, True),
+            ("data.annotations", self.data.annotations, False),
+            ("data.image_root", self.data.image_root, True),
+            ("data.tokenizer", self.data.tokenizer, True),
+        ]
+        if self.stage == 2:
+            checks.append(("model.projector_path", self.model.projector_path, None))
+        for name, value, is_dir in checks:
+            if not value:
+                continue
+            p = Path(value)
+            ok = p.is_dir() if is_dir else p.is_file() if is_dir is False else p.exists()
+            if not ok:
+                kind = "directory" if is_dir else "file" if is_dir is False else "file or directory"
+                raise FileNotFoundError(f"{name}: {kind} {value!r} does not exist")
+
+
+# ----- overrides ------------------------------------------------------------------------------------
+def _parse_value(text: str, hint: Any, key: str) -> Any:
+    """Parse `text` as the annotated type `hint` (int, float, bool, str, X | None)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if type(None) in args and text.strip().lower() in ("none", "null", ""):
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _parse_value(text, arg, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{key}: cannot parse {text!r}")
+    if hint is bool:
+        low = text.strip().lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"{key}: expected a bool (true/false), got {text!r}")
+    if hint is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{key}: expected an int, got {text!r}") from None
+    if hint is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{key}: expected a number, got {text!r}") from None
+    if hint is str:
+        return text
+    raise ValueError(f"{key}: fields of type {hint} cannot be set from the command line")
+
+
+def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
+    """Return a new config with `key.path=value` overrides applied (e.g. "optim.lr=1e-4",
+    "scaling.num_workers=4", "model.projector_path=none"), each value parsed as the field's type, and the
+    whole config validated again.
+
+    Raises:
+        ValueError naming the key for an unknown field, a malformed override or a value of the wrong type
+        (and the field's own validation error for a bad value).
+    """
+    data = cfg.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.path=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        cls: Any = TrainConfig
+        node = data
+        for i, part in enumerate(parts):
+            hints = typing.get_type_hints(cls)
+            if part not in hints:
+                where = ".".join(parts[:i]) or "the config"
+                raise ValueError(f"unknown field {key!r}: {where} has fields {sorted(hints)}")
+            hint = hints[part]
+            if i < len(parts) - 1:
+                if not (isinstance(hint, type) and dataclasses.is_dataclass(hint)):
+                    raise ValueError(f"unknown field {key!r}: {'.'.join(parts[: i + 1])} is not a section")
+                cls, node = hint, node[part]
+            else:
+                if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+                    raise ValueError(f"{key!r} is a section; set one of its fields, e.g. {key}.{sorted(typing.get_type_hints(hint))[0]}")
+                node[part] = _parse_value(text, hint, key)
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Rebuild (and validate) a `TrainConfig` from `to_dict()` output, e.g. on a Ray worker."""
+    sections = {"model": ModelSpec, "data": DataSpec, "optim": OptimSpec, "scaling": ScalingSpec,
+                "checkpoint": CheckpointSpec, "tracking": TrackingSpec}
+    kwargs = dict(data)
+    for name, cls in sections.items():
+        if name in kwargs and isinstance(kwargs[name], dict):
+            kwargs[name] = cls(**kwargs[name])
+    return TrainConfig(**kwargs)
+
+
+# ----- recipes --------------------------------------------------------------------------------------
+def tiny(stage: int) -> TrainConfig:
+    """The embedded default: `tiny` geometry from random weights, synthetic corpus, 2 CPU workers, fp32.
+
+    Stage 1 trains the projector of a randomly initialised LLaVA (there are no pretrained weights to start
+    from offline) and saves the whole model; stage 2 starts from that model with fresh routers.
+    """
+    if stage == 1:
+        return TrainConfig(
+            recipe="tiny", stage=1,
+            model=ModelSpec(preset="tiny", init="random", compressor="none"),
+            data=DataSpec(synthetic=True, template="plain", max_length=512, micro_batch_size=8),
+            optim=OptimSpec(lr=1e-3, global_batch_size=32, warmup_ratio=0.03, schedule="cosine"),
+            scaling=ScalingSpec(num_workers=2, cpus_per_worker=0.5, precision="fp32", zero_stage=2),
+            checkpoint=CheckpointSpec(every_n_steps=10),
+        )
+    return TrainConfig(
+        recipe="tiny", stage=2,
+        # model.path is filled in with stage 1's output by `pipelines.train.run_recipe`.
+        model=ModelSpec(preset="tiny", init="pretrained", path=_STAGE1_OUTPUT, compressor="dpn"),
+        data=DataSpec(synthetic=True, template="vicuna_v1", add_router_token=True, max_length=512, micro_batch_size=8),
+        optim=OptimSpec(lr=5e-4, global_batch_size=32, warmup_ratio=0.03, schedule="cosine"),
+        scaling=ScalingSpec(num_workers=2, cpus_per_worker=0.5, precision="fp32", zero_stage=2),
+        checkpoint=CheckpointSpec(every_n_steps=10),
+    )
+
+
+# Placeholder that `run_recipe` replaces with the stage-1 output directory of the same recipe.
+_STAGE1_OUTPUT = "<stage1>"
+
+
+def _llava_1_5(name: str, preset: str, stage: int, stage2_zero: int) -> TrainConfig:
+    # The paper's hyper-parameters (LLaVA-1.5 scripts): 8 GPUs, per-device batch 32 (stage 1) / 16
+    # (stage 2), no accumulation; `model.llm_path` / `model.vision_path` / `data.*` point at local copies of
+    # Vicuna-v1.5, CLIP ViT-L/14-336, LCS-558K and llava_v1_5_mix665k (set them with --set).
+    scaling = dict(num_workers=8, use_gpu=True, cpus_per_worker=8.0, precision="bf16")
+    if stage == 1:
+        return TrainConfig(
+            recipe=name, stage=1,
+            model=ModelSpec(preset=preset, init="components", llm_path="<vicuna>", vision_path="<clip>",
+                            compressor="none", gradient_checkpointing=True),
+            data=DataSpec(annotations="<blip_laion_cc_sbu_558k.json>", image_root="<images>", tokenizer="<tokenizer>",
+                          template="plain", max_length=2048, micro_batch_size=32),
+            optim=OptimSpec(lr=1e-3, global_batch_size=256, warmup_ratio=0.03, schedule="cosine", weight_decay=0.0),
+            scaling=ScalingSpec(zero_stage=2, **scaling),
+            checkpoint=CheckpointSpec(every_n_steps=500),
+        )
+    return TrainConfig(
+        recipe=name, stage=2,
+        model=ModelSpec(preset=preset, init="components", llm_path="<vicuna>", vision_path="<clip>",
+                        projector_path=_STAGE1_OUTPUT, compressor="dpn", gradient_checkpointing=True),
+        data=DataSpec(annotations="<llava_v1_5_mix665k.json>", image_root="<images>", tokenizer="<tokenizer>",
+                      template="vicuna_v1", add_router_token=True, max_length=2048, micro_batch_size=16),
+        optim=OptimSpec(lr=2e-5, global_batch_size=128, warmup_ratio=0.03, schedule="cosine", weight_decay=0.0),
+        scaling=ScalingSpec(zero_stage=stage2_zero, **scaling),
+        checkpoint=CheckpointSpec(every_n_steps=500),
+    )
+
+
+def llava_1_5_7b(stage: int) -> TrainConfig:
+    """LLaVA-1.5-7B + DPN with the paper's hyper-parameters (ZeRO-2 in both stages)."""
+    return _llava_1_5("llava-1.5-7b", "llava-1.5-7b", stage, stage2_zero=2)
+
+
+def llava_1_5_13b(stage: int) -> TrainConfig:
+    """LLaVA-1.5-13B + DPN: as 7B, stage 2 under ZeRO-3 (the 13B weights + states do not fit ZeRO-2)."""
+    return _llava_1_5("llava-1.5-13b", "llava-1.5-13b", stage, stage2_zero=3)
+
+
+RECIPES: dict[str, Callable[[int], TrainConfig]] = {
+    "tiny": tiny,
+    "llava-1.5-7b": llava_1_5_7b,
+    "llava-1.5-13b": llava_1_5_13b,
+}
+
+
+def get_recipe(name: str, stage: int, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The config of recipe `name` for `stage` (1 or 2), with `key.path=value` overrides applied."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
+    _check_choice("stage", stage, STAGES)
+    return apply_overrides(RECIPES[name](stage), overrides)
+
+
+__all__ = [
+    "CheckpointSpec",
+    "DataSpec",
+    "ModelSpec",
+    "OptimSpec",
+    "RECIPES",
+    "ScalingSpec",
+    "TrackingSpec",
+    "TrainConfig",
+    "apply_overrides",
+    "config_from_dict",
+    "get_recipe",
+]

@@ -1,0 +1,158 @@
+"""The whole DAG on CPU: a driver killed mid-run resumes without recomputing or duplicating runs, a
+down tracking server fails before any work, the registry gate decides on scores and FLOPs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.workflow import PipelineConfig, load_pipeline_config, promotion_decision
+
+ROOT = Path(__file__).resolve().parent.parent
+DPN = str(Path(sys.executable).parent / "dpn")
+
+# The smallest pipeline that still exercises every step: two variants, two optimizer steps a stage.
+SMALL = """
+corpus: {n_pretrain: 32, n_instruct: 32, n_eval: 15}
+variants: [dpn, none]
+train_overrides: {optim.max_steps: 2}
+"""
+
+
+def small_config(tmp_path: Path) -> Path:
+    f = tmp_path / "pipeline.yaml"
+    f.write_text(SMALL)
+    return f
+
+
+def env_for(work_dir: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    env.update({"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu",
+                "RAY_USAGE_STATS_ENABLED": "0"}, **extra)
+    return env
+
+
+def state_of(work_dir: Path) -> dict:
+    files = sorted((work_dir / "pipeline" / "pipelines").glob("*.json"))
+    return json.loads(files[-1].read_text()) if files else {}
+
+
+def last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_recomputing_or_duplicate_runs(tmp_path):
+    cfg = small_config(tmp_path)
+    work = tmp_path / "work"
+    cmd = [DPN, "pipeline", "run", "--config", str(cfg), "--work-dir", str(work)]
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env_for(work), stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+    # Kill the whole driver (and the local Ray it started) once stage 1 is training.
+    deadline = time.time() + 420
+    while time.time() < deadline:
+        st = state_of(work).get("steps", {})
+        if st.get("stage1", {}).get("status") == "running" and (work / "pipeline" / "scratch" / "stage1").exists():
+            time.sleep(8)
+            break
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(1)
+    else:
+        pytest.fail("stage1 never started")
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    before = state_of(work)
+    done_before = {n for n, s in before["steps"].items() if s["status"] == "ran"}
+    assert {"synth", "preprocess_pretrain"} <= done_before
+    assert before["status"] == "running"
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env_for(work), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-4000:]
+    summary = last_json(again.stdout)
+    statuses = {s["name"]: s["status"] for s in summary["steps"]}
+    assert all(statuses[n] == "cached" for n in done_before), statuses
+    assert statuses["stage1"] == "ran" and statuses["register"] == "ran"
+    assert summary["parent_run_id"] == before["parent_run_id"], "the interrupted parent run must be resumed"
+    assert set(summary["results"]) == {"dpn", "none"}
+    for row in summary["results"].values():
+        assert 0.0 <= row["accuracy"]["synthetic"] <= 100.0 and row["prefill_tflops_per_sample"] > 0
+    assert summary["results"]["dpn"]["prefill_tflops_per_sample"] < summary["results"]["none"]["prefill_tflops_per_sample"]
+
+    from pipelines import tracking
+
+    uri = summary["tracking_uri"]
+    children = tracking.child_runs(summary["parent_run_id"], tracking_uri=uri)
+    names = [c["run_name"] for c in children if c["run_name"] in statuses]
+    assert sorted(names) == sorted(set(names)), f"duplicate step runs: {names}"
+    assert set(names) == set(statuses), "every step has exactly one child run"
+    stage1 = next(c for c in children if c["run_name"] == "stage1")
+    assert stage1["run_id"] == before["steps"]["stage1"]["run_id"], "the killed step's run is resumed"
+    assert tracking.metric_history(stage1["run_id"], "loss/lm", tracking_uri=uri)
+    champion = tracking.get_alias("dpn", tracking.CHAMPION, tracking_uri=uri)
+    assert champion is not None and champion["tags"]["compressor"] == "dpn"
+
+    # A second run is all cache hits and returns in seconds.
+    t0 = time.time()
+    third = subprocess.run(cmd, cwd=ROOT, env=env_for(work), capture_output=True, text=True, timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert {s["status"] for s in last_json(third.stdout)["steps"]} == {"cached"}
+    assert time.time() - t0 < 120
+
+
+def test_tracking_server_down_fails_before_any_work(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    work = tmp_path / "work"
+    out = subprocess.run([DPN, "pipeline", "run", "--config", str(small_config(tmp_path)), "--work-dir", str(work)],
+                         cwd=ROOT, env=env_for(work, MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}"),
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 2
+    assert f"127.0.0.1:{port}" in out.stderr and "not reachable" in out.stderr
+    assert not (work / "pipeline" / "steps").exists(), "no step may start when tracking is down"
+
+
+def test_plan_lists_the_dag_and_bad_configs_name_the_field(tmp_path):
+    out = subprocess.run([DPN, "pipeline", "plan", "--config", str(small_config(tmp_path)), "--work-dir",
+                          str(tmp_path / "w")], cwd=ROOT, env=env_for(tmp_path), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    plan = last_json(out.stdout)["steps"]
+    names = [s["name"] for s in plan]
+    assert {"synth", "preprocess_pretrain", "preprocess_instruct", "preprocess_instruct_router", "stage1",
+            "stage2_dpn", "stage2_none", "evaluate", "register"} == set(names)
+    assert all(s["action"] == "run" for s in plan)
+    assert names.index("stage1") < names.index("stage2_dpn") < names.index("evaluate") < names.index("register")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("variants: [dpn, turbo]\n")
+    with pytest.raises(ValueError, match="turbo"):
+        load_pipeline_config(None, str(bad))
+    bad.write_text("varients: [dpn]\n")
+    with pytest.raises(ValueError, match="varients"):
+        load_pipeline_config(None, str(bad))
+
+
+def test_promotion_gate_needs_a_better_score_at_no_more_flops():
+    assert promotion_decision({"score": 50.0, "tflops": 1.0}, None)[0]
+    assert promotion_decision({"score": 51.0, "tflops": 1.0}, {"score": 50.0, "tflops": 1.0})[0]
+    assert not promotion_decision({"score": 50.0, "tflops": 0.5}, {"score": 50.0, "tflops": 1.0})[0]
+    keep, why = promotion_decision({"score": 60.0, "tflops": 1.2}, {"score": 50.0, "tflops": 1.0})
+    assert not keep and "TFLOPs" in why
+
+
+def test_pipeline_config_validates_eagerly():
+    with pytest.raises(ValueError, match="corpus.pretrain_annotations is required"):
+        PipelineConfig(name="x", corpus={"synthetic": False})
+    with pytest.raises(ValueError, match="eval_limit"):
+        PipelineConfig(name="x", eval_limit=0)
