@@ -37,12 +37,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         # Validate every stage's config (and the overrides) before anything starts.
         configs = {s: get_recipe(args.recipe, s, args.overrides) for s in stages}
-    except ValueError as e:
+        if args.print_config:
+            print(json.dumps({f"stage{s}": c.to_dict() for s, c in configs.items()}))
+            return 0
+        for cfg in configs.values():
+            cfg.check_paths()
+    except (ValueError, FileNotFoundError) as e:
         print(f"dpn train: {e}", file=sys.stderr)
         return 2
-    if args.print_config:
-        print(json.dumps({f"stage{s}": c.to_dict() for s, c in configs.items()}))
-        return 0
     from pipelines.train import run_recipe
 
     results = run_recipe(args.recipe, args.stage, args.overrides, parent_run_id=args.parent_run_id)

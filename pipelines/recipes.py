@@ -35,6 +35,8 @@ PRECISIONS = ("fp32", "bf16")  # fp16 is not offered: DeepSpeed on CPU lacks it 
 SCHEDULES = ("cosine", "linear", "constant")
 ZERO_STAGES = (0, 1, 2, 3)
 MODEL_PRESETS = ("tiny", "test-tiny", "llava-1.5-7b", "llava-1.5-13b")  # as `dpn.presets.PRESETS`
+# Placeholder that `pipelines.train.run_recipe` replaces with the stage-1 output directory of the recipe.
+STAGE1_OUTPUT = "<stage1>"
 
 
 def _fail(field_name: str, value: Any, valid: str) -> None:
@@ -335,8 +337,11 @@ class TrainConfig:
         if self.stage == 2:
             checks.append(("model.projector_path", self.model.projector_path, None))
         for name, value, is_dir in checks:
-            if not value:
+            if not value or value == STAGE1_OUTPUT:  # stage 1's output: checked once stage 1 has run
                 continue
+            if value.startswith("<") and value.endswith(">"):
+                raise FileNotFoundError(f"{name} is not set (the recipe's placeholder {value!r}): give a local path "
+                                        f"with --set {name}=PATH")
             p = Path(value)
             ok = p.is_dir() if is_dir else p.is_file() if is_dir is False else p.exists()
             if not ok:
@@ -448,16 +453,12 @@ def tiny(stage: int) -> TrainConfig:
     return TrainConfig(
         recipe="tiny", stage=2,
         # model.path is filled in with stage 1's output by `pipelines.train.run_recipe`.
-        model=ModelSpec(preset="tiny", init="pretrained", path=_STAGE1_OUTPUT, compressor="dpn"),
+        model=ModelSpec(preset="tiny", init="pretrained", path=STAGE1_OUTPUT, compressor="dpn"),
         data=DataSpec(synthetic=True, template="vicuna_v1", add_router_token=True, max_length=512, micro_batch_size=8),
         optim=OptimSpec(lr=5e-4, global_batch_size=32, warmup_ratio=0.03, schedule="cosine"),
         scaling=ScalingSpec(num_workers=2, cpus_per_worker=0.5, precision="fp32", zero_stage=2),
         checkpoint=CheckpointSpec(every_n_steps=10),
     )
-
-
-# Placeholder that `run_recipe` replaces with the stage-1 output directory of the same recipe.
-_STAGE1_OUTPUT = "<stage1>"
 
 
 def _llava_1_5(name: str, preset: str, stage: int, stage2_zero: int) -> TrainConfig:
@@ -479,7 +480,7 @@ def _llava_1_5(name: str, preset: str, stage: int, stage2_zero: int) -> TrainCon
     return TrainConfig(
         recipe=name, stage=2,
         model=ModelSpec(preset=preset, init="components", llm_path="<vicuna>", vision_path="<clip>",
-                        projector_path=_STAGE1_OUTPUT, compressor="dpn", gradient_checkpointing=True),
+                        projector_path=STAGE1_OUTPUT, compressor="dpn", gradient_checkpointing=True),
         data=DataSpec(annotations="<llava_v1_5_mix665k.json>", image_root="<images>", tokenizer="<tokenizer>",
                       template="vicuna_v1", add_router_token=True, max_length=2048, micro_batch_size=16),
         optim=OptimSpec(lr=2e-5, global_batch_size=128, warmup_ratio=0.03, schedule="cosine", weight_decay=0.0),

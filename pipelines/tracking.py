@@ -56,15 +56,13 @@ def resolve_tracking_uri(uri: str | None = None, work_dir: str | os.PathLike | N
 
 
 def default_artifact_location(tracking_uri: str, work_dir: str | os.PathLike | None = None) -> str | None:
-    """Artifact root for new experiments: `<work_dir>/mlartifacts` for a local SQLite store, beside the
-    database file; None (the server decides) for a remote tracking server."""
-    if tracking_uri.startswith("sqlite:///"):
-        if work_dir is None:
-            work_dir = Path(tracking_uri[len("sqlite:///") :]).parent
-        return Path(work_dir).absolute().joinpath("mlartifacts").as_uri()
-    if tracking_uri.startswith(("file:", "/")):
+    """Artifact root for new experiments: `<work_dir>/mlartifacts` for a local SQLite store (work_dir
+    defaults to the database's directory); None for any other store (a tracking server decides)."""
+    if not tracking_uri.startswith("sqlite:///"):
         return None
-    return None
+    if work_dir is None:
+        work_dir = Path(tracking_uri[len("sqlite:///") :]).parent
+    return Path(work_dir).absolute().joinpath("mlartifacts").as_uri()
 
 
 def resolve_parent_run_id(parent_run_id: str | None = None) -> str | None:

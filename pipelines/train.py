@@ -11,10 +11,17 @@ model's `loss` is already lm_loss + coef * route_loss).
 Failures: every `checkpoint.every_n_steps` steps each worker saves its DeepSpeed shard into a temporary
 directory and passes it to `ray.train.report`, which merges all workers' files into one checkpoint. A dead
 worker makes Ray Train restart the worker group (`FailureConfig.max_failures`); `train_func` then loads
-the latest checkpoint, skips the micro-batches it had consumed in that epoch and runs to the same
-`total_steps`, logging into the same MLflow run (its id travels in the loop config). The run name and
-storage path are derived from the config, so re-running the same command after the driver died makes
-Ray Train restore the latest checkpoint of that run.
+the latest checkpoint, skips as many micro-batches as it had consumed in that epoch and runs to the same
+`total_steps`, logging into the same MLflow run (its id travels in the loop config; steps between the
+last checkpoint and the failure are logged a second time). Ray Data splits the rows among workers
+dynamically, so the replayed remainder of the epoch is the same size, not necessarily the same rows.
+The run name and storage path are derived from the config, so re-running the same command after the
+driver died makes Ray Train restore the latest checkpoint of that run.
+
+Data-parallel consistency: micro-batches are single-modality, and a text-only batch skips the vision
+tower and projector (a router whose samples are too small to pool is skipped too). `AlignedBatches`
+makes all ranks train the same modality at every micro-step; ZeRO <= 2 gives skipped routers a zero
+gradient (`_touch`); ZeRO-3 is refused where a router could be skipped (`check_zero3`).
 
 CPU and GPU run the same code: on CPU, DS_ACCELERATOR=cpu and gloo; on GPU, NCCL. DPN's saving in
 training is real: the model re-pads each pyramid stage to its own (shorter) length, so deeper layers run
@@ -34,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.recipes import _STAGE1_OUTPUT, TrainConfig, config_from_dict, get_recipe
+from pipelines.recipes import STAGE1_OUTPUT, TrainConfig, config_from_dict, get_recipe
 
 STATE_FILE = "train_state.json"  # in every checkpoint: step, epoch, micro-batches consumed, done
 DS_TAG = "ds"  # DeepSpeed checkpoint tag (sub-directory) inside a Ray checkpoint
@@ -476,16 +483,13 @@ def _save_final(engine, cfg: TrainConfig, tokenizer, out: Path, rank: int) -> No
 def train_func(loop_config: dict[str, Any]) -> None:
     """Ray Train worker entry point (lives in the installed package so workers can unpickle it).
 
-    loop_config: {"train": TrainConfig.to_dict(), "tokenizer": dir, "total_steps": int, "run_id": MLflow
-    run id or None, "tracking_uri": str, "progress_dir": str}.
+    loop_config: {"train": TrainConfig.to_dict(), "tokenizer": dir, "shards": preprocessed run dir,
+    "total_steps": int, "run_id": MLflow run id or None, "tracking_uri": str, "progress_dir": str}.
     """
     cfg = config_from_dict(loop_config["train"])
     _set_worker_env(cfg)
-    import deepspeed
     import ray.train
-    import torch
 
-    from dpn.tokenizer import load_tokenizer
     from pipelines.data.loader import open_shards
     from pipelines.tracking import RunTracker
 
@@ -506,37 +510,10 @@ def train_func(loop_config: dict[str, Any]) -> None:
         tracker.finish("FINISHED")
         return
 
-    tokenizer = load_tokenizer(loop_config["tokenizer"])
-    model = build_model(cfg, tokenizer)
-    counts = set_trainable(model, cfg)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    optimizer = _optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, cfg.optim.warmup_ratio, cfg.optim.schedule)
-    )
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world)
-    )
-    frozen = counts["trainable"] < counts["total"]
-    resumed_from = None
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            # Frozen weights are not in the checkpoint (stage 1 would otherwise store the whole LLM each
-            # time); they come from the same seeded build as the first attempt.
-            engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=not frozen)
-        resumed_from = state["step"]
-    # Router sampling differs per rank and per resume; model init above was identical on every rank.
-    torch.manual_seed(cfg.model.seed * 100_003 + rank * 7919 + state["step"])
-
-    model_cfg = engine.module.config
-    # ZeRO-3 needs none (and could not sum partitioned tensors): `check_zero3` guarantees every image
-    # micro-batch calls every router, and AlignedBatches that all ranks train the same modality.
-    maybe_unused = [p for n, p in engine.module.named_parameters()
-                    if p.requires_grad and n.startswith(_SKIPPABLE_TRAINABLE)] if cfg.scaling.zero_stage < 3 else []
+    engine, tokenizer, frozen, maybe_unused = _setup_engine(cfg, loop_config["tokenizer"], world, total_steps,
+                                                            checkpoint)
+    resumed_from = state["step"] if checkpoint is not None else None
     accum = deepspeed_config(cfg, world)["gradient_accumulation_steps"]
-    device = engine.device
     if rank == 0:
         tracker.set_tags({"dpn.world_size": world, "dpn.grad_accum_steps": accum})
         if cfg.tracking.system_metrics:
@@ -547,9 +524,9 @@ def train_func(loop_config: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     info = open_shards(loop_config["shards"])
-    last_metrics: dict[str, float] = {}
+    metrics: dict[str, float] = {}
     while state["step"] < total_steps:
-        batches = AlignedBatches(_micro_batches(shard, info, cfg, state["epoch"]), device)
+        batches = AlignedBatches(_micro_batches(shard, info, cfg, state["epoch"]), engine.device)
         resumed_mid_epoch = state["batches_in_epoch"] > 0
         for _ in range(state["batches_in_epoch"]):  # resume mid-epoch: skip as many as the checkpoint covered
             batches.next()
@@ -561,31 +538,11 @@ def train_func(loop_config: dict[str, Any]) -> None:
             group = [batches.next() for _ in range(accum)]
             if any(b is None for b in group):
                 break
-            lr = float(engine.get_lr()[0])  # the lr this step applies (the scheduler moves on in step())
-            stats = StepStats(model_cfg)
-            for batch in group:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                out = engine(**batch)
-                engine.backward(out.loss + _touch(maybe_unused))
-                engine.step()
-                stats.add(batch, out)
-            step_time = time.perf_counter() - t0
+            metrics = _train_step(engine, group, maybe_unused, t0)
             state["step"] += 1
             state["batches_in_epoch"] += accum
             steps_this_epoch += 1
-            metrics = stats.reduce(device)
-            grad_norm = engine.get_global_grad_norm()
-            metrics.update({
-                "lr": lr,
-                "optim/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                "throughput/samples_per_s": metrics["train/samples"] / step_time,
-                "throughput/tokens_per_s": metrics["train/tokens"] / step_time,
-                "time/step_s": step_time,
-                "train/epoch": float(state["epoch"]),
-            })
-            if "loss/lm" in metrics:
-                metrics["loss/total"] = metrics["loss/lm"] + model_cfg.route_loss_coef * metrics.get("loss/route", 0.0)
-            last_metrics = metrics
+            metrics["train/epoch"] = float(state["epoch"])
             if state["step"] % cfg.tracking.log_every_n_steps == 0 or state["step"] == total_steps:
                 tracker.log_metrics(metrics, step=state["step"])
             _write_progress(progress_dir, rank, step=state["step"], resumed_from=resumed_from, total_steps=total_steps)
@@ -599,20 +556,94 @@ def train_func(loop_config: dict[str, Any]) -> None:
                 )
             state["epoch"] += 1
             state["batches_in_epoch"] = 0
+    _report_final(engine, cfg, tokenizer, state, metrics, rank, tracker)
 
-    # Final: the trained model in HF format (+ projector), logged to MLflow and reported as the last
-    # checkpoint (no optimizer state: a finished stage is never resumed, only read).
+
+def _setup_engine(cfg: TrainConfig, tokenizer_dir: str, world: int, total_steps: int, checkpoint):
+    """Build the model, freeze what this stage does not train, wrap it in a DeepSpeed engine and, when
+    resuming, load the checkpoint's DeepSpeed state. Returns (engine, tokenizer, whether some parameters
+    are frozen, the trainable parameters a micro-batch may leave without a gradient)."""
+    import deepspeed
+    import torch
+
+    from dpn.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    model = build_model(cfg, tokenizer)
+    counts = set_trainable(model, cfg)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = _optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, cfg.optim.warmup_ratio, cfg.optim.schedule)
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world)
+    )
+    frozen = counts["trainable"] < counts["total"]
+    step = 0
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            # Frozen weights are not in the checkpoint (stage 1 would otherwise store the whole LLM each
+            # time); they come from the same seeded build as the first attempt.
+            engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=not frozen)
+            step = json.loads((Path(d) / STATE_FILE).read_text())["step"]
+    # Router sampling differs per rank and per resume; the model init above was identical on every rank.
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    torch.manual_seed(cfg.model.seed * 100_003 + rank * 7919 + step)
+    # ZeRO-3 needs no touching (and could not sum partitioned tensors): `check_zero3` guarantees every
+    # image micro-batch calls every router, and AlignedBatches that all ranks train the same modality.
+    maybe_unused = [
+        p for n, p in engine.module.named_parameters() if p.requires_grad and n.startswith(_SKIPPABLE_TRAINABLE)
+    ] if cfg.scaling.zero_stage < 3 else []
+    return engine, tokenizer, frozen, maybe_unused
+
+
+def _train_step(engine, group: list[dict], maybe_unused: list, t0: float) -> dict[str, float]:
+    """One optimizer step over this worker's `group` of micro-batches (gradient accumulation inside the
+    engine); returns the step's metrics, reduced over all workers."""
+    device = engine.device
+    lr = float(engine.get_lr()[0])  # the lr this step applies (the scheduler moves on in step())
+    model_cfg = engine.module.config
+    stats = StepStats(model_cfg)
+    for batch in group:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = engine(**batch)
+        engine.backward(out.loss + _touch(maybe_unused))
+        engine.step()
+        stats.add(batch, out)
+    step_time = time.perf_counter() - t0
+    metrics = stats.reduce(device)
+    grad_norm = engine.get_global_grad_norm()
+    metrics.update({
+        "lr": lr,
+        "optim/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "throughput/samples_per_s": metrics["train/samples"] / step_time,
+        "throughput/tokens_per_s": metrics["train/tokens"] / step_time,
+        "time/step_s": step_time,
+    })
+    if "loss/lm" in metrics:
+        metrics["loss/total"] = metrics["loss/lm"] + model_cfg.route_loss_coef * metrics.get("loss/route", 0.0)
+    return metrics
+
+
+def _report_final(engine, cfg: TrainConfig, tokenizer, state: dict, metrics: dict, rank: int, tracker) -> None:
+    """The trained model in HF format (+ projector), logged to MLflow and reported as the last checkpoint
+    (no optimizer state: a finished stage is never resumed, only read)."""
+    import ray.train
+
     state["done"] = True
     with tempfile.TemporaryDirectory(prefix="dpn-final-") as tmp:
         out = Path(tmp)
         _save_final(engine, cfg, tokenizer, out, rank)
         if rank == 0:
-            (out / STATE_FILE).write_text(json.dumps({**state, "metrics": last_metrics}))
+            (out / STATE_FILE).write_text(json.dumps({**state, "metrics": metrics}))
             tracker.log_model_dir(out / HF_DIR, artifact_path=HF_DIR)
             tracker.log_artifacts(out / PROJECTOR_DIR, artifact_path=PROJECTOR_DIR)
             tracker.finish("FINISHED")
         ray.train.report(
-            {"step": state["step"], **last_metrics},
+            {"step": state["step"], **metrics},
             checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
             checkpoint_dir_name=f"final_step{state['step']:07d}",
         )
@@ -742,8 +773,8 @@ def run_stage(
         return StageResult(cfg.recipe, 1, name, None, None, str(Path(cfg.model.projector_path).absolute()), 0, 0,
                            status="skipped")
     for placeholder_field, value in (("model.path", cfg.model.path), ("model.projector_path", cfg.model.projector_path)):
-        if value == _STAGE1_OUTPUT:
-            raise ValueError(f"{placeholder_field}: {_STAGE1_OUTPUT!r} stands for stage 1's output; run both stages "
+        if value == STAGE1_OUTPUT:
+            raise ValueError(f"{placeholder_field}: {STAGE1_OUTPUT!r} stands for stage 1's output; run both stages "
                              "(`dpn train --recipe NAME`) or set it to a directory")
     cfg.check_paths()
     done = out / RESULT_FILE
@@ -831,12 +862,12 @@ def chain_stage2(stage2: TrainConfig, stage1_result: StageResult) -> TrainConfig
     from dataclasses import replace
 
     model = stage2.model
-    if model.path == _STAGE1_OUTPUT:
+    if model.path == STAGE1_OUTPUT:
         if not stage1_result.model_dir:
             raise ValueError("model.path: stage 1 was skipped (a projector was given), so it has no full model to "
                              "start stage 2 from; set model.path or model.init")
         model = replace(model, path=stage1_result.model_dir)
-    if model.projector_path == _STAGE1_OUTPUT:
+    if model.projector_path == STAGE1_OUTPUT:
         model = replace(model, projector_path=stage1_result.projector_dir)
     return replace(stage2, model=model)
 
@@ -856,7 +887,7 @@ def run_recipe(
         cfg1 = get_recipe(name, 1, overrides)
         cfg2 = get_recipe(name, 2, overrides) if stages == "all" else None
         given = cfg2.model.projector_path if cfg2 is not None else None
-        if given and given != _STAGE1_OUTPUT and Path(given).exists():
+        if given and given != STAGE1_OUTPUT and Path(given).exists():
             results.append(StageResult(name, 1, cfg1.resolved_run_name(), None, None, given, 0, 0, status="skipped"))
         else:
             results.append(run_stage(cfg1, parent_run_id=parent_run_id))

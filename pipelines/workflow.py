@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import json
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -213,6 +213,8 @@ def test_tracking_resume_by_key_params_metrics_registry(tmp_path, monkeypatch):
 def ray_session():
     import ray
 
+    if ray.is_initialized():  # another module's session: start ours with exactly 2 CPUs
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
