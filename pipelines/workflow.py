@@ -123,7 +123,9 @@ class PipelineConfig:
 
 # ----- named pipeline recipes --------------------------------------------------------------------
 def tiny_pipeline(**overrides: Any) -> PipelineConfig:
-    """The embedded default (`make demo`): synthetic corpus, tiny models, CPU, minutes on 2 cores."""
+    """The embedded default (`make demo`): synthetic corpus, tiny models, CPU, minutes on 2 cores.
+    Sized so the whole DAG (four training stages) fits the demo's 10-minute budget on 2 cores."""
+    overrides.setdefault("corpus", CorpusConfig(n_pretrain=1024, n_instruct=1536, n_eval=300))
     return PipelineConfig(name="tiny", train_recipe="tiny", **overrides)
 
 

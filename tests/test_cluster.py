@@ -22,9 +22,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SMALL = """
-corpus: {n_pretrain: 32, n_instruct: 32, n_eval: 15}
+corpus: {n_pretrain: 64, n_instruct: 64, n_eval: 15}
 variants: [dpn, none]
-train_overrides: {optim.max_steps: 2}
+train_overrides: {optim.max_steps: 2, optim.global_batch_size: 16}
 """
 
 

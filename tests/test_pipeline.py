@@ -21,9 +21,9 @@ DPN = str(Path(sys.executable).parent / "dpn")
 
 # The smallest pipeline that still exercises every step: two variants, two optimizer steps a stage.
 SMALL = """
-corpus: {n_pretrain: 32, n_instruct: 32, n_eval: 15}
+corpus: {n_pretrain: 64, n_instruct: 64, n_eval: 15}
 variants: [dpn, none]
-train_overrides: {optim.max_steps: 2}
+train_overrides: {optim.max_steps: 2, optim.global_batch_size: 16}
 """
 
 

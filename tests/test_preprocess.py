@@ -34,9 +34,10 @@ def ray_session():
     """One Ray instance for this module's tests (reused when the session already has one)."""
     import ray
 
+    from pipelines.preprocess import ensure_ray
+
     started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ensure_ray(2)
     yield ray
     if started:
         ray.shutdown()
