@@ -39,7 +39,9 @@ test-fast: install
 	$(VENV)/bin/python -m pytest -q -ra -m "not slow"
 
 bench: install
-	$(VENV)/bin/python bench/flops_table.py
+	$(VENV)/bin/python bench/efficiency.py --markdown bench/RESULTS_efficiency.md
+	$(VENV)/bin/python bench/train_step.py
+	$(VENV)/bin/python bench/preprocess_throughput.py
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +37,7 @@ def _config(args: argparse.Namespace):
 
     cfg = load_pipeline_config(args.recipe, args.config)
     if args.work_dir:
-        cfg.work_dir = args.work_dir
+        cfg.work_dir = str(Path(args.work_dir).absolute())
     return cfg
 
 
@@ -57,7 +58,7 @@ def run_and_report(recipe: str | None, config_file: str | None, work_dir: str | 
     try:
         cfg = load_pipeline_config(recipe, config_file)
         if work_dir:
-            cfg.work_dir = work_dir
+            cfg.work_dir = str(Path(work_dir).absolute())
     except ValueError as e:
         return _fail(str(e))
     t0 = time.time()

@@ -100,6 +100,8 @@ class PipelineConfig:
     experiment: str = "dpn"
 
     def __post_init__(self) -> None:
+        # Absolute: Ray workers run in their own working directories.
+        self.work_dir = str(Path(self.work_dir).absolute())
         if isinstance(self.corpus, dict):
             self.corpus = CorpusConfig(**self.corpus)
         if not self.variants:
