@@ -67,6 +67,11 @@ def run_and_report(recipe: str | None, config_file: str | None, work_dir: str | 
     except ConnectionError as e:
         return _fail(str(e))
     summary["seconds"] = round(time.time() - t0, 1)
+    import ray
+
+    if ray.is_initialized():
+        # Flush Ray's forwarded worker logs now, so the JSON summary really is the last stdout line.
+        ray.shutdown()
     if demo and summary["eval_summary"]:
         from pipelines.evaluate import format_table
 

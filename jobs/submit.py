@@ -44,7 +44,7 @@ def default_submission_id(entrypoint: str) -> str:
 
 
 def submit(address: str, entrypoint: str, submission_id: str | None = None, mlflow_uri: str | None = None,
-           parent_run_id: str | None = None) -> str:
+           parent_run_id: str | None = None, agent_wait_s: float = 300.0) -> str:
     """Submit `entrypoint` as a Ray job (or find the job this id already names). Returns the submission id."""
     from ray.job_submission import JobSubmissionClient
 
@@ -63,13 +63,22 @@ def submit(address: str, entrypoint: str, submission_id: str | None = None, mlfl
         env["MLFLOW_TRACKING_URI"] = uri
     if parent_run_id:
         env["DPN_PARENT_RUN_ID"] = parent_run_id
-    client.submit_job(
-        entrypoint=entrypoint,
-        submission_id=sid,
-        runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": env},
-        metadata={"project": "dpn"},
-    )
-    return sid
+    # A freshly started head answers before its job agent is up ("No available agent to submit job"):
+    # retry that, and only that, for a while.
+    deadline = time.time() + agent_wait_s
+    while True:
+        try:
+            client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=sid,
+                runtime_env={"working_dir": str(ROOT), "excludes": EXCLUDES, "env_vars": env},
+                metadata={"project": "dpn"},
+            )
+            return sid
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2)
 
 
 def follow(address: str, submission_id: str, timeout: float | None = None, poll_s: float = 1.0) -> str:

@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
@@ -88,12 +89,18 @@ def mlflow_server(tmp: Path, backend_uri: str):
 @contextmanager
 def ray_head(tmp: Path):
     port, dash = free_port(), free_port()
+    # Ray's unix sockets live under --temp-dir and their paths must stay under 108 bytes: keep it short.
+    ray_tmp = tempfile.mkdtemp(prefix="dpnray", dir="/tmp")
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-           "--temp-dir", str(tmp / "ray")]
+           "--temp-dir", ray_tmp]
     address = f"http://127.0.0.1:{dash}"
-    with process(cmd, tmp / "ray.log", base_env(), lambda: http_ok(f"{address}/api/version"), 180):
-        yield address
+    try:
+        with process(cmd, tmp / "ray.log", base_env(), lambda: http_ok(f"{address}/api/version"), 180):
+            yield address
+    finally:
+        if not os.environ.get("DPN_KEEP_RAY_TMP"):
+            shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @contextmanager
