@@ -93,7 +93,12 @@ def ray_head(tmp: Path):
     ray_tmp = tempfile.mkdtemp(prefix="dpnray", dir="/tmp")
     cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-           "--temp-dir", ray_tmp]
+           "--temp-dir", ray_tmp,
+           # Every fixed default port (the agent's 52365 above all) may be taken by another Ray on this
+           # machine (e.g. a concurrently running test's local cluster): use free ones.
+           "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+           "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
+           "--ray-client-server-port", str(free_port())]
     address = f"http://127.0.0.1:{dash}"
     try:
         with process(cmd, tmp / "ray.log", base_env(), lambda: http_ok(f"{address}/api/version"), 180):
@@ -139,7 +144,7 @@ def submit_and_check(tmp: Path, tracking_uri: str) -> None:
              "--timeout", "1200", "--", "dpn", "pipeline", "run", "--config", str(cfg), "--work-dir", str(work)],
             cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=1300)
         assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
-        assert "succeeded" in out.stderr
+        assert "SUCCEEDED" in out.stderr
     summary = __import__("json").loads(
         [line for line in out.stdout.splitlines() if line.startswith('{"status"')][-1])
     assert summary["tracking_uri"] == tracking_uri
