@@ -113,6 +113,8 @@ def postgres(tmp: Path):
     """A throw-away PostgreSQL cluster on a loopback port (Debian's binaries; run as `postgres` when root)."""
     bindir = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
     assert bindir is not None, "PostgreSQL is not installed: .ci/run installs Debian's postgresql"
+    # Not under pytest's tmp_path: the `postgres` user cannot traverse root's 0700 pytest directories.
+    tmp = Path(tempfile.mkdtemp(prefix="dpnpg", dir="/tmp"))
     data = tmp / "pgdata"
     data.mkdir()
     as_user: list[str] = []
@@ -126,10 +128,13 @@ def postgres(tmp: Path):
     cmd = as_user + [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1", "-k", str(tmp)]
     ready = lambda: subprocess.run([str(bindir / "pg_isready"), "-h", "127.0.0.1", "-p", str(port)],  # noqa: E731
                                    capture_output=True).returncode == 0
-    with process(cmd, tmp / "postgres.log", base_env(), ready, 60):
-        subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"],
-                       check=True, capture_output=True)
-        yield f"postgresql://mlflow@127.0.0.1:{port}/mlflow"
+    try:
+        with process(cmd, tmp / "postgres.log", base_env(), ready, 60):
+            subprocess.run([str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow", "mlflow"],
+                           check=True, capture_output=True)
+            yield f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/mlflow"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def submit_and_check(tmp: Path, tracking_uri: str) -> None:

@@ -97,7 +97,7 @@ def test_mlflow_server_uses_postgres_s3_and_basic_auth_with_a_matching_version()
     deploy = next(d for _, d in all_manifests() if d["kind"] == "Deployment" and d["metadata"]["name"] == "mlflow")
     c = deploy["spec"]["template"]["spec"]["containers"][0]
     cmd = " ".join(c["args"])
-    assert "--backend-store-uri \"postgresql://" in cmd
+    assert "--backend-store-uri \"postgresql+psycopg2://" in cmd
     assert "--artifacts-destination s3://" in cmd and "--app-name basic-auth" in cmd
     version = re.search(r":v(\d+\.\d+\.\d+)$", c["image"]).group(1)
     assert Version(version) in project_spec("mlflow")
