@@ -156,13 +156,15 @@ def _workloads(work: Path, repeat: int) -> dict[str, dict]:
     }
 
 
-def section_throughput(work: Path, cpus: int, repeat: int, rounds: int) -> dict:
+def section_throughput(work: Path, cpus: int, repeat: int, rounds: int, workloads: list[str]) -> dict:
     from pipelines.data.loader import open_shards
     from pipelines.preprocess import PreprocessConfig, ensure_ray, preprocess
 
     ensure_ray(cpus)  # workers at nice 0, like the loop (Ray's default is 15)
     result: dict = {"cpus": cpus, "rounds": rounds}
     for name, w in _workloads(work, repeat).items():
+        if name not in workloads:
+            continue
         result[name] = {"records": w["records"]}
         for storage in ("bytes", "pixels"):
             # Untimed first pass of each: loads this config's tokenizer/processor in every worker, warms
@@ -299,6 +301,7 @@ def main() -> int:
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--repeat", type=int, default=4, help="throughput: copies of the 4,000 synthetic records")
     p.add_argument("--rounds", type=int, default=2, help="throughput: interleaved Ray/loop rounds (median)")
+    p.add_argument("--workloads", default="synthetic@48,photo@336", help="throughput: which workloads")
     p.add_argument("--rss-records", type=int, default=665_000)
     args = p.parse_args()
     os.environ.update({k: v for k, v in ENV.items() if k not in os.environ})
@@ -315,7 +318,7 @@ def main() -> int:
         if name == "e2e":
             r = section_e2e(work, args.cpus)
         elif name == "throughput":
-            r = section_throughput(work, args.cpus, args.repeat, args.rounds)
+            r = section_throughput(work, args.cpus, args.repeat, args.rounds, args.workloads.split(","))
         elif name == "loader":
             r = section_loader(work, args.cpus, args.repeat)
         else:

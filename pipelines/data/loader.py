@@ -205,9 +205,14 @@ def _list_rows(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
     chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     out: list[np.ndarray] = []
     for chunk in chunks:
+        if not len(chunk):
+            continue
         offsets = chunk.offsets.to_numpy()
-        values = chunk.values.to_numpy(zero_copy_only=False).astype(np.int64)
-        out.extend(values[offsets[i]:offsets[i + 1]] for i in range(len(chunk)))
+        # `values` is the whole child array even when `chunk` is a slice of a bigger block: convert only
+        # this slice's range.
+        lo, hi = int(offsets[0]), int(offsets[-1])
+        values = chunk.values.slice(lo, hi - lo).to_numpy(zero_copy_only=False).astype(np.int64)
+        out.extend(values[offsets[i] - lo:offsets[i + 1] - lo] for i in range(len(chunk)))
     return out
 
 
