@@ -5,6 +5,11 @@
 prints the benchmark's metrics as one JSON object on the last stdout line; bad input (unknown
 benchmark, malformed line, missing or duplicate ids, unreadable file) exits with code 2 and a message
 on stderr naming the file/line, id or name.
+
+    dpn eval convert --benchmark vqav2|gqa|textvqa --annotations FILE --out DIR/ground_truth.jsonl [--questions FILE]
+
+writes the scorer's ground truth from a benchmark's official annotation file (dpn/eval/convert.py; with
+--questions also DIR/questions.jsonl) and prints a JSON summary; bad input exits with code 2.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ import sys
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("eval", help="score benchmark predictions (and run evaluations)")
-    commands = parser.add_subparsers(dest="eval_command", required=True, metavar="{score,run}")
+    commands = parser.add_subparsers(dest="eval_command", required=True, metavar="{score,run,convert}")
     _register_score(commands)
+    _register_convert(commands)
     # ---- `dpn eval run` ------------------------------------------------------------------------
     _register_run(commands)
     # ------------------------------------------------------------------------------------------
@@ -55,6 +61,41 @@ def _score(args: argparse.Namespace) -> int:
         print(f"dpn eval score: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(metrics))
+    return 0
+
+
+def _register_convert(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "convert",
+        help="write ground_truth.jsonl from official VQAv2 / GQA / TextVQA annotation files",
+        description="Convert a benchmark's official annotation file into the scorer's ground_truth.jsonl "
+        "(written atomically). VQAv2: v2_mscoco_val2014_annotations.json (test-dev answers are not public); "
+        "GQA: testdev_balanced_questions.json; TextVQA: TextVQA_0.5.1_val.json. --questions also writes "
+        "questions.jsonl beside --out, which `dpn eval run` prefers over LLaVA's file: VQAv2 takes "
+        "v2_OpenEnded_mscoco_val2014_questions.json, TextVQA LLaVA's llava_textvqa_val_v051_ocr.jsonl "
+        "(whose question_id is the image id, re-keyed here to TextVQA's question ids).",
+    )
+    p.add_argument("--benchmark", required=True, choices=("vqav2", "gqa", "textvqa"))
+    p.add_argument("--annotations", required=True, help="the official annotation file")
+    p.add_argument("--out", required=True, help="ground truth to write: DATA_ROOT/<benchmark folder>/ground_truth.jsonl")
+    p.add_argument("--questions", default=None, help="vqav2: official questions JSON; textvqa: LLaVA's "
+                   "llava_textvqa_val_v051_ocr.jsonl (not for gqa)")
+    p.add_argument("--questions-out", default=None, help="where to write the question file (default: "
+                   "questions.jsonl beside --out)")
+    p.set_defaults(handler=_convert)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from dpn.eval.convert import convert_files
+    from dpn.eval.scoring import EvalDataError
+
+    try:
+        summary = convert_files(args.benchmark, args.annotations, args.out, questions=args.questions,
+                                questions_out=args.questions_out)
+    except (EvalDataError, OSError, UnicodeDecodeError) as e:
+        print(f"dpn eval convert: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
     return 0
 
 

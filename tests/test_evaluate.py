@@ -4,6 +4,7 @@ fan-out vs one worker, retry of a failing shard, resume from finished shards, ML
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -142,6 +143,78 @@ def test_shard_fingerprint_tracks_inputs(assets, tmp_path):
                     ev.plan_shards(cfg, data, comps, "code-2", "float32"),
                     ev.plan_shards(cfg, data, comps, "code-1", "bfloat16")):
         assert all(a.fingerprint != b.fingerprint for a, b in zip(changed, tasks, strict=True))
+
+
+def _rewrite_in_place(path: Path, data: bytes) -> None:
+    """Overwrite `path` with `data` (same size) and set its mtime back: what size+mtime cannot see."""
+    st = path.stat()
+    assert len(data) == st.st_size
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+def test_file_identity_is_the_content_hash(tmp_path):
+    import hashlib
+
+    data = os.urandom(5 * 2**20 + 7)  # above the 4 MiB under which files used to be hashed at all
+    src = tmp_path / "a" / "model.safetensors"
+    src.parent.mkdir()
+    src.write_bytes(data)
+    (tmp_path / "a" / "config.json").write_text("{}")
+    assert ev._file_identity(src) == hashlib.sha256(data).hexdigest()
+
+    copy = tmp_path / "b"
+    shutil.copytree(tmp_path / "a", copy, copy_function=shutil.copy)  # new files, new mtimes
+    assert ev._dir_identity(copy) == ev._dir_identity(tmp_path / "a")
+
+    changed = bytearray(data)
+    changed[-1] ^= 0xFF
+    _rewrite_in_place(copy / "model.safetensors", bytes(changed))
+    assert ev._file_identity(copy / "model.safetensors") == hashlib.sha256(changed).hexdigest()
+    assert ev._dir_identity(copy) != ev._dir_identity(tmp_path / "a")
+
+
+def test_file_identity_hashes_a_file_once_per_process(tmp_path, monkeypatch):
+    calls = []
+    real = ev._sha256_file
+    monkeypatch.setattr(ev, "_CONTENT_HASHES", {})
+    monkeypatch.setattr(ev, "_sha256_file", lambda p: calls.append(p) or real(p))
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"x" * 1000)
+    first = ev._file_identity(weights)
+    assert ev._file_identity(weights) == first and len(calls) == 1
+    # A rewrite in place with the mtime set back still moves ctime: hashed again, new identity.
+    _rewrite_in_place(weights, b"y" * 1000)
+    assert ev._file_identity(weights) != first and len(calls) == 2
+
+
+def test_copied_checkpoint_reuses_shards_changed_weights_do_not(assets, tmp_path):
+    data = {"synthetic": ev.load_benchmark("synthetic", assets["data_root"])}
+    comps = {"tiny": ["dpn"]}
+
+    def plan(model_dir: Path) -> list[ev.ShardTask]:
+        target = [ev.EvalTarget(name="tiny", model_dir=str(model_dir), compressors=["dpn"])]
+        return ev.plan_shards(_config(assets, tmp_path, targets=target), data, comps, "code-1", "float32")
+
+    # The tiny checkpoint plus a shard of weights the size of real ones (over 4 MiB: once fingerprinted
+    # by size and mtime only).
+    original = tmp_path / "model"
+    shutil.copytree(assets["model"], original)
+    (original / "model-00002-of-00002.safetensors").write_bytes(os.urandom(5 * 2**20))
+    copy = tmp_path / "copied-model"
+    shutil.copytree(original, copy, copy_function=shutil.copy)  # new files, new mtimes
+    # Same fingerprints, so the same shard files: a run on the copy finds them finished.
+    assert [t.path for t in plan(copy)] == [t.path for t in plan(original)]
+
+    for name in ("model.safetensors", "model-00002-of-00002.safetensors"):
+        weights = copy / name
+        before = plan(copy)
+        changed = bytearray(weights.read_bytes())
+        changed[-1] ^= 0xFF  # a weight byte, same size, mtime set back
+        _rewrite_in_place(weights, bytes(changed))
+        assert all(a.fingerprint != b.fingerprint for a, b in zip(plan(copy), before, strict=True))
 
 
 # ----- the fan-out on Ray ----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Evaluation: benchmark adapters (`benchmarks`), official-equivalent scoring (`scoring`) and the VQA
-answer normalisation it rests on (`vqa_normalize`). Standard library only; nothing runs at import."""
+"""Evaluation: benchmark adapters (`benchmarks`), official-equivalent scoring (`scoring`), the VQA
+answer normalisation it rests on (`vqa_normalize`) and ground truth from the official VQAv2 / GQA /
+TextVQA annotation files (`convert`). Standard library only; nothing runs at import."""
 
 from dpn.eval.benchmarks import (
     BENCHMARKS,

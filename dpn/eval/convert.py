@@ -1,0 +1,378 @@
+"""Scorer ground truth (and, where LLaVA's question ids do not fit, question files) from the official
+annotation files of VQAv2, GQA and TextVQA.
+
+The output is the `ground_truth.jsonl` that `dpn.eval.scoring` and `pipelines/evaluate.py` read, one
+record per question, with the question id of LLaVA's question file in its JSON type:
+
+| benchmark | official file | ground-truth record |
+| --- | --- | --- |
+| vqav2 | `v2_mscoco_val2014_annotations.json`: {"annotations": [{question_id, answers: [{answer, ...}] x10, ...}]} | {question_id: int, answers: [10 annotator strings, raw]} |
+| gqa | `testdev_balanced_questions.json`: {"<qid>": {question, answer, imageId, ...}} | {question_id: str, answer} |
+| textvqa | `TextVQA_0.5.1_val.json`: {"data": [{question_id, question, image_id, answers: [10], ...}]} | {question_id: int, answers: [10 strings]} |
+
+Answers are copied unprocessed: the scorers normalise them as the official tools do.
+
+Question ids, and the question files that go with them (`questions`, written as `questions.jsonl`,
+which `pipelines/evaluate.py` prefers over LLaVA's file in the same folder):
+
+- GQA: LLaVA's `llava_gqa_testdev_balanced.jsonl` uses GQA's own (string) ids: no question file needed.
+- VQAv2: LLaVA ships only test-dev questions, whose answers are not public (test-dev is scored by the
+  EvalAI server, after LLaVA's `convert_vqav2_for_submission.py`). Local scores need the val2014 split:
+  pass `v2_OpenEnded_mscoco_val2014_questions.json` as `questions` to get a LLaVA-format question file
+  (question + "\\n" + SHORT_ANSWER, image `COCO_val2014_<12-digit id>.jpg`).
+- TextVQA: LLaVA's `llava_textvqa_val_v051_ocr.jsonl` uses the *image* id as `question_id`, so questions
+  on the same image share it (LLaVA's `eval_textvqa.py` joins on image id + question text). Pass that
+  file as `questions` to get a copy keyed by TextVQA's question ids (the image id kept as `image_id`),
+  matched the way LLaVA's script matches: image id and lower-cased question (the first line of `text`),
+  in file order where an image has the same question twice.
+
+With `questions`, the ground truth holds exactly the questions of the question file, in its order;
+without, every annotated question, in the annotation file's order. A question id that occurs twice is
+kept once when both records agree and is an error when they do not.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict, deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+from dpn.eval.benchmarks import SHORT_ANSWER, write_answers
+from dpn.eval.scoring import EvalDataError, load_jsonl
+
+CONVERTIBLE: tuple[str, ...] = ("vqav2", "gqa", "textvqa")
+TEXTVQA_ANSWERS = 10  # the m4c evaluator (and `score_textvqa`) needs exactly 10 per question
+
+_VQAV2_TEST = (
+    "VQAv2 test-dev / test answers are not public: those splits are scored by the EvalAI server (submit "
+    "the predictions as LLaVA's convert_vqav2_for_submission.py does). For a local score convert the val "
+    "split: --annotations v2_mscoco_val2014_annotations.json --questions v2_OpenEnded_mscoco_val2014_questions.json"
+)
+
+
+@dataclass(kw_only=True, frozen=True)
+class Conversion:
+    """What `convert` produced."""
+
+    benchmark: str
+    ground_truth: list[dict[str, Any]]
+    """One scorer record per question (`dpn.eval.scoring`'s schema)."""
+    questions: list[dict[str, Any]] | None
+    """LLaVA-format question records (question_id, image, text, category) when `questions` was given."""
+    duplicates_merged: int
+    """Question ids that occurred more than once in the annotations with identical records."""
+    unmatched_annotations: int
+    """Annotated questions left out because the question file does not ask them (0 without one)."""
+
+
+class _RepeatedKeys(dict):
+    """A JSON object with a repeated key: `pairs` keeps every (key, value) in file order."""
+
+    pairs: list[tuple[str, Any]]
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        # json.load would keep the last value silently; the GQA reader needs to see every one.
+        obj = _RepeatedKeys(obj)
+        obj.pairs = pairs
+    return obj
+
+
+def _load_json(path: str | PathLike[str], expected: str, *, keep_repeats: bool = False) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f, object_pairs_hook=_object_pairs if keep_repeats else None)
+    except json.JSONDecodeError as e:
+        raise EvalDataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); expected {expected}") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_question_id(record: Any, path: str | PathLike[str], where: str) -> int:
+    if not isinstance(record, dict):
+        raise EvalDataError(f"{path}: {where} is a {type(record).__name__}, expected an object")
+    qid = record.get("question_id")
+    if not _is_int(qid):
+        raise EvalDataError(f"{path}: {where}: question_id {qid!r} is not an integer")
+    return qid
+
+
+def _truth_part(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != "question_id"}
+
+
+def _dedupe(rows: list[tuple[str, dict[str, Any]]], path: str | PathLike[str]) -> tuple[list[dict[str, Any]], int]:
+    """Drop repeats of a question id whose record is identical; raise on a repeat that differs."""
+    first: dict[Any, tuple[str, dict[str, Any]]] = {}
+    out: list[dict[str, Any]] = []
+    merged = 0
+    for where, record in rows:
+        qid = record["question_id"]
+        if qid in first:
+            where0, record0 = first[qid]
+            if record0 != record:
+                raise EvalDataError(
+                    f"{path}: question_id {qid!r} occurs twice with different ground truth: "
+                    f"{_truth_part(record0)} ({where0}) vs {_truth_part(record)} ({where})"
+                )
+            merged += 1
+            continue
+        first[qid] = (where, record)
+        out.append(record)
+    if not out:
+        raise EvalDataError(f"{path}: no annotated questions")
+    return out, merged
+
+
+# ----- VQAv2 -------------------------------------------------------------------------------------------
+def _vqav2_rows(doc: Any, path: str | PathLike[str]) -> list[tuple[str, dict[str, Any]]]:
+    if not isinstance(doc, dict):
+        raise EvalDataError(f"{path}: expected VQAv2's annotation JSON object, got a {type(doc).__name__}")
+    if "annotations" not in doc:
+        if "questions" in doc:
+            subtype = doc.get("data_subtype")
+            if isinstance(subtype, str) and subtype.startswith("test"):
+                raise EvalDataError(f"{path} is the VQAv2 {subtype} question file, which has no answers. {_VQAV2_TEST}")
+            raise EvalDataError(
+                f"{path} is a VQAv2 question file (data_subtype {subtype!r}): pass it as --questions and the "
+                "matching annotation file (v2_mscoco_<split>_annotations.json) as --annotations"
+            )
+        raise EvalDataError(f"{path}: no 'annotations' list (keys: {sorted(doc)[:8]}); expected VQAv2's "
+                            "v2_mscoco_<split>_annotations.json")
+    annotations = doc["annotations"]
+    if not isinstance(annotations, list):
+        raise EvalDataError(f"{path}: 'annotations' is a {type(annotations).__name__}, expected a list")
+    rows = []
+    for position, ann in enumerate(annotations, start=1):
+        where = f"annotation {position}"
+        qid = _int_question_id(ann, path, where)
+        answers = ann.get("answers")
+        if not isinstance(answers, list) or not answers:
+            raise EvalDataError(f"{path}: {where} (question_id {qid}): 'answers' {answers!r} is not a non-empty list")
+        texts = []
+        for a in answers:
+            if not isinstance(a, dict) or not isinstance(a.get("answer"), str):
+                raise EvalDataError(
+                    f"{path}: {where} (question_id {qid}): answer {a!r} is not an object with a string 'answer'"
+                )
+            texts.append(a["answer"])
+        rows.append((where, {"question_id": qid, "answers": texts}))
+    return rows
+
+
+def _vqav2_questions(path: str | PathLike[str]) -> list[dict[str, Any]]:
+    expected = "VQAv2's v2_OpenEnded_mscoco_<split>_questions.json"
+    doc = _load_json(path, expected)
+    if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list):
+        raise EvalDataError(f"{path}: no 'questions' list; expected {expected}")
+    subtype = doc.get("data_subtype")
+    if not isinstance(subtype, str) or not subtype:
+        raise EvalDataError(f"{path}: data_subtype {subtype!r} is not a split name like 'val2014' (it names the images)")
+    out = []
+    for position, q in enumerate(doc["questions"], start=1):
+        where = f"{path}: question {position}"
+        if not isinstance(q, dict):
+            raise EvalDataError(f"{where} is a {type(q).__name__}, expected an object")
+        qid, image_id, text = q.get("question_id"), q.get("image_id"), q.get("question")
+        if not _is_int(qid) or not _is_int(image_id):
+            raise EvalDataError(f"{where}: question_id {qid!r} / image_id {image_id!r} are not both integers")
+        if not isinstance(text, str) or not text.strip():
+            raise EvalDataError(f"{where} (question_id {qid}): question {text!r} is not a non-empty string")
+        # LLaVA's VQAv2 question files: COCO image file name, the question, then the short-answer line.
+        out.append({
+            "question_id": qid,
+            "image": f"COCO_{subtype}_{image_id:012d}.jpg",
+            "text": f"{text.strip()}\n{SHORT_ANSWER}",
+            "category": "default",
+        })
+    return out
+
+
+# ----- GQA ---------------------------------------------------------------------------------------------
+def _gqa_rows(doc: Any, path: str | PathLike[str]) -> list[tuple[str, dict[str, Any]]]:
+    if not isinstance(doc, dict):
+        raise EvalDataError(
+            f"{path}: expected GQA's question JSON (an object mapping question id -> question), "
+            f"got a {type(doc).__name__}"
+        )
+    pairs = doc.pairs if isinstance(doc, _RepeatedKeys) else list(doc.items())
+    rows = []
+    for qid, q in pairs:
+        where = f"question {qid!r}"
+        if not isinstance(q, dict):
+            raise EvalDataError(f"{path}: {where} is a {type(q).__name__}, expected an object with 'answer'")
+        if "answer" not in q:
+            raise EvalDataError(
+                f"{path}: {where} has no 'answer' (GQA's test and challenge questions have none: their answers "
+                "are not public); convert testdev_balanced_questions.json, the split LLaVA-1.5 reports"
+            )
+        if not isinstance(q["answer"], str):
+            raise EvalDataError(f"{path}: {where}: answer {q['answer']!r} is not a string")
+        # JSON object keys are strings, as are the ids of LLaVA's GQA question file.
+        rows.append((where, {"question_id": qid, "answer": q["answer"]}))
+    return rows
+
+
+# ----- TextVQA -----------------------------------------------------------------------------------------
+def _textvqa_records(doc: Any, path: str | PathLike[str]) -> list[dict[str, Any]]:
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        raise EvalDataError(f"{path}: no 'data' list; expected TextVQA's TextVQA_0.5.1_<split>.json")
+    return doc["data"]
+
+
+def _textvqa_rows(doc: Any, path: str | PathLike[str]) -> list[tuple[str, dict[str, Any]]]:
+    rows = []
+    for position, rec in enumerate(_textvqa_records(doc, path), start=1):
+        where = f"data[{position - 1}]"
+        qid = _int_question_id(rec, path, where)
+        if "answers" not in rec:
+            raise EvalDataError(
+                f"{path}: {where} (question_id {qid}) has no 'answers' (the TextVQA test split's answers are "
+                "not public); convert TextVQA_0.5.1_val.json, the split LLaVA-1.5 reports"
+            )
+        answers = rec["answers"]
+        if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            raise EvalDataError(f"{path}: {where} (question_id {qid}): answers {answers!r} are not a list of strings")
+        if len(answers) != TEXTVQA_ANSWERS:
+            raise EvalDataError(
+                f"{path}: {where} (question_id {qid}): {len(answers)} answers; the TextVQA evaluator needs "
+                f"exactly {TEXTVQA_ANSWERS}"
+            )
+        rows.append((where, {"question_id": qid, "answers": list(answers)}))
+    return rows
+
+
+def _question_key(image_id: str, question: str) -> tuple[str, str]:
+    return (image_id, question.strip().lower())
+
+
+def _textvqa_questions(path: str | PathLike[str], doc: Any, annotations_path: str | PathLike[str]) -> list[dict]:
+    """LLaVA's TextVQA question file re-keyed to TextVQA's question ids (see the module docstring)."""
+    pending: dict[tuple[str, str], deque[int]] = defaultdict(deque)
+    for position, rec in enumerate(_textvqa_records(doc, annotations_path)):
+        image_id, question = rec.get("image_id"), rec.get("question")
+        if not isinstance(image_id, str) or not isinstance(question, str):
+            raise EvalDataError(
+                f"{annotations_path}: data[{position}]: image_id {image_id!r} / question {question!r} are not "
+                "both strings (needed to match LLaVA's question file)"
+            )
+        pending[_question_key(image_id, question)].append(rec["question_id"])
+    out = []
+    for position, rec in enumerate(load_jsonl(path), start=1):
+        where = f"{path}: record {position}"
+        llava_id, text = rec.get("question_id"), rec.get("text")
+        if _is_int(llava_id):
+            raise EvalDataError(
+                f"{where}: question_id {llava_id!r} is an integer: the file seems keyed by TextVQA question ids "
+                "already (use it as questions.jsonl as it is)"
+            )
+        if not isinstance(llava_id, str) or not isinstance(text, str):
+            raise EvalDataError(
+                f"{where}: expected LLaVA's TextVQA record with a string question_id (the image id) and text"
+            )
+        question = text.split("\n", 1)[0]
+        key = _question_key(llava_id, question)
+        if key not in pending:
+            raise EvalDataError(f"{where}: no annotated question {question!r} on image {llava_id!r} in {annotations_path}")
+        if not pending[key]:
+            raise EvalDataError(
+                f"{where}: question {question!r} on image {llava_id!r} occurs more often than in {annotations_path}"
+            )
+        queue = pending[key]
+        out.append({"question_id": queue.popleft(), **{k: v for k, v in rec.items() if k != "question_id"},
+                    "image_id": llava_id})
+    return out
+
+
+# ----- entry points ------------------------------------------------------------------------------------
+def convert(
+    benchmark: str,
+    annotations: str | PathLike[str],
+    *,
+    questions: str | PathLike[str] | None = None,
+) -> Conversion:
+    """Ground truth (and a question file, with `questions`) from a benchmark's official annotations.
+
+    Args:
+        benchmark: one of `CONVERTIBLE`.
+        annotations: VQAv2 `v2_mscoco_<split>_annotations.json`, GQA `<split>_questions.json`
+            (e.g. testdev_balanced), TextVQA `TextVQA_0.5.1_<split>.json`.
+        questions: VQAv2: the official `v2_OpenEnded_mscoco_<split>_questions.json`; TextVQA: LLaVA's
+            `llava_textvqa_val_v051_ocr.jsonl`; not used for GQA.
+    Raises:
+        EvalDataError naming the file and the record or value at fault (wrong schema, missing keys,
+        a split without public answers, a repeated question id with different answers, a question
+        without ground truth). FileNotFoundError for a missing file.
+    """
+    if benchmark not in CONVERTIBLE:
+        raise EvalDataError(f"no ground-truth converter for benchmark {benchmark!r}; valid: {', '.join(CONVERTIBLE)}")
+    if benchmark == "gqa" and questions is not None:
+        raise EvalDataError(
+            "gqa takes no question file: LLaVA's llava_gqa_testdev_balanced.jsonl already uses GQA's question ids"
+        )
+    doc = _load_json(annotations, f"the official {benchmark} annotation file", keep_repeats=benchmark == "gqa")
+    rows = {"vqav2": _vqav2_rows, "gqa": _gqa_rows, "textvqa": _textvqa_rows}[benchmark](doc, annotations)
+    truth, merged = _dedupe(rows, annotations)
+    if questions is None:
+        return Conversion(benchmark=benchmark, ground_truth=truth, questions=None, duplicates_merged=merged,
+                          unmatched_annotations=0)
+
+    if benchmark == "vqav2":
+        question_records = _vqav2_questions(questions)
+    else:
+        question_records = _textvqa_questions(questions, doc, annotations)
+    by_id: Mapping[Any, dict[str, Any]] = {r["question_id"]: r for r in truth}
+    kept: list[dict[str, Any]] = []
+    seen: set[Any] = set()
+    for position, q in enumerate(question_records, start=1):
+        qid = q["question_id"]
+        if qid in seen:
+            raise EvalDataError(f"{questions}: question {position}: question_id {qid!r} occurs twice")
+        seen.add(qid)
+        if qid not in by_id:
+            raise EvalDataError(
+                f"{questions}: question {position}: question_id {qid!r} has no annotation in {annotations} "
+                "(are both files of the same split?)"
+            )
+        kept.append(by_id[qid])
+    return Conversion(benchmark=benchmark, ground_truth=kept, questions=question_records, duplicates_merged=merged,
+                      unmatched_annotations=len(truth) - len(kept))
+
+
+def convert_files(
+    benchmark: str,
+    annotations: str | PathLike[str],
+    out: str | PathLike[str],
+    *,
+    questions: str | PathLike[str] | None = None,
+    questions_out: str | PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """`convert`, then write the ground truth to `out` (and the question file to `questions_out`,
+    default `questions.jsonl` beside `out`), each atomically, only once everything converted.
+    Returns a JSON-serialisable summary: benchmark, paths, record counts."""
+    result = convert(benchmark, annotations, questions=questions)
+    out = Path(out)
+    written_questions = None
+    if result.questions is not None:
+        written_questions = Path(questions_out) if questions_out is not None else out.parent / "questions.jsonl"
+        if written_questions.resolve() == out.resolve():
+            raise EvalDataError(f"the question file and the ground truth would both be written to {out}")
+        # write_answers writes any jsonl atomically (temporary file renamed into place).
+        write_answers(written_questions, result.questions)
+    write_answers(out, result.ground_truth)
+    return {
+        "benchmark": benchmark,
+        "ground_truth": str(out),
+        "records": len(result.ground_truth),
+        "questions": None if written_questions is None else str(written_questions),
+        "duplicates_merged": result.duplicates_merged,
+        "unmatched_annotations": result.unmatched_annotations,
+    }

@@ -1,0 +1,314 @@
+"""Ground truth from the official VQAv2 / GQA / TextVQA annotation files (dpn/eval/convert.py, `dpn eval
+convert`): small hand-made files in the official schemas, converted, then read by the benchmark loader
+and scored against answer files whose accuracy is computed by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dpn.eval.benchmarks import SHORT_ANSWER, answer_record, write_answers
+from dpn.eval.convert import convert, convert_files
+from dpn.eval.scoring import EvalDataError, load_jsonl, score_files
+from pipelines.evaluate import load_benchmark
+
+
+def _json(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def _jsonl(path, records):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _answer_and_score(benchmark, data_root, tmp_path, texts):
+    """Answer the loaded questions with `texts` (by question id), write LLaVA's answer file, score it."""
+    data = load_benchmark(benchmark, data_root)
+    answers = tmp_path / f"{benchmark}-answers.jsonl"
+    write_answers(answers, [answer_record(it, texts[it.question_id], model_id="m") for it in data.items])
+    gt = data_root / data.question_file.parent.name / "ground_truth.jsonl"
+    return data, score_files(benchmark, answers, gt)
+
+
+# ----- VQAv2 -------------------------------------------------------------------------------------------
+def _vqa_answers(*answers):
+    return [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)]
+
+
+def _vqav2_annotations(tmp_path, extra=()):
+    annotations = [
+        {"question_id": 1001, "image_id": 42, "question_type": "how many", "answer_type": "number",
+         "multiple_choice_answer": "2", "answers": _vqa_answers(*["2"] * 4, *["two"] * 3, *["3"] * 3)},
+        {"question_id": 1002, "image_id": 42, "question_type": "is the", "answer_type": "yes/no",
+         "multiple_choice_answer": "no", "answers": _vqa_answers(*["yes"] * 2, *["no"] * 8)},
+        {"question_id": 1003, "image_id": 7, "question_type": "what color", "answer_type": "other",
+         "multiple_choice_answer": "red", "answers": _vqa_answers(*["red"] * 10)},
+        *extra,
+    ]
+    return _json(tmp_path / "v2_mscoco_val2014_annotations.json", {
+        "info": {}, "license": {}, "data_type": "mscoco", "data_subtype": "val2014", "annotations": annotations,
+    })
+
+
+def _vqav2_questions(tmp_path, name="v2_OpenEnded_mscoco_val2014_questions.json", subtype="val2014", ids=None):
+    questions = [
+        {"image_id": 42, "question": "How many dogs are there?", "question_id": 1001},
+        {"image_id": 42, "question": "Is the dog asleep?", "question_id": 1002},
+        {"image_id": 7, "question": "What color is the bus?", "question_id": 1003},
+    ]
+    if ids is not None:
+        questions = [{**q, "question_id": i} for q, i in zip(questions, ids, strict=True)]
+    return _json(tmp_path / name, {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco",
+                                   "license": {}, "data_subtype": subtype, "questions": questions})
+
+
+def test_vqav2_val_ground_truth_questions_and_score(tmp_path):
+    # The same annotation twice (identical) is kept once.
+    ann = _vqav2_annotations(tmp_path, extra=[
+        {"question_id": 1003, "image_id": 7, "question_type": "what color", "answer_type": "other",
+         "multiple_choice_answer": "red", "answers": _vqa_answers(*["red"] * 10)},
+    ])
+    result = convert("vqav2", ann)
+    assert result.ground_truth == [
+        {"question_id": 1001, "answers": ["2"] * 4 + ["two"] * 3 + ["3"] * 3},
+        {"question_id": 1002, "answers": ["yes"] * 2 + ["no"] * 8},
+        {"question_id": 1003, "answers": ["red"] * 10},
+    ]
+    assert result.duplicates_merged == 1 and result.questions is None
+
+    root = tmp_path / "eval"
+    (root / "vqav2" / "images").mkdir(parents=True)  # val2014 images go here (preferred over test2015/)
+    summary = convert_files("vqav2", ann, root / "vqav2" / "ground_truth.jsonl", questions=_vqav2_questions(tmp_path))
+    assert summary == {
+        "benchmark": "vqav2", "ground_truth": str(root / "vqav2" / "ground_truth.jsonl"), "records": 3,
+        "questions": str(root / "vqav2" / "questions.jsonl"), "duplicates_merged": 1, "unmatched_annotations": 0,
+    }
+    # LLaVA's VQAv2 question format: COCO file name, question + the short-answer line.
+    assert load_jsonl(root / "vqav2" / "questions.jsonl")[0] == {
+        "question_id": 1001, "image": "COCO_val2014_000000000042.jpg",
+        "text": f"How many dogs are there?\n{SHORT_ANSWER}", "category": "default",
+    }
+    # VQA accuracy: "Two." -> "2" matches 7 of 10 (after "two" -> "2") = 1; "Yes" matches 2 of 10:
+    # (2 * 1/3 + 8 * 2/3) / 10 = 0.6; "blue" = 0. Mean 1.6 / 3.
+    data, metrics = _answer_and_score("vqav2", root, tmp_path, {1001: "Two.", 1002: "Yes", 1003: "blue"})
+    assert [it.question_id for it in data.items] == [1001, 1002, 1003]
+    assert data.items[0].image == str(root / "vqav2" / "images" / "COCO_val2014_000000000042.jpg")
+    assert metrics == {"accuracy": pytest.approx(100 * 1.6 / 3)}
+
+
+def test_vqav2_bad_inputs_name_the_problem(tmp_path):
+    testdev = _vqav2_questions(tmp_path, name="v2_OpenEnded_mscoco_test-dev2015_questions.json",
+                               subtype="test-dev2015")
+    with pytest.raises(EvalDataError, match=r"test-dev2015 question file, which has no answers.*not public.*EvalAI"):
+        convert("vqav2", testdev)
+    with pytest.raises(EvalDataError, match=r"is a VQAv2 question file.*pass it as --questions"):
+        convert("vqav2", _vqav2_questions(tmp_path))
+    bad = {"question_id": 1004, "image_id": 7, "answers": [{"answer_id": 1}]}
+    with pytest.raises(EvalDataError, match=r"annotation 4 \(question_id 1004\): answer \{'answer_id': 1\}"):
+        convert("vqav2", _vqav2_annotations(tmp_path, extra=[bad]))
+    with pytest.raises(EvalDataError, match=r"annotation 4: question_id '1004' is not an integer"):
+        convert("vqav2", _vqav2_annotations(tmp_path, extra=[{"question_id": "1004", "answers": _vqa_answers("a")}]))
+    clash = {"question_id": 1003, "answers": _vqa_answers(*["blue"] * 10)}
+    with pytest.raises(EvalDataError, match=r"question_id 1003 occurs twice with different ground truth.*'red'.*"
+                       r"annotation 3.*'blue'.*annotation 4"):
+        convert("vqav2", _vqav2_annotations(tmp_path, extra=[clash]))
+    with pytest.raises(EvalDataError, match=r"question 3: question_id 9 has no annotation"):
+        convert("vqav2", _vqav2_annotations(tmp_path), questions=_vqav2_questions(tmp_path, ids=[1001, 1002, 9]))
+    with pytest.raises(EvalDataError, match=r"no 'annotations' list"):
+        convert("vqav2", _json(tmp_path / "other.json", {"images": []}))
+    (tmp_path / "broken.json").write_text('{"annotations": [')
+    with pytest.raises(EvalDataError, match=r"broken.json:1: malformed JSON"):
+        convert("vqav2", tmp_path / "broken.json")
+    with pytest.raises(EvalDataError, match=r"no ground-truth converter for benchmark 'pope'"):
+        convert("pope", tmp_path / "broken.json")
+
+
+# ----- GQA ---------------------------------------------------------------------------------------------
+def _gqa_question(question, answer, image):
+    return {"semantic": [], "entailed": [], "equivalent": [], "question": question, "imageId": image,
+            "isBalanced": True, "groups": {"global": None, "local": "x"}, "answer": answer,
+            "semanticStr": "", "annotations": {"answer": {}, "question": {}, "fullAnswer": {}},
+            "types": {"detailed": "x", "semantic": "attr", "structural": "verify"}, "fullAnswer": "."}
+
+
+GQA = {
+    "201307251": _gqa_question("Is it overcast?", "no", "n161313"),
+    "2062325": _gqa_question("Is the surfer that looks wet wearing a wetsuit?", "yes", "n179136"),
+    "20136592": _gqa_question("What color are the pants?", "black", "n446242"),
+}
+
+
+def test_gqa_ground_truth_and_score(tmp_path):
+    root = tmp_path / "eval"
+    # LLaVA's question file uses GQA's string ids, in an order of its own.
+    _jsonl(root / "gqa" / "llava_gqa_testdev_balanced.jsonl", [
+        {"question_id": qid, "image": f"{GQA[qid]['imageId']}.jpg", "text": f"{GQA[qid]['question']}\n{SHORT_ANSWER}",
+         "category": "default"}
+        for qid in ("20136592", "201307251", "2062325")
+    ])
+    ann = _json(tmp_path / "testdev_balanced_questions.json", GQA)
+    summary = convert_files("gqa", ann, root / "gqa" / "ground_truth.jsonl")
+    assert summary["records"] == 3 and summary["questions"] is None
+    assert load_jsonl(root / "gqa" / "ground_truth.jsonl") == [
+        {"question_id": "201307251", "answer": "no"},
+        {"question_id": "2062325", "answer": "yes"},
+        {"question_id": "20136592", "answer": "black"},
+    ]
+    # convert_gqa_for_eval: rstrip('.').lower(), then exact match: "No." right, "Yes, it is" wrong, "Black" right.
+    _, metrics = _answer_and_score("gqa", root, tmp_path,
+                                   {"201307251": "No.", "2062325": "Yes, it is", "20136592": "Black"})
+    assert metrics == {"accuracy": pytest.approx(200 / 3)}
+
+
+def test_gqa_repeated_ids_and_missing_answers(tmp_path):
+    # json.load keeps the last of a repeated key; the converter sees both.
+    same = tmp_path / "same.json"
+    same.write_text('{"1": {"answer": "no"}, "2": {"answer": "cat"}, "1": {"answer": "no"}}')
+    result = convert("gqa", same)
+    assert result.ground_truth == [{"question_id": "1", "answer": "no"}, {"question_id": "2", "answer": "cat"}]
+    assert result.duplicates_merged == 1
+    clash = tmp_path / "clash.json"
+    clash.write_text('{"1": {"answer": "no"}, "1": {"answer": "yes"}}')
+    with pytest.raises(EvalDataError, match=r"question_id '1' occurs twice with different ground truth: "
+                       r"\{'answer': 'no'\}.*\{'answer': 'yes'\}"):
+        convert("gqa", clash)
+    test_split = _json(tmp_path / "test_balanced_questions.json", {"7": {"question": "Is it red?", "imageId": "n1"}})
+    with pytest.raises(EvalDataError, match=r"question '7' has no 'answer'.*not public"):
+        convert("gqa", test_split)
+    with pytest.raises(EvalDataError, match=r"question '7': answer 3 is not a string"):
+        convert("gqa", _json(tmp_path / "num.json", {"7": {"answer": 3}}))
+    with pytest.raises(EvalDataError, match=r"expected GQA's question JSON.*got a list"):
+        convert("gqa", _json(tmp_path / "list.json", [GQA["2062325"]]))
+    with pytest.raises(EvalDataError, match=r"gqa takes no question file"):
+        convert("gqa", same, questions=same)
+
+
+# ----- TextVQA -----------------------------------------------------------------------------------------
+def _textvqa_record(qid, image_id, question, answers):
+    return {"question": question, "image_id": image_id, "image_classes": ["Camera"], "flickr_original_url": "",
+            "flickr_300k_url": "", "image_width": 1024, "image_height": 768, "answers": answers,
+            "question_tokens": question.split(), "question_id": qid, "set_name": "val"}
+
+
+def _textvqa_annotations(tmp_path, extra=()):
+    data = [
+        _textvqa_record(34602, "003a8ae2ef43b901", "what is the brand of this camera?", ["dakota"] * 7 + ["nous les"] * 3),
+        _textvqa_record(34604, "831bcec304a17054", "what brand liquor is on the right?",
+                        ["bowmore"] * 3 + ["bowmore islay"] * 7),
+        _textvqa_record(34605, "831bcec304a17054", "how long has the drink on the right been aged?",
+                        ["10 years"] * 8 + ["10"] * 2),
+        *extra,
+    ]
+    return _json(tmp_path / "TextVQA_0.5.1_val.json",
+                 {"dataset_type": "val", "dataset_name": "textvqa", "dataset_version": "0.5.1", "data": data})
+
+
+def _llava_textvqa(path, rows):
+    """LLaVA's llava_textvqa_val_v051_ocr.jsonl: the image id as question_id, shared by an image's questions."""
+    return _jsonl(path, [
+        {"question_id": image_id, "image": f"{image_id}.jpg",
+         "text": f"{question}\nReference OCR token: {ocr}\n{SHORT_ANSWER}", "category": "default"}
+        for image_id, question, ocr in rows
+    ])
+
+
+LLAVA_TEXTVQA = [
+    ("003a8ae2ef43b901", "What is the brand of this camera?", "DAKOTA, DIGITAL"),
+    # The image's two questions in the other order than the annotation file: matched by text, not position.
+    ("831bcec304a17054", "How long has the drink on the right been aged?", "MORANGIE, AGED, 10"),
+    ("831bcec304a17054", "What brand liquor is on the right?", "MORANGIE, AGED, 10"),
+]
+
+
+def test_textvqa_rekeys_llavas_questions_and_scores(tmp_path):
+    ann = _textvqa_annotations(tmp_path)
+    assert convert("textvqa", ann).ground_truth == [
+        {"question_id": 34602, "answers": ["dakota"] * 7 + ["nous les"] * 3},
+        {"question_id": 34604, "answers": ["bowmore"] * 3 + ["bowmore islay"] * 7},
+        {"question_id": 34605, "answers": ["10 years"] * 8 + ["10"] * 2},
+    ]
+
+    root = tmp_path / "eval"
+    llava = _llava_textvqa(root / "textvqa" / "llava_textvqa_val_v051_ocr.jsonl", LLAVA_TEXTVQA)
+    summary = convert_files("textvqa", ann, root / "textvqa" / "ground_truth.jsonl", questions=llava)
+    assert summary["records"] == 3 and summary["unmatched_annotations"] == 0
+    questions = load_jsonl(root / "textvqa" / "questions.jsonl")
+    originals = load_jsonl(llava)
+    assert [q["question_id"] for q in questions] == [34602, 34605, 34604]
+    assert questions[1] == {**originals[1], "question_id": 34605, "image_id": "831bcec304a17054"}
+    # Ground truth in question order.
+    assert [r["question_id"] for r in load_jsonl(root / "textvqa" / "ground_truth.jsonl")] == [34602, 34605, 34604]
+
+    # m4c accuracy (EvalAI processing both sides): "Dakota" matches 7 -> 1; "10" matches 2 of 10 ->
+    # (2 * 1/3 + 8 * 2/3) / 10 = 0.6; "Bowmore." -> "bowmore" matches 3 -> (3 * 2/3 + 7 * 1) / 10 = 0.9.
+    data, metrics = _answer_and_score("textvqa", root, tmp_path, {34602: "Dakota", 34605: "10", 34604: "Bowmore."})
+    assert [it.question_id for it in data.items] == [34602, 34605, 34604]
+    assert data.items[1].text == originals[1]["text"]  # the prompt is LLaVA's, unchanged
+    assert metrics == {"accuracy": pytest.approx(100 * 2.5 / 3)}
+
+
+def test_textvqa_subset_and_bad_inputs(tmp_path):
+    extra = _textvqa_record(34700, "ffff", "what is this?", ["x"] * 10)
+    llava = _llava_textvqa(tmp_path / "llava.jsonl", LLAVA_TEXTVQA)
+    result = convert("textvqa", _textvqa_annotations(tmp_path, extra=[extra]), questions=llava)
+    # Only the questions the question file asks are kept (and counted out).
+    assert [r["question_id"] for r in result.ground_truth] == [34602, 34605, 34604]
+    assert result.unmatched_annotations == 1
+
+    ann = _textvqa_annotations(tmp_path)
+    unknown = _llava_textvqa(tmp_path / "unknown.jsonl", [*LLAVA_TEXTVQA, ("003a8ae2ef43b901", "Who made it?", "")])
+    with pytest.raises(EvalDataError, match=r"unknown.jsonl: record 4: no annotated question 'Who made it\?' on "
+                       r"image '003a8ae2ef43b901'"):
+        convert("textvqa", ann, questions=unknown)
+    twice = _llava_textvqa(tmp_path / "twice.jsonl", [*LLAVA_TEXTVQA, LLAVA_TEXTVQA[0]])
+    with pytest.raises(EvalDataError, match=r"twice.jsonl: record 4: question 'What is the brand of this camera\?' "
+                       r"on image '003a8ae2ef43b901' occurs more often"):
+        convert("textvqa", ann, questions=twice)
+    rekeyed = _jsonl(tmp_path / "rekeyed.jsonl", [{"question_id": 34602, "text": "what?"}])
+    with pytest.raises(EvalDataError, match=r"question_id 34602 is an integer.*keyed by TextVQA question ids already"):
+        convert("textvqa", ann, questions=rekeyed)
+
+    nine = _textvqa_record(34701, "eeee", "what?", ["a"] * 9)
+    with pytest.raises(EvalDataError, match=r"data\[3\] \(question_id 34701\): 9 answers.*exactly 10"):
+        convert("textvqa", _textvqa_annotations(tmp_path, extra=[nine]))
+    test_record = {k: v for k, v in _textvqa_record(34702, "dddd", "what?", []).items() if k != "answers"}
+    with pytest.raises(EvalDataError, match=r"data\[3\] \(question_id 34702\) has no 'answers'.*not public"):
+        convert("textvqa", _textvqa_annotations(tmp_path, extra=[test_record]))
+    clash = _textvqa_record(34602, "003a8ae2ef43b901", "what is the brand of this camera?", ["nikon"] * 10)
+    with pytest.raises(EvalDataError, match=r"question_id 34602 occurs twice with different ground truth"):
+        convert("textvqa", _textvqa_annotations(tmp_path, extra=[clash]))
+    with pytest.raises(EvalDataError, match=r"no 'data' list"):
+        convert("textvqa", _json(tmp_path / "v.json", {"annotations": []}))
+
+
+# ----- the CLI -----------------------------------------------------------------------------------------
+def test_cli_convert_writes_atomically_and_exits_2_on_bad_input(tmp_path, capsys):
+    from jobs.cli import main
+
+    out = tmp_path / "textvqa" / "ground_truth.jsonl"
+    ann = _textvqa_annotations(tmp_path)
+    llava = _llava_textvqa(tmp_path / "llava.jsonl", LLAVA_TEXTVQA)
+    rc = main(["eval", "convert", "--benchmark", "textvqa", "--annotations", str(ann), "--out", str(out),
+               "--questions", str(llava)])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["records"] == 3 and summary["questions"] == str(out.parent / "questions.jsonl")
+    before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+
+    # A failing conversion leaves both existing files as they were, and no temporary file behind.
+    bad = _llava_textvqa(tmp_path / "bad.jsonl", [*LLAVA_TEXTVQA, ("0000", "Who?", "")])
+    rc = main(["eval", "convert", "--benchmark", "textvqa", "--annotations", str(ann), "--out", str(out),
+               "--questions", str(bad)])
+    assert rc == 2
+    assert "no annotated question 'Who?' on image '0000'" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before
+
+    rc = main(["eval", "convert", "--benchmark", "vqav2", "--annotations", str(tmp_path / "missing.json"),
+               "--out", str(out)])
+    assert rc == 2
+    assert "missing.json" in capsys.readouterr().err
