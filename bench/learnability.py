@@ -1,0 +1,258 @@
+"""Does a tiny model learn the synthetic corpus, and how many steps does it take? One process, no Ray.
+
+    dpn synth --out /tmp/c --pretrain 8000 --instruct 8000 --eval 300
+    dpn preprocess --annotations /tmp/c/instruct.json --image-root /tmp/c/images --tokenizer /tmp/c/tokenizer \
+        --template vicuna_v1 --router-token --out /tmp/c-instruct
+    .venv/bin/python bench/learnability.py corpus --corpus /tmp/c --shards /tmp/c-instruct --steps 600
+    .venv/bin/python bench/learnability.py probe --steps 300                # the single-object colour probe
+
+Why a plain loop and not `dpn train`: the question here is how many optimizer steps (and which data mix)
+the tiny geometry needs before it reads the image, and iterating on that through Ray Train + DeepSpeed
+costs ~30-60 s of start-up per try. The loop trains the same `tiny` model with the recipes' optimizer
+(AdamW, warmup + cosine from `pipelines.train.lr_factor`, global-norm clipping) on the micro-batches the
+training loader makes (`pipelines.data.loader.iter_micro_batches`), and scores with the pipeline's own
+`predict` + `score_synthetic`, so a step count found here carries over to the recipes (whose global batch
+is spread over workers, which changes nothing but wall time).
+
+Modes:
+    corpus  stage-2-style training on preprocessed shards of a synthetic corpus; every `--eval-every`
+            steps the synthetic benchmark is answered greedily and scored (overall / category /
+            difficulty, against the chance levels in the corpus manifest) and the answers' variety
+            is reported (a model that ignores the image gives one answer per question type).
+    probe   the easiest visual task there is: one large object of one of the six corpus colours on a
+            corpus canvas (drawn by `pipelines.synth.render`), "what colour" -> the colour's token
+            right after the image; `--objects 2` asks the colour of the object of a named shape among
+            two (binding). Accuracy on 96 held-out images. It separates "the architecture cannot learn
+            from pixels" from "the corpus mix is too hard for the budget".
+
+Use one torch thread per process (the default here): two threads on two busy cores ran 25x slower.
+Prints one JSON line per evaluation and a JSON summary as the last stdout line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+TRAIN_PREFIXES = ("multi_modal_projector.", "language_model.", "routers.", "pool_experts.")
+
+
+def _model(compressor: str, vocab_size: int, pad_token_id: int, seed: int):
+    import torch
+
+    from dpn.modeling_dpn import DPNForConditionalGeneration
+    from dpn.presets import get_preset
+
+    torch.manual_seed(seed)
+    return DPNForConditionalGeneration(get_preset("tiny", vocab_size=vocab_size, pad_token_id=pad_token_id,
+                                                  compressor=compressor))
+
+
+def _optimizer(model, args):
+    import torch
+
+    prefixes = TRAIN_PREFIXES + (("vision_tower.",) if args.train_vision_tower else ())
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(prefixes))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return params, torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+
+
+def _step(model, params, opt, micro_batches, step: int, args) -> float:
+    import torch
+
+    from pipelines.train import lr_factor
+
+    for group in opt.param_groups:
+        group["lr"] = args.lr * lr_factor(step, args.steps, args.warmup_ratio, args.schedule)
+    total = 0.0
+    for batch in micro_batches:
+        loss = model(**batch).loss / len(micro_batches)
+        loss.backward()
+        total += float(loss.detach())
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return total
+
+
+# ----- corpus mode ----------------------------------------------------------------------------------
+def run_corpus(args) -> dict:
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    from dpn.eval.scoring import score_synthetic
+    from dpn.image_processing import build_image_processor
+    from pipelines.data.loader import iter_micro_batches, open_shards
+    from pipelines.evaluate import load_benchmark, predict
+
+    corpus = Path(args.corpus)
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(corpus / "tokenizer"), local_files_only=True)
+    info = open_shards(args.shards)
+    model = _model(args.compressor, max(len(tokenizer), 64), tokenizer.pad_token_id, args.seed)
+    if info.num_image_tokens != model.config.num_image_tokens:
+        raise ValueError(f"--shards {args.shards}: {info.num_image_tokens} visual tokens per image, the tiny model "
+                         f"takes {model.config.num_image_tokens}; preprocess with the tiny geometry")
+    bench = load_benchmark("synthetic", corpus / "eval", limit=args.eval_limit)
+    truth = {g["question_id"]: g for g in bench.ground_truth}
+    processor = build_image_processor(model.config.vision_config.image_size)
+    params, opt = _optimizer(model, args)
+    table = pq.read_table(list(info.files))
+
+    def batches():
+        epoch = 0
+        while True:
+            yield from iter_micro_batches(table, info, micro_batch_size=args.micro_batch, seed=args.seed, epoch=epoch,
+                                          drop_last=True)
+            epoch += 1
+
+    def evaluate(step: int) -> dict:
+        model.eval()
+        records = predict(model, tokenizer, processor, bench.items, compressor=args.compressor, benchmark="synthetic",
+                          model_id="learnability", batch_size=16, max_new_tokens=8)
+        model.train()
+        scores = score_synthetic([(truth[r["question_id"]], r["text"]) for r in records])
+        by_category: dict[str, Counter] = {}
+        for r in records:
+            by_category.setdefault(r["metadata"]["category"], Counter())[r["text"]] += 1
+        return {
+            "step": step,
+            "accuracy_pct": round(scores["accuracy"], 2),
+            "per_category_pct": {k: round(v, 1) for k, v in scores["per_category"].items()},
+            "per_difficulty_pct": {k: round(v, 1) for k, v in scores["per_difficulty"].items()},
+            # 1 distinct answer per category = the image is ignored (answers are the question type's prior).
+            "distinct_answers": {k: len(v) for k, v in sorted(by_category.items())},
+            "routing_paths": dict(Counter(r["metadata"]["routing_path"] for r in records)),
+        }
+
+    chance = {k: round(100 * v["chance"], 1) for k, v in manifest["eval"]["categories"].items()}
+    accum = args.batch // args.micro_batch
+    stream = batches()
+    evals, t0, losses = [], time.perf_counter(), []
+    for step in range(args.steps):
+        losses.append(_step(model, params, opt, [next(stream) for _ in range(accum)], step, args))
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            row = evaluate(step + 1)
+            row.update(train_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4),
+                       seconds=round(time.perf_counter() - t0, 1))
+            evals.append(row)
+            print(json.dumps(row), flush=True)
+    return {"mode": "corpus", "chance_pct": chance, "uniform_chance_pct": round(100 * manifest["eval"]["uniform_chance"], 1),
+            "final": evals[-1], "steps": args.steps, "batch": args.batch, "lr": args.lr,
+            "seconds_per_step": round((time.perf_counter() - t0) / args.steps, 3)}
+
+
+# ----- probe mode -----------------------------------------------------------------------------------
+def _probe_sample(rng: random.Random, objects: int):
+    """(image, colour index, asked-shape index): one or two large objects on a corpus canvas."""
+    from pipelines import synth
+
+    colors, shapes = list(synth.COLOR_NAMES), list(synth.SHAPES)
+    w, h = rng.choice(synth.CANVASES)
+    scene = synth.Scene(w, h, rng.choice(sorted(synth.BACKGROUNDS)))
+    side = max(w, h)
+    picked_colors = rng.sample(range(len(colors)), objects)
+    picked_shapes = rng.sample(range(len(shapes)), objects)
+    slots = [(0.3, 0.5), (0.7, 0.5)] if objects == 2 else [(0.5, 0.5)]
+    rng.shuffle(slots)
+    for (fx, fy), c, s in zip(slots, picked_colors, picked_shapes, strict=True):
+        r = round(side * rng.uniform(0.12, 0.15)) if objects == 1 else round(side * rng.uniform(0.09, 0.11))
+        x = round(w * fx + rng.uniform(-0.08, 0.08) * w)
+        y = round(h * fy + rng.uniform(-0.2, 0.2) * h)
+        x, y = min(max(x, r + 1), w - r - 2), min(max(y, r + 1), h - r - 2)
+        scene.objects.append(synth.Obj(shape=shapes[s], color=colors[c], size="large", x=x, y=y, r=r))
+    return synth.render(scene), picked_colors[0], picked_shapes[0]
+
+
+def run_probe(args) -> dict:
+    import torch
+
+    from dpn.image_processing import build_image_processor, preprocess_images
+
+    # Token ids of a 64-word toy vocabulary: bos 1, eos 2, pad 3, <image> 4, <ROUTER> 5, question words
+    # 10-13 ("what colour is [shape k]"), answers 20-25 (the six colours).
+    model = _model(args.compressor, 64, 3, args.seed)
+    n_img = model.config.num_image_tokens
+    processor = build_image_processor(model.config.vision_config.image_size)
+
+    def batch(rng: random.Random, size: int):
+        samples = [_probe_sample(rng, args.objects) for _ in range(size)]
+        pixels = torch.stack([preprocess_images([im], processor)[0] for im, _, _ in samples])
+        prefix = [30 + i % 30 for i in range(args.prefix_tokens)]  # a fixed "system prompt"
+        gap = [30 + (7 * i) % 30 for i in range(args.gap_tokens)]  # fixed words between image and question
+        ids = torch.tensor([[1] + prefix + [4] * n_img + gap + [10, 11, 12 + s, 5, 20 + c, 2] for _, c, s in samples])
+        labels = ids.clone()
+        labels[:, :-2] = -100  # the colour and eos only
+        colour = torch.tensor([c for _, c, _ in samples])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "pixel_values": pixels}, colour
+
+    test, test_colour = batch(random.Random(10_000 + args.seed), 96)
+    params, opt = _optimizer(model, args)
+    rng, evals, t0 = random.Random(args.seed), [], time.perf_counter()
+    for step in range(args.steps):
+        loss = _step(model, params, opt, [batch(rng, args.batch)[0]], step, args)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            model.eval()
+            with torch.no_grad():
+                logits = model(**test).logits[:, -3, 20:26]  # the position that predicts the colour
+            model.train()
+            acc = float((logits.argmax(-1) == test_colour).float().mean())
+            row = {"step": step + 1, "accuracy_pct": round(100 * acc, 1), "train_loss": round(loss, 4),
+                   "seconds": round(time.perf_counter() - t0, 1)}
+            evals.append(row)
+            print(json.dumps(row), flush=True)
+    return {"mode": "probe", "objects": args.objects, "chance_pct": round(100 / 6, 1), "final": evals[-1],
+            "best_accuracy_pct": max(e["accuracy_pct"] for e in evals), "steps": args.steps, "batch": args.batch,
+            "lr": args.lr, "seconds_per_step": round((time.perf_counter() - t0) / args.steps, 3)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("mode", choices=("corpus", "probe"))
+    ap.add_argument("--corpus", help="corpus mode: a `dpn synth` output directory")
+    ap.add_argument("--shards", help="corpus mode: `dpn preprocess` output of its instruct.json (tiny geometry)")
+    ap.add_argument("--compressor", default="none", choices=("none", "dpn", "static"))
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=16, help="samples per optimizer step")
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant"))
+    ap.add_argument("--warmup-ratio", type=float, default=0.03)
+    ap.add_argument("--grad-clip", type=float, default=1.0)
+    ap.add_argument("--train-vision-tower", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-limit", type=int, default=300, help="corpus mode: benchmark questions scored")
+    ap.add_argument("--objects", type=int, default=1, choices=(1, 2), help="probe mode: objects per image")
+    ap.add_argument("--prefix-tokens", type=int, default=0, help="probe mode: fixed text tokens before the image")
+    ap.add_argument("--gap-tokens", type=int, default=0, help="probe mode: fixed text tokens after the image")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    for name in ("steps", "batch", "micro_batch", "eval_every", "threads"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.batch % args.micro_batch:
+        ap.error(f"--batch {args.batch} must be a multiple of --micro-batch {args.micro_batch}")
+    if args.mode == "corpus" and not (args.corpus and args.shards):
+        ap.error("corpus mode needs --corpus and --shards")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    summary = run_corpus(args) if args.mode == "corpus" else run_probe(args)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
