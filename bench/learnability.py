@@ -100,6 +100,10 @@ def run_corpus(args) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(str(corpus / "tokenizer"), local_files_only=True)
     info = open_shards(args.shards)
     model = _model(args.compressor, max(len(tokenizer), 64), tokenizer.pad_token_id, args.seed)
+    if args.init:  # a curriculum: continue from an earlier run's `--save`
+        from dpn.modeling_dpn import DPNForConditionalGeneration
+
+        model = DPNForConditionalGeneration.from_pretrained(args.init, compressor=args.compressor)
     if info.num_image_tokens != model.config.num_image_tokens:
         raise ValueError(f"--shards {args.shards}: {info.num_image_tokens} visual tokens per image, the tiny model "
                          f"takes {model.config.num_image_tokens}; preprocess with the tiny geometry")
@@ -147,6 +151,8 @@ def run_corpus(args) -> dict:
                        seconds=round(time.perf_counter() - t0, 1))
             evals.append(row)
             print(json.dumps(row), flush=True)
+    if args.save:
+        model.save_pretrained(args.save)
     return {"mode": "corpus", "chance_pct": chance, "uniform_chance_pct": round(100 * manifest["eval"]["uniform_chance"], 1),
             "final": evals[-1], "steps": args.steps, "batch": args.batch, "lr": args.lr,
             "seconds_per_step": round((time.perf_counter() - t0) / args.steps, 3)}
@@ -221,6 +227,8 @@ def main(argv=None) -> int:
     ap.add_argument("mode", choices=("corpus", "probe"))
     ap.add_argument("--corpus", help="corpus mode: a `dpn synth` output directory")
     ap.add_argument("--shards", help="corpus mode: `dpn preprocess` output of its instruct.json (tiny geometry)")
+    ap.add_argument("--init", help="corpus mode: start from this saved model (an earlier run's --save)")
+    ap.add_argument("--save", help="corpus mode: save the trained model here (save_pretrained)")
     ap.add_argument("--compressor", default="none", choices=("none", "dpn", "static"))
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=16, help="samples per optimizer step")

@@ -11,11 +11,18 @@ to ~0 in every channel, i.e. padding carries no signal.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
-from transformers import CLIPImageProcessorPil
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import CLIPImageProcessorPil
+
+# torch and transformers are imported inside the functions that use them: `to_rgb` (all that
+# `dpn preprocess` needs with image_storage="bytes") then costs a process no torch/transformers import,
+# ~1.3 CPU-seconds per cold Ray worker on top of the tokenizer's.
 
 OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -90,6 +97,8 @@ def build_image_processor(image_size: int, image_mean: Sequence[float] = OPENAI_
         raise ValueError(f"image_size must be >= 1; got {image_size}")
     if len(image_mean) != 3 or len(image_std) != 3 or min(image_std) <= 0:
         raise ValueError(f"image_mean/image_std need 3 channels and std > 0; got {image_mean}, {image_std}")
+    from transformers import CLIPImageProcessorPil
+
     return CLIPImageProcessorPil(
         do_resize=True,
         size={"shortest_edge": image_size},
@@ -112,6 +121,8 @@ def pad_color(processor) -> tuple[int, int, int]:
 
 def preprocess_images(images: Sequence[Image.Image], processor) -> torch.Tensor:
     """to_rgb + pad to square with the mean colour + CLIP processing. Returns (N, 3, H, W) float32."""
+    import torch
+
     crop = processor.crop_size
     height, width = crop["height"], crop["width"]
     if not images:

@@ -1,14 +1,19 @@
 """`dpn preprocess`: a LLaVA annotations file + its images -> validated, tokenized Parquet shards, with Ray Data.
 
-Data flow (one Ray Data pipeline, streaming end to end):
+Data flow:
 
-    annotations.json --ijson--> read task: blocks of {index, record JSON}      (one task, no CPU reserved)
-        --map_batches--> RecordProcessor.process_block: validate, tokenize, decode/check the image,
-                         then write the block's shard + quarantine file; only counts flow back
+    driver: annotations.json --ijson (streaming)--> sha256, record count, image paths, and the byte
+            offset of every top-level separator of the array (`_ArraySplitter`, fed the same chunks)
+    Ray Data read tasks, one per block of <= rows_per_shard consecutive records (1 CPU each):
+            read the block's byte range --ijson--> records --RecordProcessor--> validate, tokenize,
+            decode/check the image --> the block's shard + quarantine file; only counts flow back
 
 The LLaVA files are one JSON array (~1 GB for mix665K): Arrow's JSON reader does not take an array and
-`json.load` would build ~10 GB of Python objects, so the array is parsed incrementally with ijson and
-handed to Ray Data as blocks; nobody holds the whole file.
+`json.load` would build ~10 GB of Python objects, so the driver streams the array with ijson once and
+each Ray Data block parses only its own byte range; nobody holds the whole file. Every block is known
+when the run starts, so Ray Data keeps every CPU busy from the first moment with one kind of task (an
+earlier layout, one streaming parser task feeding processing tasks, left a CPU idle at the start and
+cost a third process: see bench/RESULTS_preprocess.md).
 
 Output, published atomically (written under `OUT/.tmp-*`, then renamed):
 
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import math
 import os
@@ -206,23 +212,130 @@ class _HashingReader:
         return data
 
 
-def scan_annotations(path: str | os.PathLike[str]) -> tuple[str, int, list[str]]:
-    """Stream the annotations once: (sha256 of its bytes, number of array elements, sorted unique image
-    paths of object records). Raises ValueError when the file is not one well-formed JSON array."""
+class _ArraySplitter:
+    """Finds the byte offsets of a JSON array's top-level separators (its `[`, the `,` between elements,
+    its `]`) from the chunks of the file as they stream past, so blocks of records can be read back by
+    byte range. ijson validates the file but reports no byte positions; this runs on the very chunks
+    ijson parses and its result is used only when ijson accepted the file. In valid JSON a byte is
+    structural iff it lies outside strings, and a quote closes a string iff an even run of backslashes
+    precedes it; both are computed with numpy, about as fast as ijson parses.
+    """
+
+    def __init__(self) -> None:
+        import numpy as np
+
+        self._np = np
+        # delta of the bracket depth per byte value: [ { open, ] } close.
+        self._delta = np.zeros(256, np.int8)
+        for ch, d in ((b"[", 1), (b"{", 1), (b"]", -1), (b"}", -1)):
+            self._delta[ch[0]] = d
+        self._pos = 0  # file offset of the next chunk
+        self._in_string = False  # the previous chunk ended inside a string
+        self._backslashes = 0  # length of the backslash run that ended the previous chunk
+        self._depth = 0  # bracket depth after the previous chunk
+        self._found: list[Any] = []  # int64 arrays of separator offsets, per chunk
+        self.seconds = 0.0  # time spent here (the benchmark adds it to the Ray Data time)
+
+    def feed(self, chunk: bytes) -> None:
+        np = self._np
+        start = time.perf_counter()
+        b = np.frombuffer(chunk, np.uint8)
+        quotes = np.flatnonzero(b == ord('"'))
+        # A quote right after a backslash is escaped iff the backslash run before it is odd.
+        after_backslash = np.zeros(quotes.size, bool)
+        inner = quotes > 0
+        after_backslash[inner] = b[quotes[inner] - 1] == ord("\\")
+        if quotes.size and quotes[0] == 0:
+            after_backslash[0] = self._backslashes > 0
+        candidates = np.flatnonzero(after_backslash)
+        if candidates.size:
+            q = quotes[candidates]
+            plain = np.flatnonzero(b != ord("\\"))  # non-empty: it holds the quotes
+            last = np.searchsorted(plain, q) - 1  # the last non-backslash before q, if in this chunk
+            run = np.where(last >= 0, q - 1 - plain[np.maximum(last, 0)], q + self._backslashes)
+            quotes = np.delete(quotes, candidates[run % 2 == 1])
+        marks = np.flatnonzero((self._delta[b] != 0) | (b == ord(",")))
+        # Outside strings: an even number of string quotes before the byte (counting the carry).
+        marks = marks[(np.searchsorted(quotes, marks) + self._in_string) % 2 == 0]
+        kind = b[marks]
+        delta = self._delta[kind].astype(np.int64)
+        depth_before = np.cumsum(delta) - delta + self._depth
+        is_sep = (((kind == ord("[")) & (depth_before == 0)) | ((kind == ord(",")) & (depth_before == 1))
+                  | ((kind == ord("]")) & (depth_before == 1)))
+        self._found.append(marks[is_sep] + self._pos)
+        self._depth += int(delta.sum())
+        self._in_string = bool((quotes.size + self._in_string) % 2)
+        rest = chunk.rstrip(b"\\")
+        self._backslashes = len(chunk) - len(rest) + (0 if rest else self._backslashes)
+        self._pos += len(chunk)
+        self.seconds += time.perf_counter() - start
+
+    def separators(self):
+        """int64 offsets [open, comma, ..., comma, close]: element i lies strictly between entries i and
+        i + 1 (for an empty array: [open, close] and no element)."""
+        np = self._np
+        return np.concatenate(self._found) if self._found else np.zeros(0, np.int64)
+
+
+class _SplittingReader(_HashingReader):
+    """_HashingReader that also feeds every chunk to an _ArraySplitter."""
+
+    def __init__(self, f):
+        super().__init__(f)
+        self.splitter = _ArraySplitter()
+
+    def read(self, n: int = -1) -> bytes:
+        data = super().read(n)
+        self.splitter.feed(data)
+        return data
+
+
+@dataclass(kw_only=True)
+class AnnotationsScan:
+    """What one streaming pass over the annotations file found."""
+
+    sha256: str
+    count: int
+    """Number of array elements (records, good or bad)."""
+    images: list[str]
+    """Sorted unique image paths of the object records."""
+    separators: Any
+    """int64 array of count + 1 byte offsets: record i lies strictly between separators[i] and [i + 1]."""
+    split_s: float
+    """Seconds spent finding the separators."""
+
+
+def scan_annotations_file(path: str | os.PathLike[str]) -> AnnotationsScan:
+    """Stream the annotations once with ijson: their hash, record count, image paths and the byte
+    offsets that cut them into records. Raises ValueError when the file is not one well-formed JSON
+    array."""
     import ijson
 
     count, images = 0, set()
     with open(path, "rb") as f:
-        reader = _HashingReader(f)
+        reader = _SplittingReader(f)
         try:
             _check_array_start(f)
-            for item in ijson.items(reader, "item", use_float=True):
+            for item in ijson.items(reader, "item", use_float=True, buf_size=1 << 20):
                 count += 1
                 if isinstance(item, dict) and isinstance(item.get("image"), str):
                     images.add(item["image"])
         except ijson.JSONError as e:
             raise ValueError(f"annotations {str(path)!r} is not valid JSON (after {count} records): {e}") from None
-    return reader.sha.hexdigest(), count, sorted(images)
+    separators = reader.splitter.separators()
+    if len(separators) != max(count, 1) + 1:
+        # Cannot happen for a file ijson accepted; never cut records at wrong offsets.
+        raise RuntimeError(f"annotations {str(path)!r}: found {len(separators)} array separators for "
+                           f"{count} records")
+    return AnnotationsScan(sha256=reader.sha.hexdigest(), count=count, images=sorted(images),
+                           separators=separators, split_s=reader.splitter.seconds)
+
+
+def scan_annotations(path: str | os.PathLike[str]) -> tuple[str, int, list[str]]:
+    """Stream the annotations once: (sha256 of its bytes, number of array elements, sorted unique image
+    paths of object records). Raises ValueError when the file is not one well-formed JSON array."""
+    scan = scan_annotations_file(path)
+    return scan.sha256, scan.count, scan.images
 
 
 def _check_array_start(f) -> None:
@@ -286,10 +399,16 @@ def code_version() -> dict[str, str]:
 def fingerprint_inputs(cfg: PreprocessConfig) -> tuple[str, dict[str, Any], int]:
     """(fingerprint, its components, number of records) for `cfg`. Reads the annotations once and stats
     (or hashes) every referenced image."""
-    sha, count, images = scan_annotations(cfg.annotations)
+    fp, components, scan = _fingerprint(cfg)
+    return fp, components, scan.count
+
+
+def _fingerprint(cfg: PreprocessConfig) -> tuple[str, dict[str, Any], AnnotationsScan]:
+    scan = scan_annotations_file(cfg.annotations)
+    images = scan.images
     components = {
         "format": FORMAT_VERSION,
-        "annotations_sha256": sha,
+        "annotations_sha256": scan.sha256,
         "images": {"identity": cfg.image_identity, "count": len(images),
                    "digest": _images_digest(Path(cfg.image_root), images, cfg.image_identity)},
         "tokenizer_sha256": _dir_digest(Path(cfg.tokenizer)),
@@ -297,53 +416,11 @@ def fingerprint_inputs(cfg: PreprocessConfig) -> tuple[str, dict[str, Any], int]
         "code": code_version(),
     }
     blob = json.dumps(components, sort_keys=True, separators=(",", ":")).encode()
-    return hashlib.sha256(blob).hexdigest()[:24], components, count
+    return hashlib.sha256(blob).hexdigest()[:24], components, scan
 
 
 # ----------------------------------------------------------------------------------------------------
 # Ray Data pieces (module level: Ray pickles them by reference into the workers)
-
-
-def _read_json_array(path: str, rows_per_yield: int = 32) -> Iterator[Any]:
-    """Read task: stream the array with ijson, yield small tables of {index, record as JSON text}; Ray
-    Data's output buffer gathers them into blocks of the dataset's target block size.
-
-    Records are carried as text because LLaVA records are heterogeneous (a text-only record has no
-    `image`, a bad one may be anything); the processing task parses each one back."""
-    import ijson
-    import pyarrow as pa
-
-    indices: list[int] = []
-    texts: list[str] = []
-    with open(path, "rb") as f:
-        for i, item in enumerate(ijson.items(f, "item", use_float=True)):
-            indices.append(i)
-            texts.append(json.dumps(item, ensure_ascii=False))
-            if len(indices) == rows_per_yield:
-                yield pa.table({"index": pa.array(indices, pa.int64()), "record": pa.array(texts, pa.string())})
-                indices, texts = [], []
-    if indices:
-        yield pa.table({"index": pa.array(indices, pa.int64()), "record": pa.array(texts, pa.string())})
-
-
-def _make_datasource(path: str, num_rows: int):
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import Datasource, ReadTask
-
-    class LlavaJsonDatasource(Datasource):
-        """One LLaVA JSON array, streamed by a single read task (a JSON array cannot be split by
-        byte range without parsing it); parallelism comes from the processing tasks downstream."""
-
-        def estimate_inmemory_data_size(self) -> int:
-            return os.path.getsize(path)
-
-        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                           data_context=None) -> list[ReadTask]:
-            meta = BlockMetadata(num_rows=num_rows, size_bytes=os.path.getsize(path), input_files=[path],
-                                 exec_stats=None)
-            return [ReadTask(functools.partial(_read_json_array, path), meta)]
-
-    return LlavaJsonDatasource()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -387,20 +464,84 @@ def build_processor(spec: _WorkerSpec):
     )
 
 
-def _process_and_write(batch, spec: _WorkerSpec, out_dir: str):
-    """map_batches function: a block of {index, record} -> its shard + quarantine files in `out_dir`;
-    returns one row with the block's counts (JSON), so only counts travel back through Ray.
+def _process_range(path: str, first: int, start: int, end: int, count: int, spec: _WorkerSpec,
+                   out_dir: str) -> Iterator[Any]:
+    """Read task of one block: records first .. first + count - 1, which lie in bytes [start, end) of the
+    annotations (between two top-level separators). Parses them with ijson, processes them and writes the
+    block's shard + quarantine files to `out_dir`; yields one row with the block's counts (JSON), so only
+    counts travel back through Ray.
 
     Writing inside the task (instead of returning the rows to a Ray Data sink) keeps the processed rows,
-    image bytes included, out of Ray's output block slicing and object store: they go from the
-    processing code straight into the Parquet file."""
+    image bytes included, out of Ray's object store: they go from the processing code straight into the
+    Parquet file."""
+    import ijson
     import pyarrow as pa
 
-    start, cpu = time.perf_counter(), time.process_time()
-    block = build_processor(spec).process_block(batch["index"].to_pylist(), batch["record"].to_pylist())
+    t0, cpu = time.perf_counter(), time.process_time()
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    records = list(ijson.items(io.BytesIO(b"[" + data + b"]"), "item", use_float=True))
+    if len(records) != count:  # the driver's offsets disagree with the parser: a bug, never silent
+        raise RuntimeError(f"bytes {start}..{end} of {path!r} hold {len(records)} records, expected {count}")
+    block = build_processor(spec).process_records(range(first, first + count), records)
     result = write_block(block, out_dir)
-    result.update(task_s=time.perf_counter() - start, task_cpu_s=time.process_time() - cpu)
-    return pa.table({"result": [json.dumps(result)]})
+    result.update(task_s=time.perf_counter() - t0, task_cpu_s=time.process_time() - cpu)
+    yield pa.table({"result": [json.dumps(result)]})
+
+
+MIN_BLOCK_ROWS = 32
+
+
+def plan_blocks(rows: int, cpus: int, max_rows: int, min_rows: int = MIN_BLOCK_ROWS) -> list[int]:
+    """Record counts of the consecutive blocks (= read tasks = shard files) that `rows` records are cut
+    into: each block takes 1/(2 * cpus) of the records still left, within [min_rows, max_rows].
+
+    Blocks shrink towards the end (guided self-scheduling), so the CPUs finish within about one small
+    block of each other instead of one of them running a last large block alone; min_rows keeps the
+    per-task overhead small and max_rows (rows_per_shard) bounds the shard files."""
+    if rows < 0 or cpus < 1 or max_rows < 1 or min_rows < 1:
+        raise ValueError(f"plan_blocks needs rows >= 0 and cpus, max_rows, min_rows >= 1; "
+                         f"got {rows}, {cpus}, {max_rows}, {min_rows}")
+    sizes = []
+    left = rows
+    while left:
+        n = min(max_rows, left, max(min_rows, math.ceil(left / (2 * cpus))))
+        sizes.append(n)
+        left -= n
+    return sizes
+
+
+def _block_ranges(separators, block_rows: list[int]) -> list[tuple[int, int, int, int]]:
+    """(first record, record count, start byte, end byte) of each block: its records lie in bytes
+    [start, end) of the annotations, from after the separator before the first to the one after the last."""
+    ranges, first = [], 0
+    for n in block_rows:
+        ranges.append((first, n, int(separators[first]) + 1, int(separators[first + n])))
+        first += n
+    return ranges
+
+
+def _make_datasource(path: str, ranges: list[tuple[int, int, int, int]], spec: _WorkerSpec, out_dir: str):
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class LlavaJsonBlocks(Datasource):
+        """One read task per block of consecutive records, each reading only its byte range."""
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None  # the output is one counts row per block
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context=None) -> list[ReadTask]:
+            tasks = []
+            for first, n, start, end in ranges:
+                meta = BlockMetadata(num_rows=1, size_bytes=end - start, input_files=[path], exec_stats=None)
+                tasks.append(ReadTask(functools.partial(_process_range, path, first, start, end, n, spec, out_dir),
+                                      meta))
+            return tasks
+
+    return LlavaJsonBlocks()
 
 
 def write_block(block, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -452,9 +593,6 @@ def ensure_ray(num_cpus: int | None) -> int:
             # Ray starts workers at nice 15 (background priority), so on a shared machine any foreground
             # process starves them; a local `dpn preprocess` is the foreground job (Ray Jobs set 0 too).
             "worker_niceness": 0,
-            # One worker per CPU for the processing tasks plus one for the (0-CPU) parser: Ray would
-            # otherwise kill the extra idle worker after each run and the next run starts it cold.
-            "num_workers_soft_limit": cpus + 1,
         })
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
@@ -510,7 +648,8 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
         required special token. Bad records never raise: they are quarantined.
     """
     start = time.perf_counter()
-    fp, components, rows_in = fingerprint_inputs(cfg)
+    fp, components, scan = _fingerprint(cfg)
+    rows_in = scan.count
     fingerprint_s = time.perf_counter() - start
     out = Path(cfg.out)
     final = out / fp
@@ -528,32 +667,22 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
     (tmp / SHARDS_DIR).mkdir(parents=True)
     (tmp / QUARANTINE_DIR).mkdir()
     try:
-        # About four blocks per CPU so every core stays busy to the end; at least 32 records per block so
-        # per-task overhead stays small; at most rows_per_shard so shard files stay bounded.
-        rows_per_block = max(1, min(cfg.rows_per_shard, max(32, math.ceil(rows_in / (4 * num_cpus)))))
-        ds = ray.data.read_datasource(
-            _make_datasource(cfg.annotations, rows_in),
-            # The parser is light next to decoding; reserving no CPU lets every core run a processing task.
-            num_cpus=0,
-            # One read task (a JSON array cannot be split unparsed); without this Ray would slice its
-            # output to reach a default block count.
-            override_num_blocks=1,
-        )
-        # Ray Data cuts a task's output into blocks by bytes (128 MiB by default): that would put a small
-        # corpus into one block and one task. Size this dataset's blocks to ~rows_per_block records
-        # (Arrow holds a record as its JSON text plus ~12 bytes of offsets and index).
-        record_bytes = os.path.getsize(cfg.annotations) / max(rows_in, 1) + 12
-        ds.context.target_max_block_size = max(1024, int(record_bytes * rows_per_block))
-        # Without per-operator reservations Ray Data queues processing tasks ahead of free CPUs, so a
-        # worker starts its next block the moment it finishes one; with them it submits one task per
-        # free CPU and every task end costs a scheduling round trip (measured: ~0.15 s idle per task
-        # of ~0.4 s on 2 CPUs). Safe here: the only other operator is the 0-CPU parser, and what
-        # queued tasks hold is their JSON input block.
-        ds.context.op_resource_reservation_enabled = False
-        ds = ds.map_batches(_process_and_write, fn_kwargs={"spec": _WorkerSpec.from_config(cfg), "out_dir": str(tmp)},
-                            batch_size=None, batch_format="pyarrow", num_cpus=1)
+        block_rows = plan_blocks(rows_in, num_cpus, cfg.rows_per_shard)
         process_start = time.perf_counter()
-        results = [json.loads(row["result"]) for row in ds.iter_rows()]
+        results = []
+        if rows_in:
+            ds = ray.data.read_datasource(
+                _make_datasource(cfg.annotations, _block_ranges(scan.separators, block_rows),
+                                 _WorkerSpec.from_config(cfg), str(tmp)),
+                # One block per read task, as planned (Ray would otherwise split or merge them).
+                override_num_blocks=len(block_rows),
+            )
+            # Without per-operator reservations Ray Data submits every CPU's task at once and queues the next
+            # ones; with them it held the read operator to one running task at a time here (measured: the
+            # second CPU idle) and paid a scheduling round trip between tasks. Safe: the pipeline is this one
+            # operator and a queued task holds four integers.
+            ds.context.op_resource_reservation_enabled = False
+            results = [json.loads(row["result"]) for row in ds.iter_rows()]
         process_s = time.perf_counter() - process_start
         results.sort(key=lambda r: r["shard"] or "")
         quarantined: Counter[str] = Counter()
@@ -574,7 +703,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
             "fingerprint": fp,
             "components": components,
             "config": {**cfg.row_options(), "annotations": cfg.annotations, "image_root": cfg.image_root,
-                       "tokenizer": cfg.tokenizer, "rows_per_block": rows_per_block},
+                       "tokenizer": cfg.tokenizer, "cpus": num_cpus, "blocks": len(block_rows)},
             "tokens": token_ids,
             "counts": {
                 "rows_in": rows_in, "rows_out": rows_out, "images_out": sum(r["images"] for r in results),
@@ -585,6 +714,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
             "shards": shards,
             "seconds": round(seconds, 3),
             "fingerprint_s": round(fingerprint_s, 3),
+            "split_s": round(scan.split_s, 3),
             "process_s": round(process_s, 3),
             "created_unix": time.time(),
         }
@@ -600,8 +730,10 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
         raise
     _publish_latest(out, fp)
     summary = _summary_from_manifest(manifest, final, time.perf_counter() - start, reused=False)
-    # Where the time went: fingerprinting (driver) vs the Ray Data pipeline (parse, process, write).
-    summary.extra = {"fingerprint_s": round(fingerprint_s, 3), "process_s": round(process_s, 3),
+    # Where the time went: fingerprinting (driver; of which split_s finding the record offsets) vs the Ray
+    # Data pipeline (read, parse, process, write).
+    summary.extra = {"fingerprint_s": round(fingerprint_s, 3), "split_s": round(scan.split_s, 4),
+                     "process_s": round(process_s, 3),
                      "task_s": round(sum(r["task_s"] for r in results), 3),
                      "task_cpu_s": round(sum(r["task_cpu_s"] for r in results), 3)}
     return summary

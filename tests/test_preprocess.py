@@ -24,7 +24,14 @@ from dpn.image_processing import build_image_processor, preprocess_images
 from dpn.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
 from pipelines.data.loader import iter_micro_batches, open_shards, read_quarantine, read_shards
 from pipelines.data.records import QUARANTINE_REASONS, RecordProcessor
-from pipelines.preprocess import PreprocessConfig, fingerprint_inputs, preprocess, scan_annotations
+from pipelines.preprocess import (
+    PreprocessConfig,
+    fingerprint_inputs,
+    plan_blocks,
+    preprocess,
+    scan_annotations,
+    scan_annotations_file,
+)
 
 IMAGE_SIZE, N_IMG_TOK = 16, 16
 
@@ -339,6 +346,64 @@ def test_bad_inputs_fail_eagerly_with_what_is_valid(corpus, tmp_path):
     broken.write_text('[{"id": 1}, {"id": ')
     with pytest.raises(ValueError, match="not valid JSON"):
         scan_annotations(broken)
+
+
+# Array elements whose text holds every byte the splitter must not take for structure: commas and
+# brackets inside strings, escaped quotes after odd and even backslash runs, nested arrays/objects,
+# multi-byte UTF-8, whitespace between elements.
+TRICKY = [
+    '{"id": "a,b", "conversations": [{"from": "human", "value": "x]\\"[, }{"}]}',
+    '"\\\\"',  # a string holding one backslash: the quote after \\ is a real one
+    '"\\\\\\"],"',  # backslash, escaped quote, ], comma: all inside the string
+    '[[1, [2, {"k": [3, "]"]}]], {}]',
+    '{"id": 7, "v": "h\u00e9\u00e9 \u2603 \u00e9t\u00e9, [ok]"}',
+    '{"id": "\u00e9t\u00e9", "conversations": []}',
+    '-1.5e3',
+    'null',
+]
+
+
+def test_array_splitter_finds_the_separators_whatever_the_chunking(tmp_path):
+    text = "[" + ",\n ".join(TRICKY) + " ]"
+    # The separators, from how the text was built: '[' at 0, each ',' after an element, then the ']'.
+    expected, pos = [0], 1
+    for element in TRICKY[:-1]:
+        pos += len(element.encode())
+        expected.append(pos)
+        pos += len(",\n ")
+    expected.append(len(text.encode()) - 1)
+    data = text.encode()
+    assert [data[i] for i in expected] == [ord("[")] + [ord(",")] * (len(TRICKY) - 1) + [ord("]")]
+    from pipelines.preprocess import _ArraySplitter
+
+    for chunk in (1, 2, 3, 5, 8, 13, len(data)):
+        splitter = _ArraySplitter()
+        for i in range(0, len(data), chunk):
+            splitter.feed(data[i:i + chunk])
+        assert splitter.separators().tolist() == expected, chunk
+    path = tmp_path / "tricky.json"
+    path.write_bytes(data)
+    scan = scan_annotations_file(path)
+    assert scan.count == len(TRICKY) and scan.separators.tolist() == expected
+    assert scan.images == []
+    # Each record's byte range parses back to exactly that record.
+    for i, element in enumerate(TRICKY):
+        assert json.loads(data[expected[i] + 1:expected[i + 1]]) == json.loads(element)
+    empty = tmp_path / "empty.json"
+    empty.write_text(" [ ] ")
+    assert scan_annotations_file(empty).count == 0 and scan_annotations_file(empty).separators.tolist() == [1, 3]
+
+
+def test_blocks_shrink_towards_the_end_and_cover_every_record():
+    # Each block takes a quarter (1 / (2 * 2 CPUs)) of the records left, between 32 and max_rows.
+    assert plan_blocks(2400, 2, 1024)[:4] == [600, 450, 338, 253]  # 2400/4, 1800/4, 1350/4 up, 1012/4 up
+    assert plan_blocks(100, 2, 1024) == [32, 32, 32, 4]
+    assert plan_blocks(20, 2, 8) == [8, 8, 4]
+    assert plan_blocks(0, 2, 8) == []
+    big = plan_blocks(665_000, 2, 1024)
+    assert sum(big) == 665_000 and max(big) == 1024 and big[-2:] == [32, 13]
+    with pytest.raises(ValueError, match="cpus"):
+        plan_blocks(10, 0, 8)
 
 
 def _batches(rows, info, **kw):

@@ -1,6 +1,6 @@
 """Validation and processing of one LLaVA record: the per-record work of `dpn preprocess`.
 
-Pure Python (no Ray): `pipelines.preprocess` runs `RecordProcessor.process_block` inside Ray Data tasks,
+Pure Python (no Ray): `pipelines.preprocess` runs `RecordProcessor.process_records` inside Ray Data tasks,
 and the benchmark's single-process loop runs the very same code. A record either becomes one shard row
 or one quarantine row `(index, id, reason, detail)`; nothing is dropped silently and no record can
 crash the job (an unexpected exception becomes reason `internal_error`).
@@ -23,7 +23,7 @@ import os
 import posixpath
 import traceback
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -320,23 +320,18 @@ class RecordProcessor:
                 row["pixel_values"] = pixels.contiguous().numpy().tobytes()
         return row
 
-    def process_block(self, indices: Sequence[int], records_json: Sequence[str]) -> pa.Table:
-        """Process records given as JSON texts; return one table in `BLOCK_SCHEMA` (shard rows have a
+    def process_records(self, indices: Iterable[int], records: Iterable[Any]) -> pa.Table:
+        """Process parsed records (any JSON values); return one table in `BLOCK_SCHEMA` (shard rows have a
         null `reason`, quarantine rows a reason and null payload). `split_block` separates them."""
         out = []
-        for index, text in zip(indices, records_json, strict=True):
-            try:
-                record = json.loads(text)
-            except ValueError as e:  # the parser upstream produced it, so this is a bug, not bad data
-                out.append({"index": int(index), "reason": "internal_error", "detail": _short(repr(e))})
-                continue
+        for index, record in zip(indices, records, strict=True):
             row, q = self.process(int(index), record)
             out.append(row if row is not None else q)
         return pa.Table.from_pylist(out, schema=BLOCK_SCHEMA)
 
 
 def split_block(block: pa.Table) -> tuple[pa.Table, pa.Table]:
-    """(shard rows in SHARD_SCHEMA, quarantine rows in QUARANTINE_SCHEMA) of a `process_block` table."""
+    """(shard rows in SHARD_SCHEMA, quarantine rows in QUARANTINE_SCHEMA) of a `process_records` table."""
     import pyarrow.compute as pc
 
     bad = pc.is_valid(block["reason"])
