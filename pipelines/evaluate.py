@@ -298,15 +298,11 @@ class TrackingOptions:
 # ----- checkpoints -------------------------------------------------------------------------------------
 # sha256 of files already hashed by this process, keyed by (path, size, mtime_ns, ctime_ns, inode).
 _CONTENT_HASHES: dict[tuple[str, int, int, int, int], str] = {}
-_HASH_CHUNK = 8 * 2**20
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):  # streamed: weight files are gigabytes
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()  # streamed: weight files are gigabytes
 
 
 def _file_identity(path: Path) -> str:

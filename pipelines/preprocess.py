@@ -331,13 +331,6 @@ def scan_annotations_file(path: str | os.PathLike[str]) -> AnnotationsScan:
                            separators=separators, split_s=reader.splitter.seconds)
 
 
-def scan_annotations(path: str | os.PathLike[str]) -> tuple[str, int, list[str]]:
-    """Stream the annotations once: (sha256 of its bytes, number of array elements, sorted unique image
-    paths of object records). Raises ValueError when the file is not one well-formed JSON array."""
-    scan = scan_annotations_file(path)
-    return scan.sha256, scan.count, scan.images
-
-
 def _check_array_start(f) -> None:
     """The file must be one JSON array (LLaVA's layout), not JSON lines or an object."""
     head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
@@ -396,14 +389,9 @@ def code_version() -> dict[str, str]:
     return {"sources": h.hexdigest(), **versions}
 
 
-def fingerprint_inputs(cfg: PreprocessConfig) -> tuple[str, dict[str, Any], int]:
-    """(fingerprint, its components, number of records) for `cfg`. Reads the annotations once and stats
-    (or hashes) every referenced image."""
-    fp, components, scan = _fingerprint(cfg)
-    return fp, components, scan.count
-
-
-def _fingerprint(cfg: PreprocessConfig) -> tuple[str, dict[str, Any], AnnotationsScan]:
+def fingerprint_inputs(cfg: PreprocessConfig) -> tuple[str, dict[str, Any], AnnotationsScan]:
+    """(fingerprint, its components, the scan of the annotations) for `cfg`. Reads the annotations once
+    and stats (or hashes) every referenced image."""
     scan = scan_annotations_file(cfg.annotations)
     images = scan.images
     components = {
@@ -648,7 +636,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
         required special token. Bad records never raise: they are quarantined.
     """
     start = time.perf_counter()
-    fp, components, scan = _fingerprint(cfg)
+    fp, components, scan = fingerprint_inputs(cfg)
     rows_in = scan.count
     fingerprint_s = time.perf_counter() - start
     out = Path(cfg.out)

@@ -29,7 +29,6 @@ from pipelines.preprocess import (
     fingerprint_inputs,
     plan_blocks,
     preprocess,
-    scan_annotations,
     scan_annotations_file,
 )
 
@@ -341,11 +340,11 @@ def test_bad_inputs_fail_eagerly_with_what_is_valid(corpus, tmp_path):
     lines = tmp_path / "lines.json"
     lines.write_text('{"id": 1}\n{"id": 2}\n')
     with pytest.raises(ValueError, match="one JSON array"):
-        scan_annotations(lines)
+        scan_annotations_file(lines)
     broken = tmp_path / "broken.json"
     broken.write_text('[{"id": 1}, {"id": ')
     with pytest.raises(ValueError, match="not valid JSON"):
-        scan_annotations(broken)
+        scan_annotations_file(broken)
 
 
 # Array elements whose text holds every byte the splitter must not take for structure: commas and
