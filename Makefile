@@ -42,7 +42,7 @@ bench: install
 	$(VENV)/bin/python bench/efficiency.py --markdown bench/RESULTS_efficiency.md
 	$(VENV)/bin/python bench/train_step.py
 	$(VENV)/bin/python bench/preprocess_throughput.py
-	$(VENV)/bin/python bench/learnability.py probe --steps 200 --eval-every 50
+	$(VENV)/bin/python bench/learnability.py probe --skills both --steps 400 --eval-every 100
 
 lint: install
 	$(VENV)/bin/ruff check .

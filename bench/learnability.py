@@ -5,6 +5,7 @@
         --template vicuna_v1 --router-token --out /tmp/c-instruct
     .venv/bin/python bench/learnability.py corpus --corpus /tmp/c --shards /tmp/c-instruct --steps 600
     .venv/bin/python bench/learnability.py probe --steps 300                # the single-object colour probe
+    .venv/bin/python bench/learnability.py probe --skills both --steps 400   # two question types
 
 Why a plain loop and not `dpn train`: the question here is how many optimizer steps (and which data mix)
 the tiny geometry needs before it reads the image, and iterating on that through Ray Train + DeepSpeed
@@ -22,8 +23,11 @@ Modes:
     probe   the easiest visual task there is: one large object of one of the six corpus colours on a
             corpus canvas (drawn by `pipelines.synth.render`), "what colour" -> the colour's token
             right after the image; `--objects 2` asks the colour of the object of a named shape among
-            two (binding). Accuracy on 96 held-out images. It separates "the architecture cannot learn
-            from pixels" from "the corpus mix is too hard for the budget".
+            two (binding); `--skills shape|both` asks the shape, or colour or shape drawn per sample
+            (two question types, as the corpus has five); `--pool N` trains on N fixed samples instead
+            of fresh ones (memorisation). Accuracy (argmax over the ten answer words) on 96 held-out
+            images per skill. It separates "the architecture cannot learn from pixels" from "the
+            corpus mix is too hard for the budget".
 
 Use one torch thread per process (the default here): two threads on two busy cores ran 25x slower.
 Prints one JSON line per evaluation and a JSON summary as the last stdout line.
@@ -185,39 +189,55 @@ def run_probe(args) -> dict:
 
     from dpn.image_processing import build_image_processor, preprocess_images
 
-    # Token ids of a 64-word toy vocabulary: bos 1, eos 2, pad 3, <image> 4, <ROUTER> 5, question words
-    # 10-13 ("what colour is [shape k]"), answers 20-25 (the six colours).
+    # Token ids of a 64-word toy vocabulary: bos 1, eos 2, pad 3, <image> 4, <ROUTER> 5; questions
+    # "what colour is [shape k]" = 10, 11, 12+k and "what shape is [colour k]" = 10, 16, 17+k; answers
+    # 40-45 (the six colours) and 46-49 (the four shapes); 50-63 fill the fixed prefix / gap.
     model = _model(args.compressor, 64, 3, args.seed)
     n_img = model.config.num_image_tokens
     processor = build_image_processor(model.config.vision_config.image_size)
+    skills = ("color", "shape") if args.skills == "both" else (args.skills,)
 
-    def batch(rng: random.Random, size: int):
-        samples = [_probe_sample(rng, args.objects) for _ in range(size)]
-        pixels = torch.stack([preprocess_images([im], processor)[0] for im, _, _ in samples])
-        prefix = [30 + i % 30 for i in range(args.prefix_tokens)]  # a fixed "system prompt"
-        gap = [30 + (7 * i) % 30 for i in range(args.gap_tokens)]  # fixed words between image and question
-        ids = torch.tensor([[1] + prefix + [4] * n_img + gap + [10, 11, 12 + s, 5, 20 + c, 2] for _, c, s in samples])
+    def sample(rng: random.Random):
+        image, c, s = _probe_sample(rng, args.objects)
+        skill = rng.choice(skills)
+        question, answer = ([10, 11, 12 + s], 40 + c) if skill == "color" else ([10, 16, 17 + c], 46 + s)
+        return preprocess_images([image], processor)[0], question, answer, skill
+
+    def collate(samples):
+        prefix = [50 + i % 14 for i in range(args.prefix_tokens)]  # a fixed "system prompt"
+        gap = [50 + (5 * i) % 14 for i in range(args.gap_tokens)]  # fixed words between image and question
+        ids = torch.tensor([[1] + prefix + [4] * n_img + gap + q + [5, a, 2] for _, q, a, _ in samples])
         labels = ids.clone()
-        labels[:, :-2] = -100  # the colour and eos only
-        colour = torch.tensor([c for _, c, _ in samples])
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "pixel_values": pixels}, colour
+        labels[:, :-2] = -100  # the answer and eos only
+        pixels = torch.stack([p for p, _, _, _ in samples])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "pixel_values": pixels}
 
-    test, test_colour = batch(random.Random(10_000 + args.seed), 96)
-    params, opt = _optimizer(model, args)
+    test_samples = [sample(random.Random(10_000 + args.seed + i)) for i in range(96 * len(skills))]
+    test = collate(test_samples)
+    answers = torch.tensor([a for _, _, a, _ in test_samples])
     rng, evals, t0 = random.Random(args.seed), [], time.perf_counter()
+    # --pool N: a finite training set of N samples drawn with replacement (as an epoch-based corpus),
+    # 0: a fresh sample every time (no image is seen twice).
+    pool = [sample(rng) for _ in range(args.pool)]
+    params, opt = _optimizer(model, args)
     for step in range(args.steps):
-        loss = _step(model, params, opt, [batch(rng, args.batch)[0]], step, args)
+        picked = [rng.choice(pool) for _ in range(args.batch)] if pool else [sample(rng) for _ in range(args.batch)]
+        loss = _step(model, params, opt, [collate(picked)], step, args)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             model.eval()
             with torch.no_grad():
-                logits = model(**test).logits[:, -3, 20:26]  # the position that predicts the colour
+                # The position that predicts the answer; argmax over every answer word (10 of them).
+                logits = model(**test).logits[:, -3, 40:50]
             model.train()
-            acc = float((logits.argmax(-1) == test_colour).float().mean())
-            row = {"step": step + 1, "accuracy_pct": round(100 * acc, 1), "train_loss": round(loss, 4),
-                   "seconds": round(time.perf_counter() - t0, 1)}
+            right = (logits.argmax(-1) + 40 == answers).float()
+            per_skill = {k: round(100 * float(right[[i for i, t in enumerate(test_samples) if t[3] == k]].mean()), 1)
+                         for k in skills}
+            row = {"step": step + 1, "accuracy_pct": round(100 * float(right.mean()), 1), "per_skill_pct": per_skill,
+                   "train_loss": round(loss, 4), "seconds": round(time.perf_counter() - t0, 1)}
             evals.append(row)
             print(json.dumps(row), flush=True)
-    return {"mode": "probe", "objects": args.objects, "chance_pct": round(100 / 6, 1), "final": evals[-1],
+    return {"mode": "probe", "objects": args.objects, "skills": list(skills), "pool": args.pool,
+            "chance_pct": {"color": round(100 / 6, 1), "shape": 25.0}, "final": evals[-1],
             "best_accuracy_pct": max(e["accuracy_pct"] for e in evals), "steps": args.steps, "batch": args.batch,
             "lr": args.lr, "seconds_per_step": round((time.perf_counter() - t0) / args.steps, 3)}
 
@@ -233,16 +253,21 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=16, help="samples per optimizer step")
     ap.add_argument("--micro-batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (the tiny stage-2 recipe's)")
     ap.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant"))
     ap.add_argument("--warmup-ratio", type=float, default=0.03)
     ap.add_argument("--grad-clip", type=float, default=1.0)
-    ap.add_argument("--train-vision-tower", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--train-vision-tower", action=argparse.BooleanOptionalAction, default=False,
+                    help="also train the vision tower (the tiny recipe keeps it frozen, as LLaVA does)")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-limit", type=int, default=300, help="corpus mode: benchmark questions scored")
     ap.add_argument("--objects", type=int, default=1, choices=(1, 2), help="probe mode: objects per image")
     ap.add_argument("--prefix-tokens", type=int, default=0, help="probe mode: fixed text tokens before the image")
     ap.add_argument("--gap-tokens", type=int, default=0, help="probe mode: fixed text tokens after the image")
+    ap.add_argument("--skills", default="color", choices=("color", "shape", "both"),
+                    help="probe mode: what the questions ask (both: colour or shape, drawn per sample)")
+    ap.add_argument("--pool", type=int, default=0,
+                    help="probe mode: train on a fixed set of this many samples (0: a fresh sample each time)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

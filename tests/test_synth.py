@@ -212,6 +212,13 @@ def test_instruct_records_follow_mix665k(corpus):
     for rel in {r["image"] for r in records if "image" in r}:
         _check_pixels(corpus / "images" / rel, scenes[rel])
     assert n_checked > SMALL["n_instruct"] // 2
+    # Instruct images are mostly easy (INSTRUCT_DIFFICULTY), each scene of one difficulty's size.
+    rels = set().union(*images_by_id.values())
+    sizes = Counter({o["size"] for o in scenes[rel]["objects"]}.pop() for rel in rels)
+    levels = {lv.size: name for name, lv in synth._LEVELS.items()}
+    shares = {levels[k]: v / sum(sizes.values()) for k, v in sizes.items()}
+    assert set(shares) == set(synth.DIFFICULTIES)
+    assert all(abs(shares[d] - w) < 0.15 for d, w in synth.INSTRUCT_DIFFICULTY.items()), shares
 
 
 def test_eval_layout_and_answers_match_the_drawn_scene(corpus):
@@ -253,6 +260,8 @@ def test_difficulty_axis_is_balanced_and_hard_means_small_and_many(corpus):
         widths = [width_at_48(o, s) for o in s["objects"]]
         if q["difficulty"] == "easy":
             assert len(widths) <= 4 and min(widths) >= 11
+            if q["category"] in ("color", "shape", "existence"):
+                assert len(widths) == 1  # binding-free: the question is about the only object
         elif q["difficulty"] == "hard":
             assert len(widths) >= 7 and max(widths) <= 5.5
             if q["category"] == "position":
