@@ -76,7 +76,8 @@ def _optimizer(model, args):
     return params, torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
 
 
-def _step(model, params, opt, micro_batches, step: int, args) -> float:
+def _step(loss_fn, params, opt, micro_batches, step: int, args) -> float:
+    """One optimizer step (scheduled lr, accumulation, clipping); `loss_fn(micro_batch)` -> scalar loss."""
     import torch
 
     from pipelines.train import lr_factor
@@ -85,7 +86,7 @@ def _step(model, params, opt, micro_batches, step: int, args) -> float:
         group["lr"] = args.lr * lr_factor(step, args.steps, args.warmup_ratio, args.schedule)
     total = 0.0
     for batch in micro_batches:
-        loss = model(**batch).loss / len(micro_batches)
+        loss = loss_fn(batch) / len(micro_batches)
         loss.backward()
         total += float(loss.detach())
     if args.grad_clip > 0:
@@ -154,7 +155,7 @@ def run_corpus(args) -> dict:
     stream = batches()
     evals, t0, losses = [], time.perf_counter(), []
     for step in range(args.steps):
-        losses.append(_step(model, params, opt, [next(stream) for _ in range(accum)], step, args))
+        losses.append(_step(lambda b: model(**b).loss, params, opt, [next(stream) for _ in range(accum)], step, args))
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             row = evaluate(step + 1)
             row.update(train_loss=round(sum(losses[-20:]) / len(losses[-20:]), 4),
@@ -228,7 +229,7 @@ def run_probe(args) -> dict:
     params, opt = _optimizer(model, args)
     for step in range(args.steps):
         picked = [rng.choice(pool) for _ in range(args.batch)] if pool else [sample(rng) for _ in range(args.batch)]
-        loss = _step(model, params, opt, [collate(picked)], step, args)
+        loss = _step(lambda b: model(**b).loss, params, opt, [collate(picked)], step, args)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             model.eval()
             with torch.no_grad():
@@ -315,27 +316,22 @@ def run_vision(args) -> dict:
         feats = model.vision_tower(pixels, output_hidden_states=True).hidden_states[cfg.vision_feature_layer][:, 1:]
         return {k: head(feats) for k, head in heads.items()}  # (N, h*w, classes)
 
+    def loss_fn(b) -> torch.Tensor:
+        pixels, labels = b
+        logits = forward(pixels)
+        return sum(nn.functional.cross_entropy(logits[k].flatten(0, 1), labels[k].flatten()) for k in heads)
+
     test_pixels, test_labels = batch(random.Random(10_000 + args.seed), 96)
     rng, evals, t0 = random.Random(args.seed), [], time.perf_counter()
-    from pipelines.train import lr_factor
-
     for step in range(args.steps):
-        for group in opt.param_groups:
-            group["lr"] = args.lr * lr_factor(step, args.steps, args.warmup_ratio, args.schedule)
-        pixels, labels = batch(rng, args.batch)
-        logits = forward(pixels)
-        loss = sum(nn.functional.cross_entropy(logits[k].flatten(0, 1), labels[k].flatten()) for k in heads)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = _step(loss_fn, params, opt, [batch(rng, args.batch)], step, args)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             with torch.no_grad():
                 out = forward(test_pixels)
             on_object = test_labels["color"] > 0  # patches under an object
             acc = {k: round(100 * float((out[k].argmax(-1) == test_labels[k])[on_object].float().mean()), 1)
                    for k in heads}
-            row = {"step": step + 1, "object_patch_accuracy_pct": acc, "train_loss": round(float(loss.detach()), 4),
+            row = {"step": step + 1, "object_patch_accuracy_pct": acc, "train_loss": round(loss, 4),
                    "seconds": round(time.perf_counter() - t0, 1)}
             evals.append(row)
             print(json.dumps(row), flush=True)
