@@ -304,10 +304,9 @@ def run_vision(args) -> dict:
                            "shape": nn.Linear(vcfg.hidden_size, len(synth.SHAPES))})
     params = list(model.vision_tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    levels, weights = zip(*synth.PRETRAIN_LEVELS.items(), strict=True)
 
     def batch(rng: random.Random, size: int):
-        scenes = [synth.random_scene(rng, rng.choices(levels, weights)[0]) for _ in range(size)]
+        scenes = [synth.random_scene(rng, synth.draw_level(rng, synth.PRETRAIN_LEVELS)) for _ in range(size)]
         pixels = preprocess_images([synth.render(sc) for sc in scenes], processor)
         labels = [_patch_labels(sc, vcfg.image_size, vcfg.patch_size) for sc in scenes]
         return pixels, {k: torch.tensor([lab[n] for lab in labels]) for n, k in enumerate(("color", "shape"))}

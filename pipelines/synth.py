@@ -575,6 +575,11 @@ def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 # The three splits
 
 
+def draw_level(rng: random.Random, weights: dict[str, float]) -> str:
+    """A level name drawn with the given weights (INSTRUCT_DIFFICULTY, PRETRAIN_LEVELS)."""
+    return rng.choices(tuple(weights), tuple(weights.values()))[0]
+
+
 def _rng(seed: int, split: str) -> random.Random:
     # A string seed is hashed with SHA-512 by `random.seed`: stable across processes and Python builds,
     # and each split has its own stream, so e.g. the eval set does not change with n_pretrain.
@@ -585,7 +590,7 @@ def _make_pretrain(cfg: SynthConfig, root: Path) -> tuple[list[dict[str, Any]], 
     rng = _rng(cfg.seed, "pretrain")
     records, scenes = [], []
     for i in range(cfg.n_pretrain):
-        scene = random_scene(rng, rng.choices(tuple(PRETRAIN_LEVELS), tuple(PRETRAIN_LEVELS.values()))[0])
+        scene = random_scene(rng, draw_level(rng, PRETRAIN_LEVELS))
         rid = f"{i:09d}"
         rel = f"pretrain/{rid[:5]}/{rid}.{_image_format(rng, cfg.png_fraction)}"
         _write_bytes(root / "images" / rel, _encode(render(scene), rel.rsplit(".", 1)[1]))
@@ -708,11 +713,9 @@ def _make_instruct(cfg: SynthConfig, root: Path) -> tuple[list[dict[str, Any]], 
     records: list[dict[str, Any]] = []
     scenes: list[dict[str, Any]] = []
     made: list[tuple[str, str, Scene, QA]] = []
-    levels, weights = zip(*INSTRUCT_DIFFICULTY.items(), strict=True)
     for i in range(n_image):
         category = rng.choice(CATEGORIES)
-        difficulty = rng.choices(levels, weights)[0]
-        scene, qa = build_item(rng, category, difficulty, rng.choice(ANSWERS[category]))
+        scene, qa = build_item(rng, category, draw_level(rng, INSTRUCT_DIFFICULTY), rng.choice(ANSWERS[category]))
         rid = f"{i:012d}"
         rel = f"instruct/{rid}.{_image_format(rng, cfg.png_fraction)}"
         _write_bytes(root / "images" / rel, _encode(render(scene), rel.rsplit(".", 1)[1]))

@@ -213,8 +213,10 @@ def test_instruct_records_follow_mix665k(corpus):
         _check_pixels(corpus / "images" / rel, scenes[rel])
     assert n_checked > SMALL["n_instruct"] // 2
     # Instruct images are mostly easy (INSTRUCT_DIFFICULTY), each scene of one difficulty's size.
-    rels = set().union(*images_by_id.values())
-    sizes = Counter({o["size"] for o in scenes[rel]["objects"]}.pop() for rel in rels)
+    sizes = Counter()
+    for rel in set().union(*images_by_id.values()):
+        (size,) = {o["size"] for o in scenes[rel]["objects"]}  # one size word per scene
+        sizes[size] += 1
     levels = {lv.size: name for name, lv in synth._LEVELS.items()}
     shares = {levels[k]: v / sum(sizes.values()) for k, v in sizes.items()}
     assert set(shares) == set(synth.DIFFICULTIES)
