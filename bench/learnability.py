@@ -6,8 +6,8 @@
     .venv/bin/python bench/learnability.py corpus --corpus /tmp/c --shards /tmp/c-instruct --steps 600
     .venv/bin/python bench/learnability.py probe --steps 300                # the single-object colour probe
     .venv/bin/python bench/learnability.py probe --skills both --steps 400   # two question types
-    .venv/bin/python bench/learnability.py vision --corpus /tmp/c --steps 1500 --batch 32 --lr 1e-3 --save /tmp/vit
-    .venv/bin/python bench/learnability.py corpus --corpus /tmp/c --shards /tmp/c-instruct --init /tmp/vit --steps 600
+    .venv/bin/python bench/learnability.py vision --steps 1500 --batch 32 --lr 1e-3 --save /tmp/vit  # = stage 0
+    .venv/bin/python bench/learnability.py corpus --corpus /tmp/c --shards /tmp/c-instruct --vision /tmp/vit --steps 600
 
 Why a plain loop and not `dpn train`: the question here is how many optimizer steps (and which data mix)
 the tiny geometry needs before it reads the image, and iterating on that through Ray Train + DeepSpeed
@@ -30,10 +30,10 @@ Modes:
             of fresh ones (memorisation). Accuracy (argmax over the ten answer words) on 96 held-out
             images per skill. It separates "the architecture cannot learn from pixels" from "the
             corpus mix is too hard for the budget".
-    vision  pre-train the tiny vision tower alone to name the colour and shape of the object under each
-            patch (scenes drawn by the corpus generator; labels from the scene geometry) and `--save` a
-            whole model with a random LLM, for `corpus --init`: what a CLIP-initialised recipe starts
-            with and the random tiny one lacks.
+    vision  the tiny recipe's stage 0 (`pipelines.vision_pretrain`): pre-train the tiny vision tower alone
+            to name the colour and shape of the object under each patch (scenes drawn by the corpus
+            generator; labels from the scene geometry) and `--save` it for `corpus --vision`: what a
+            CLIP-initialised recipe starts with and a random tiny one lacks.
 
 Use one torch thread per process (the default here): two threads on two busy cores ran 25x slower.
 Prints one JSON line per evaluation and a JSON summary as the last stdout line.
@@ -115,6 +115,10 @@ def run_corpus(args) -> dict:
         from dpn.modeling_dpn import DPNForConditionalGeneration
 
         model = DPNForConditionalGeneration.from_pretrained(args.init, compressor=args.compressor)
+    elif args.vision:  # the tiny recipe's start: stage 0's tower, random LLM
+        from dpn.loading import load_vision_tower
+
+        load_vision_tower(model, args.vision)
     if info.num_image_tokens != model.config.num_image_tokens:
         raise ValueError(f"--shards {args.shards}: {info.num_image_tokens} visual tokens per image, the tiny model "
                          f"takes {model.config.num_image_tokens}; preprocess with the tiny geometry")
@@ -250,94 +254,17 @@ def run_probe(args) -> dict:
 
 
 # ----- vision mode ----------------------------------------------------------------------------------
-def _covers(o, x: float, y: float) -> bool:
-    """Whether point (x, y) of the canvas lies on object `o` as `pipelines.synth.render` draws it."""
-    dx, dy = x - o.x, y - o.y
-    if o.shape == "circle":
-        return dx * dx + dy * dy <= o.r * o.r
-    if o.shape == "square":
-        return abs(dx) <= o.r and abs(dy) <= o.r
-    if o.shape == "triangle":  # apex (x, y - r), base y + r: half-width grows from 0 to r downwards
-        return -o.r <= dy <= o.r and abs(dx) <= (dy + o.r) / 2
-    h = max(1, round(o.r * 0.35))  # cross
-    return (abs(dx) <= o.r and abs(dy) <= h) or (abs(dx) <= h and abs(dy) <= o.r)
-
-
-def _patch_labels(scene, image_size: int, patch: int) -> tuple[list[int], list[int]]:
-    """Colour class (0 = background, 1 + index) and shape index (-100 = background) of the object under
-    each patch centre, row-major, on the padded-to-square canvas the image processor makes (centred)."""
-    from pipelines import synth
-
-    side = max(scene.width, scene.height)
-    ox, oy = (side - scene.width) // 2, (side - scene.height) // 2
-    grid = image_size // patch
-    colours, shapes = [], []
-    for i in range(grid):
-        for j in range(grid):
-            x = (j * patch + patch / 2) * side / image_size - ox
-            y = (i * patch + patch / 2) * side / image_size - oy
-            hit = next((o for o in reversed(scene.objects) if _covers(o, x, y)), None)  # drawn last = on top
-            colours.append(0 if hit is None else 1 + synth.COLOR_NAMES.index(hit.color))
-            # Background patches carry no shape: left out of the shape loss, which would otherwise be
-            # mostly "background" (shape accuracy on object patches: 41% after 600 steps with background in
-            # the loss, 60% after 500 and 88% after 1,500 without).
-            shapes.append(-100 if hit is None else synth.SHAPES.index(hit.shape))
-    return colours, shapes
-
-
 def run_vision(args) -> dict:
-    """Pre-train the tiny vision tower to tell, for every patch, the colour and shape of the object under
-    it (scenes drawn by the corpus generator), then save a whole model (random LLM) for `corpus --init`:
-    what a CLIP-initialised recipe has that the random tiny one lacks."""
-    import torch
-    from torch import nn
-    from transformers import AutoTokenizer
+    """Stage 0 of the tiny recipe (`pipelines.vision_pretrain`) with the bench's step count, batch and lr;
+    `--save` writes the tower (a CLIPVisionModel directory) for `corpus --vision`."""
+    from pipelines.recipes import VisionPretrainSpec
+    from pipelines.vision_pretrain import pretrain_vision
 
-    from dpn.image_processing import build_image_processor, preprocess_images
-    from pipelines import synth
-
-    tokenizer = AutoTokenizer.from_pretrained(str(Path(args.corpus) / "tokenizer"), local_files_only=True)
-    model = _model("none", max(len(tokenizer), 64), tokenizer.pad_token_id, args.seed)
-    vcfg, cfg = model.config.vision_config, model.config
-    processor = build_image_processor(vcfg.image_size)
-    heads = nn.ModuleDict({"color": nn.Linear(vcfg.hidden_size, 1 + len(synth.COLOR_NAMES)),
-                           "shape": nn.Linear(vcfg.hidden_size, len(synth.SHAPES))})
-    params = list(model.vision_tower.parameters()) + list(heads.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-
-    def batch(rng: random.Random, size: int):
-        scenes = [synth.random_scene(rng, synth.draw_level(rng, synth.PRETRAIN_LEVELS)) for _ in range(size)]
-        pixels = preprocess_images([synth.render(sc) for sc in scenes], processor)
-        labels = [_patch_labels(sc, vcfg.image_size, vcfg.patch_size) for sc in scenes]
-        return pixels, {k: torch.tensor([lab[n] for lab in labels]) for n, k in enumerate(("color", "shape"))}
-
-    def forward(pixels):
-        feats = model.vision_tower(pixels, output_hidden_states=True).hidden_states[cfg.vision_feature_layer][:, 1:]
-        return {k: head(feats) for k, head in heads.items()}  # (N, h*w, classes)
-
-    def loss_fn(b) -> torch.Tensor:
-        pixels, labels = b
-        logits = forward(pixels)
-        return sum(nn.functional.cross_entropy(logits[k].flatten(0, 1), labels[k].flatten()) for k in heads)
-
-    test_pixels, test_labels = batch(random.Random(10_000 + args.seed), 96)
-    rng, evals, t0 = random.Random(args.seed), [], time.perf_counter()
-    for step in range(args.steps):
-        loss = _step(loss_fn, params, opt, [batch(rng, args.batch)], step, args)
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            with torch.no_grad():
-                out = forward(test_pixels)
-            on_object = test_labels["color"] > 0  # patches under an object
-            acc = {k: round(100 * float((out[k].argmax(-1) == test_labels[k])[on_object].float().mean()), 1)
-                   for k in heads}
-            row = {"step": step + 1, "object_patch_accuracy_pct": acc, "train_loss": round(loss, 4),
-                   "seconds": round(time.perf_counter() - t0, 1)}
-            evals.append(row)
-            print(json.dumps(row), flush=True)
-    if args.save:
-        model.save_pretrained(args.save)
-    return {"mode": "vision", "final": evals[-1], "steps": args.steps, "batch": args.batch, "lr": args.lr,
-            "seconds_per_step": round((time.perf_counter() - t0) / args.steps, 3)}
+    spec = VisionPretrainSpec(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_ratio=args.warmup_ratio,
+                              schedule=args.schedule, grad_clip=args.grad_clip, seed=args.seed,
+                              eval_every=args.eval_every)
+    summary = pretrain_vision(spec, "tiny", args.save, on_eval=lambda row: print(json.dumps(row), flush=True))
+    return {"mode": "vision", **{k: v for k, v in summary.items() if k != "evals"}, "batch": args.batch, "lr": args.lr}
 
 
 def main(argv=None) -> int:
@@ -346,7 +273,8 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus", help="corpus / vision mode: a `dpn synth` output directory")
     ap.add_argument("--shards", help="corpus mode: `dpn preprocess` output of its instruct.json (tiny geometry)")
     ap.add_argument("--init", help="corpus mode: start from this saved model (an earlier run's --save)")
-    ap.add_argument("--save", help="corpus / vision mode: save the trained model here (save_pretrained)")
+    ap.add_argument("--vision", help="corpus mode: a random model with this vision tower (a `vision --save`)")
+    ap.add_argument("--save", help="corpus mode: save the trained model here; vision mode: the trained tower")
     ap.add_argument("--compressor", default="none", choices=("none", "dpn", "static"))
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=16, help="samples per optimizer step")
@@ -376,8 +304,8 @@ def main(argv=None) -> int:
         ap.error(f"--batch {args.batch} must be a multiple of --micro-batch {args.micro_batch}")
     if args.mode == "corpus" and not (args.corpus and args.shards):
         ap.error("corpus mode needs --corpus and --shards")
-    if args.mode == "vision" and not args.corpus:
-        ap.error("vision mode needs --corpus (its tokenizer sizes the saved model)")
+    if args.init and args.vision:
+        ap.error("--init (a whole saved model) and --vision (a tower for a random model) exclude each other")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 

@@ -5,6 +5,8 @@
 (b) `from_components(llm_dir, vision_dir, projector=None, tokenizer=None, ...)`: a LLaMA-family LLM
     (Vicuna), a CLIP vision model and optionally a stage-1 projector (LLaVA's `mm_projector.bin` or ours).
 (c) our own checkpoints: `DPNForConditionalGeneration.from_pretrained(dir)` (HF, safetensors).
+`load_vision_tower(model, dir)` copies a CLIP vision model into an existing model (the tiny recipe's
+random model takes its stage-0 vision tower this way).
 
 Nothing is downloaded: every path must be a local directory. A bad path, a missing or unexpected weight
 or a shape mismatch raises an error naming the file and the key.
@@ -214,6 +216,34 @@ def _projector_rename(key: str) -> str:
     return key if key.startswith("multi_modal_projector.") else f"multi_modal_projector.{key}"
 
 
+def read_vision_config(vision_path: str | Path) -> PreTrainedConfig:
+    """The `CLIPVisionConfig` of a CLIP (vision) model directory; raises naming the file otherwise."""
+    vision_dir = _require_dir(vision_path, "vision tower checkpoint")
+    vision_config = _read_config(vision_dir)
+    if isinstance(vision_config, CLIPConfig):
+        vision_config = vision_config.vision_config
+    if vision_config.model_type != "clip_vision_model":
+        raise ValueError(f"{vision_dir / 'config.json'}: expected a CLIP vision model, got {vision_config.model_type!r}")
+    return vision_config
+
+
+def _rename_vision(key: str) -> str | None:
+    # A CLIPModel (e.g. openai/clip-vit-large-patch14-336) keeps the tower under `vision_model.`;
+    # a CLIPVisionModel saved by transformers 5 has no prefix.
+    if key.startswith("vision_model."):
+        return "vision_tower." + key[len("vision_model.") :]
+    if key.startswith(("text_model.", "visual_projection.", "text_projection.", "logit_scale")):
+        return None  # CLIP's text tower and projections: not part of the vision tower
+    return "vision_tower." + key
+
+
+def load_vision_tower(model: DPNForConditionalGeneration, vision_path: str | Path) -> None:
+    """Copy a CLIP vision model's weights (a CLIPModel or CLIPVisionModel directory) into
+    `model.vision_tower`. Raises naming the key on a missing weight or a shape mismatch (another geometry)."""
+    vision_dir = _require_dir(vision_path, "vision tower checkpoint")
+    load_weights(model, _weight_files(vision_dir), _rename_vision, required_prefixes=("vision_tower.",))
+
+
 def from_components(
     llm_path: str | Path,
     vision_path: str | Path,
@@ -231,11 +261,7 @@ def from_components(
     llm_dir = _require_dir(llm_path, "LLM checkpoint")
     vision_dir = _require_dir(vision_path, "vision tower checkpoint")
     text_config = _read_config(llm_dir)
-    vision_config = _read_config(vision_dir)
-    if isinstance(vision_config, CLIPConfig):
-        vision_config = vision_config.vision_config
-    if vision_config.model_type != "clip_vision_model":
-        raise ValueError(f"{vision_dir / 'config.json'}: expected a CLIP vision model, got {vision_config.model_type!r}")
+    vision_config = read_vision_config(vision_dir)
     fields: dict[str, Any] = dict(vision_config=vision_config, text_config=text_config)
     if tokenizer is not None:
         from dpn.constants import IMAGE_TOKEN, ROUTER_TOKEN
@@ -251,17 +277,8 @@ def from_components(
     def rename_llm(key: str) -> str:
         return f"language_model.{key}"
 
-    def rename_vision(key: str) -> str | None:
-        # A CLIPModel (e.g. openai/clip-vit-large-patch14-336) keeps the tower under `vision_model.`;
-        # a CLIPVisionModel saved by transformers 5 has no prefix.
-        if key.startswith("vision_model."):
-            return "vision_tower." + key[len("vision_model.") :]
-        if key.startswith(("text_model.", "visual_projection.", "text_projection.", "logit_scale")):
-            return None  # CLIP's text tower and projections: not part of the vision tower
-        return "vision_tower." + key
-
     load_weights(model, _weight_files(llm_dir), rename_llm, required_prefixes=("language_model.",))
-    load_weights(model, _weight_files(vision_dir), rename_vision, required_prefixes=("vision_tower.",))
+    load_vision_tower(model, vision_dir)
     if projector_path is not None:
         p = Path(projector_path)
         if p.is_dir():

@@ -77,6 +77,9 @@ def run_and_report(recipe: str | None, config_file: str | None, work_dir: str | 
 
         with open(summary["eval_summary"]) as f:
             print(format_table(json.load(f)))
+        if summary.get("synthetic_chance_pct") is not None:
+            print(f"chance on the synthetic benchmark (a uniform guess per question type): "
+                  f"{summary['synthetic_chance_pct']:.2f}")
         reg = summary.get("registry") or {}
         if reg:
             print(f"\nregistry: {reg['model']} v{reg['version']} "

@@ -37,6 +37,8 @@ ZERO_STAGES = (0, 1, 2, 3)
 MODEL_PRESETS = ("tiny", "test-tiny", "llava-1.5-7b", "llava-1.5-13b")  # as `dpn.presets.PRESETS`
 # Placeholder that `pipelines.train.run_recipe` replaces with the stage-1 output directory of the recipe.
 STAGE1_OUTPUT = "<stage1>"
+# Placeholder (model.vision_path) for the vision tower that stage 0 (`pipelines.vision_pretrain`) trains.
+STAGE0_OUTPUT = "<stage0>"
 
 
 def _fail(field_name: str, value: Any, valid: str) -> None:
@@ -73,7 +75,8 @@ class ModelSpec:
     llm_path: str | None = None
     """LLaMA-family LLM directory (init="components")."""
     vision_path: str | None = None
-    """CLIP vision model directory (init="components")."""
+    """CLIP vision model directory: the vision tower of init="components"; with init="random", loaded over
+    the random tower (same geometry as the preset). "<stage0>": the tower stage 0 trains (tiny recipe)."""
     projector_path: str | None = None
     """A stage-1 projector (directory or file: `multi_modal_projector.safetensors` or LLaVA's
     `mm_projector.bin`) loaded over the initial weights. Stage 1 is skipped when it exists."""
@@ -98,6 +101,12 @@ class ModelSpec:
         if self.init == "components" and not (self.llm_path and self.vision_path):
             _fail("model.llm_path/model.vision_path", (self.llm_path, self.vision_path),
                   "are both required with model.init='components'")
+        if self.vision_path and self.init not in ("random", "components"):
+            _fail("model.vision_path", self.vision_path,
+                  f"is only read with model.init='random' or 'components', not {self.init!r} (its checkpoint "
+                  "holds the vision tower); unset it")
+        if self.vision_path == STAGE0_OUTPUT and self.init != "random":
+            _fail("model.vision_path", self.vision_path, "(stage 0's tower) needs model.init='random'")
         if self.route_loss_coef is not None:
             _check_number("model.route_loss_coef", self.route_loss_coef, float, 0.0)
         _check_number("model.seed", self.seed, int, 0)
@@ -194,6 +203,40 @@ class OptimSpec:
 
 
 @dataclass(kw_only=True)
+class VisionPretrainSpec:
+    """Stage 0 (embedded default only): pre-train the random vision tower to name the colour and shape of
+    the object under every patch of synthetic scenes (`pipelines.vision_pretrain`). The real recipes start
+    from CLIP; a random tiny tower gives the LLM nothing readable for hundreds of steps
+    (bench/RESULTS_learnability.md). Runs when stage 1's `model.vision_path` is "<stage0>"."""
+
+    steps: int = 1000
+    """Optimizer steps (fresh scenes every step; ~0.08 s each for the tiny tower on one core). Object-patch
+    shape accuracy: ~60% after 250 steps, 80-90% after 1,000, which the stage-2 model's shape answers
+    follow (bench/RESULTS_learnability.md)."""
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_ratio: float = 0.03
+    schedule: str = "cosine"
+    grad_clip: float = 1.0
+    seed: int = 0
+    """Seed of the tower's initialisation and of the scenes drawn."""
+    eval_images: int = 96
+    """Held-out scenes scored (object-patch colour / shape accuracy) every `eval_every` steps."""
+    eval_every: int = 250
+
+    def __post_init__(self) -> None:
+        _check_number("vision_pretrain.steps", self.steps, int, 1)
+        _check_number("vision_pretrain.batch_size", self.batch_size, int, 1)
+        _check_number("vision_pretrain.lr", self.lr, float, 0.0, 1.0, low_open=True)
+        _check_number("vision_pretrain.warmup_ratio", self.warmup_ratio, float, 0.0, 1.0)
+        _check_choice("vision_pretrain.schedule", self.schedule, SCHEDULES)
+        _check_number("vision_pretrain.grad_clip", self.grad_clip, float, 0.0)
+        _check_number("vision_pretrain.seed", self.seed, int, 0)
+        _check_number("vision_pretrain.eval_images", self.eval_images, int, 1)
+        _check_number("vision_pretrain.eval_every", self.eval_every, int, 1)
+
+
+@dataclass(kw_only=True)
 class ScalingSpec:
     """Ray workers and the DeepSpeed engine each runs."""
 
@@ -277,6 +320,8 @@ class TrainConfig:
     scaling: ScalingSpec = field(default_factory=ScalingSpec)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    vision_pretrain: VisionPretrainSpec = field(default_factory=VisionPretrainSpec)
+    """Stage 0, used only when `model.vision_path` is "<stage0>"."""
     work_dir: str = ".dpn_work"
     """Root of outputs, Ray storage, the synthetic corpus and the default MLflow store."""
     run_name: str | None = None
@@ -293,6 +338,8 @@ class TrainConfig:
                       "must be 'none' in stage 1 (projector pre-training trains plain LLaVA-1.5)")
             if self.model.train_vision_tower:
                 _fail("model.train_vision_tower", True, "must be false in stage 1 (only the projector trains)")
+        elif self.model.vision_path == STAGE0_OUTPUT:
+            _fail("model.vision_path", STAGE0_OUTPUT, "is stage 1's input; stage 2 starts from stage 1's model")
         per_step = self.data.micro_batch_size * self.scaling.num_workers
         if self.optim.global_batch_size % per_step:
             valid = [per_step * k for k in range(1, 5)]
@@ -337,7 +384,7 @@ class TrainConfig:
         if self.stage == 2:
             checks.append(("model.projector_path", self.model.projector_path, None))
         for name, value, is_dir in checks:
-            if not value or value == STAGE1_OUTPUT:  # stage 1's output: checked once stage 1 has run
+            if not value or value in (STAGE1_OUTPUT, STAGE0_OUTPUT):  # checked once that stage has run
                 continue
             if value.startswith("<") and value.endswith(">"):
                 raise FileNotFoundError(f"{name} is not set (the recipe's placeholder {value!r}): give a local path "
@@ -426,7 +473,7 @@ def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Rebuild (and validate) a `TrainConfig` from `to_dict()` output, e.g. on a Ray worker."""
     sections = {"model": ModelSpec, "data": DataSpec, "optim": OptimSpec, "scaling": ScalingSpec,
-                "checkpoint": CheckpointSpec, "tracking": TrackingSpec}
+                "checkpoint": CheckpointSpec, "tracking": TrackingSpec, "vision_pretrain": VisionPretrainSpec}
     kwargs = dict(data)
     for name, cls in sections.items():
         if name in kwargs and isinstance(kwargs[name], dict):
@@ -438,17 +485,18 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
 def tiny(stage: int) -> TrainConfig:
     """The embedded default: `tiny` geometry from random weights, synthetic corpus, 2 CPU workers, fp32.
 
-    Stage 1 trains the projector of a randomly initialised LLaVA (there are no pretrained weights to start
-    from offline) and saves the whole model; stage 2 starts from that model with fresh routers.
+    There are no pretrained weights offline: stage 0 (`vision_pretrain`) first trains the random vision
+    tower on the synthetic scenes, standing in for CLIP; stage 1 trains the projector of a LLaVA built
+    from that tower and a random LLM and saves the whole model; stage 2 starts from it with fresh routers.
     """
     if stage == 1:
         return TrainConfig(
             recipe="tiny", stage=1,
-            model=ModelSpec(preset="tiny", init="random", compressor="none"),
+            model=ModelSpec(preset="tiny", init="random", vision_path=STAGE0_OUTPUT, compressor="none"),
             data=DataSpec(synthetic=True, template="plain", max_length=512, micro_batch_size=8),
             optim=OptimSpec(lr=1e-3, global_batch_size=32, warmup_ratio=0.03, schedule="cosine"),
             scaling=ScalingSpec(num_workers=2, cpus_per_worker=0.5, precision="fp32", zero_stage=2),
-            checkpoint=CheckpointSpec(every_n_steps=10),
+            checkpoint=CheckpointSpec(every_n_steps=16),
         )
     return TrainConfig(
         recipe="tiny", stage=2,
@@ -456,10 +504,14 @@ def tiny(stage: int) -> TrainConfig:
         model=ModelSpec(preset="tiny", init="pretrained", path=STAGE1_OUTPUT, compressor="dpn"),
         data=DataSpec(synthetic=True, template="vicuna_v1", add_router_token=True, max_length=512, micro_batch_size=8),
         # 3e-4: at 6e-4 (and 1e-3) the from-scratch LLM stays at each question type's answer prior for 800
-        # steps; at 3e-4 (and 1e-4) it starts reading the image (bench/RESULTS_learnability.md).
-        optim=OptimSpec(lr=3e-4, global_batch_size=32, warmup_ratio=0.03, schedule="cosine"),
+        # steps; at 3e-4 (and 1e-4) it starts reading the image. Batch 16: per sample seen, batch 32 learns
+        # far slower (22% vs 46% after 6,400 samples) and batch 8 no faster. Constant lr: the demo's budget
+        # ends while the model is just starting to read the image, and a cosine decay spends those steps
+        # at a fraction of the lr (36.7% against 44.7% after 400 steps; bench/RESULTS_learnability.md).
+        optim=OptimSpec(lr=3e-4, global_batch_size=16, warmup_ratio=0.03, schedule="constant"),
         scaling=ScalingSpec(num_workers=2, cpus_per_worker=0.5, precision="fp32", zero_stage=2),
-        checkpoint=CheckpointSpec(every_n_steps=10),
+        # Every 50 steps: 8 DeepSpeed checkpoints in the demo's 400-step stage instead of 40.
+        checkpoint=CheckpointSpec(every_n_steps=50),
     )
 
 
@@ -525,6 +577,7 @@ __all__ = [
     "ScalingSpec",
     "TrackingSpec",
     "TrainConfig",
+    "VisionPretrainSpec",
     "apply_overrides",
     "config_from_dict",
     "get_recipe",

@@ -6,7 +6,9 @@
 
 Stage 1 trains the projector of plain LLaVA-1.5 (vision tower and LLM frozen); stage 2 trains the LLM,
 the projector and the fresh DPE routers (and optionally the vision tower) on LM + routing loss (the
-model's `loss` is already lm_loss + coef * route_loss).
+model's `loss` is already lm_loss + coef * route_loss). The tiny recipe, which has no CLIP offline, first
+runs stage 0 (`pipelines.vision_pretrain`, one Ray task): `run_recipe` resolves stage 1's
+`model.vision_path="<stage0>"` through `resolve_stage0`.
 
 Failures: every `checkpoint.every_n_steps` steps each worker saves its DeepSpeed shard into a temporary
 directory and passes it to `ray.train.report`, which merges all workers' files into one checkpoint. A dead
@@ -41,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.recipes import STAGE1_OUTPUT, TrainConfig, config_from_dict, get_recipe
+from pipelines.recipes import STAGE0_OUTPUT, STAGE1_OUTPUT, TrainConfig, config_from_dict, get_recipe
 
 STATE_FILE = "train_state.json"  # in every checkpoint: step, epoch, micro-batches consumed, done
 DS_TAG = "ds"  # DeepSpeed checkpoint tag (sub-directory) inside a Ray checkpoint
@@ -121,13 +123,14 @@ def model_config(cfg: TrainConfig, tokenizer):
 def build_model(cfg: TrainConfig, tokenizer):
     """Build the stage's starting model on CPU (seeded, so every rank builds the same weights).
 
-    random: the preset from `model.seed`; pretrained: our checkpoint (e.g. stage 1's model), DPN modules
-    the checkpoint lacks (fresh routers) initialised; llava_hf / components: `dpn.loading`. A
+    random: the preset from `model.seed` (with `model.vision_path`, that vision tower loaded over the
+    random one: stage 0's, in the tiny recipe); pretrained: our checkpoint (e.g. stage 1's model), DPN
+    modules the checkpoint lacks (fresh routers) initialised; llava_hf / components: `dpn.loading`. A
     `model.projector_path` is loaded over the projector. The embeddings grow to the tokenizer if needed.
     """
     import torch
 
-    from dpn.loading import from_components, from_llava_hf
+    from dpn.loading import from_components, from_llava_hf, load_vision_tower
     from dpn.modeling_dpn import DPNForConditionalGeneration
 
     m = cfg.model
@@ -136,6 +139,8 @@ def build_model(cfg: TrainConfig, tokenizer):
     dtype = torch.bfloat16 if cfg.scaling.precision == "bf16" else None
     if m.init == "random":
         model = DPNForConditionalGeneration(model_config(cfg, tokenizer))
+        if m.vision_path:
+            load_vision_tower(model, m.vision_path)
     elif m.init == "pretrained":
         model = DPNForConditionalGeneration.from_pretrained(m.path, local_files_only=True, **kw)
         # Modules the checkpoint lacks (stage 1 -> stage 2: routers) start fresh, from the seed.
@@ -776,6 +781,9 @@ def run_stage(
         if value == STAGE1_OUTPUT:
             raise ValueError(f"{placeholder_field}: {STAGE1_OUTPUT!r} stands for stage 1's output; run both stages "
                              "(`dpn train --recipe NAME`) or set it to a directory")
+    if cfg.model.vision_path == STAGE0_OUTPUT:
+        raise ValueError(f"model.vision_path: {STAGE0_OUTPUT!r} stands for stage 0's vision tower; run the recipe "
+                         "(`dpn train --recipe NAME`, which runs stage 0 first) or set it to a directory")
     cfg.check_paths()
     done = out / RESULT_FILE
     if done.is_file():
@@ -872,6 +880,40 @@ def chain_stage2(stage2: TrainConfig, stage1_result: StageResult) -> TrainConfig
     return replace(stage2, model=model)
 
 
+def resolve_stage0(cfg: TrainConfig, parent_run_id: str | None = None) -> TrainConfig:
+    """Run stage 0 (cached) when stage 1's `model.vision_path` is "<stage0>" and point it at the trained
+    tower; any other config is returned unchanged. A fresh stage 0 is logged as its own MLflow run."""
+    from dataclasses import replace
+
+    from pipelines.vision_pretrain import run_vision_pretrain
+
+    if cfg.model.vision_path != STAGE0_OUTPUT:
+        return cfg
+    tower, summary, cached = run_vision_pretrain(cfg)
+    if not cached:
+        log_stage0(summary, cfg, run_key=f"{cfg.recipe}-stage0-{tower.name}", parent_run_id=parent_run_id)
+    return replace(cfg, model=replace(cfg.model, vision_path=str(tower)))
+
+
+def log_stage0(summary: dict[str, Any], cfg: TrainConfig, *, run_id: str | None = None, run_key: str | None = None,
+               parent_run_id: str | None = None) -> None:
+    """Stage 0's params and per-evaluation metrics (`stage0/*`, with step=) in one MLflow run."""
+    from pipelines.tracking import RunTracker, flatten_params, resolve_parent_run_id, resolve_tracking_uri
+
+    tracker = RunTracker.open(
+        tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri, _work_dir(cfg)), work_dir=_work_dir(cfg),
+        experiment=cfg.tracking.experiment, run_name=run_key, run_id=run_id, run_key=None if run_id else run_key,
+        parent_run_id=resolve_parent_run_id(parent_run_id), tags={"dpn.stage": 0, "dpn.recipe": cfg.recipe},
+    )
+    tracker.log_params(flatten_params({"vision_pretrain": cfg.vision_pretrain, "model.preset": cfg.model.preset}))
+    for row in summary["evals"]:
+        tracker.log_metrics({"stage0/color_accuracy_pct": row["color_accuracy_pct"],
+                             "stage0/shape_accuracy_pct": row["shape_accuracy_pct"], "stage0/loss": row["loss"],
+                             "time/seconds": row["seconds"]}, step=row["step"])
+    if run_id is None:  # a run of our own; the pipeline's step run is finished by the DAG
+        tracker.finish("FINISHED")
+
+
 def run_recipe(
     name: str,
     stages: str = "all",
@@ -890,7 +932,7 @@ def run_recipe(
         if given and given != STAGE1_OUTPUT and Path(given).exists():
             results.append(StageResult(name, 1, cfg1.resolved_run_name(), None, None, given, 0, 0, status="skipped"))
         else:
-            results.append(run_stage(cfg1, parent_run_id=parent_run_id))
+            results.append(run_stage(resolve_stage0(cfg1, parent_run_id), parent_run_id=parent_run_id))
     if stages in ("2", "all"):
         cfg2 = get_recipe(name, 2, overrides)
         if results:
@@ -908,7 +950,9 @@ __all__ = [
     "deepspeed_config",
     "lr_factor",
     "model_config",
+    "log_stage0",
     "prepare_data",
+    "resolve_stage0",
     "run_recipe",
     "run_stage",
     "set_trainable",

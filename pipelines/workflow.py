@@ -1,10 +1,12 @@
 """The DPN pipeline as a workflow DAG:
 
+    stage0_vision ──────────────┐
     synth ─┬─ preprocess_pretrain ── stage1 ──┬─ stage2_dpn ────┐
            └─ preprocess_instruct ────────────┼─ stage2_static ─┼─ evaluate ── register
                                               └─ stage2_none ───┘
 
-(`synth` only for the embedded default; real corpora enter the preprocess steps directly.) Every step
+(`synth` and `stage0_vision`, the tiny recipe's vision-tower pre-training, only for the embedded default;
+real corpora enter the preprocess steps directly and real recipes start from CLIP.) Every step
 is cached by fingerprint (`pipelines.dag`), tracked as a child MLflow run of one parent run per
 pipeline execution (`pipelines.tracking`), and resumable after a crash.
 """
@@ -12,6 +14,7 @@ pipeline execution (`pipelines.tracking`), and resumable after a crash.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 from collections.abc import Callable
@@ -21,6 +24,7 @@ from typing import Any
 
 from pipelines import tracking
 from pipelines.dag import Pipeline, RunHooks, Step, StepContext, StepResult
+from pipelines.recipes import STAGE0_OUTPUT
 
 VARIANTS = ("dpn", "static", "none", "fastv", "pdrop")
 TRIGGERS = ("manual", "scheduled")
@@ -126,9 +130,23 @@ class PipelineConfig:
 # ----- named pipeline recipes --------------------------------------------------------------------
 def tiny_pipeline(**overrides: Any) -> PipelineConfig:
     """The embedded default (`make demo`): synthetic corpus, tiny models, CPU, minutes on 2 cores.
-    Sized so the whole DAG (four training stages) fits the demo's 10-minute budget on 2 cores."""
-    overrides.setdefault("corpus", CorpusConfig(n_pretrain=1024, n_instruct=1536, n_eval=300))
-    return PipelineConfig(name="tiny", train_recipe="tiny", **overrides)
+
+    Sized by what the tiny model needs to answer above chance and the demo's 10-minute budget on 2 cores:
+    stage 2 sees 6,400 instruct records (400 steps of 16; after 200 it still answers each question
+    type's prior, bench/RESULTS_learnability.md). Each stage trains on one Ray worker, so the two
+    stage-2 variants (DPN and the uncompressed baseline) run side by side, one core each: on this
+    machine that is faster than one after the other on two DeepSpeed workers each (0.77-0.83 core-s per
+    step against 0.9-0.96, and the start-up overlaps): stage 2 took 356 s for both, against 417 s.
+    Add "static" (`variants: [dpn, static, none]` in a config
+    file) for the static-pyramid ablation, a few minutes more."""
+    overrides.setdefault("corpus", CorpusConfig(n_pretrain=512, n_instruct=6400, n_eval=300))
+    overrides.setdefault("variants", ["dpn", "none"])
+    # Merged, not replaced: a config file's own train_overrides keep the one-worker default unless they set it.
+    overrides["train_overrides"] = {"scaling.num_workers": 1, **overrides.get("train_overrides", {})}
+    # setdefault: a config file may rename the pipeline or swap the training recipe.
+    overrides.setdefault("name", "tiny")
+    overrides.setdefault("train_recipe", "tiny")
+    return PipelineConfig(**overrides)
 
 
 def llava_1_5_7b_pipeline(**overrides: Any) -> PipelineConfig:
@@ -136,8 +154,9 @@ def llava_1_5_7b_pipeline(**overrides: Any) -> PipelineConfig:
     overrides.setdefault("benchmarks", ["vqav2", "gqa", "textvqa", "scienceqa", "pope", "mme", "mmbench", "seed"])
     overrides.setdefault("gate_metric", "gqa/accuracy")
     overrides.setdefault("max_cpus", 64.0)
-    return PipelineConfig(name="llava-1.5-7b", train_recipe="llava-1.5-7b", registered_model="dpn-llava-1.5-7b",
-                          **overrides)
+    for key, value in (("name", "llava-1.5-7b"), ("train_recipe", "llava-1.5-7b"), ("registered_model", "dpn-llava-1.5-7b")):
+        overrides.setdefault(key, value)
+    return PipelineConfig(**overrides)
 
 
 PIPELINE_RECIPES: dict[str, Callable[..., PipelineConfig]] = {
@@ -281,12 +300,25 @@ def step_preprocess(cfg: PipelineConfig, ctx: StepContext, split: str, template:
             "fingerprint": summary.fingerprint}
 
 
+def step_stage0(cfg: PipelineConfig, ctx: StepContext) -> dict[str, Any]:
+    """Pre-train the random vision tower (`pipelines.vision_pretrain`); needs no corpus, so it runs beside
+    synth and preprocessing."""
+    from pipelines.train import log_stage0
+    from pipelines.vision_pretrain import pretrain_vision_on_ray
+
+    stage1 = _stage_config(cfg, 1, [])
+    summary = pretrain_vision_on_ray(stage1.vision_pretrain, stage1.model.preset, ctx.out_dir / "vision_tower")
+    log_stage0(summary, stage1, run_id=ctx.run_id)
+    return {"vision_tower": "vision_tower", "summary": {k: v for k, v in summary.items() if k != "evals"}}
+
+
 def step_stage1(cfg: PipelineConfig, ctx: StepContext) -> dict[str, Any]:
     from pipelines.train import run_stage
 
     data = ctx.inputs["preprocess_pretrain"]
+    tower = [f"model.vision_path={_input_path(ctx, 'stage0_vision', 'vision_tower')}"] if "stage0_vision" in ctx.inputs else []
     stage = _stage_config(cfg, 1, [f"data.shards={_input_path(ctx, 'preprocess_pretrain', 'shards')}",
-                                   f"data.tokenizer={data.outputs['tokenizer']}", "data.synthetic=false"])
+                                   f"data.tokenizer={data.outputs['tokenizer']}", "data.synthetic=false", *tower])
     res = run_stage(stage, run_id=ctx.run_id, parent_run_id=ctx.parent_run_id, out_dir=ctx.out_dir / "stage1",
                     storage_dir=ctx.scratch_dir / "ray")
     return {"model_dir": _rel(ctx, res.model_dir), "projector_dir": _rel(ctx, res.projector_dir),
@@ -417,15 +449,25 @@ def build_pipeline(cfg: PipelineConfig, trigger: str = "manual", hooks: RunHooks
     if any(v != "dpn" for v in cfg.variants):
         steps.append(Step(name="preprocess_instruct", inputs=prep_inputs, cpus=1, config={**corpus, **train},
                           fn=lambda ctx: step_preprocess(cfg, ctx, "instruct", "vicuna_v1", False)))
-    train_cpus = min(cfg.max_cpus, 2.0)
-    steps.append(Step(name="stage1", inputs=["preprocess_pretrain"], config=train, cpus=train_cpus,
+    stage1_cfg = _stage_config(cfg, 1, [])
+    # A training step occupies a core per worker, whatever CPU share Ray reserves for it (the tiny recipe
+    # reserves 0.5 so that Ray Data can read beside it): two one-worker stages run side by side.
+    sc = stage1_cfg.scaling
+    train_cpus = min(cfg.max_cpus, sc.num_workers * max(1.0, sc.cpus_per_worker))
+    stage1_inputs = ["preprocess_pretrain"]
+    if stage1_cfg.model.vision_path == STAGE0_OUTPUT:
+        # Keyed by what stage 0 trains only: other training overrides do not re-train the tower.
+        stage0 = {"vision_pretrain": dataclasses.asdict(stage1_cfg.vision_pretrain), "preset": stage1_cfg.model.preset}
+        steps.append(Step(name="stage0_vision", config=stage0, cpus=1, fn=lambda ctx: step_stage0(cfg, ctx)))
+        stage1_inputs.append("stage0_vision")
+    steps.append(Step(name="stage1", inputs=stage1_inputs, config=train, cpus=train_cpus,
                       fn=lambda ctx: step_stage1(cfg, ctx)))
     for v in cfg.variants:
         ds = data_steps.get(v, "preprocess_instruct")
         steps.append(Step(name=f"stage2_{v}", inputs=["stage1", ds], config={**train, "variant": v}, cpus=train_cpus,
                           fn=lambda ctx, v=v, ds=ds: step_stage2(cfg, ctx, v, ds)))
     eval_inputs = [f"stage2_{v}" for v in cfg.variants] + prep_inputs
-    steps.append(Step(name="evaluate", inputs=eval_inputs, cpus=train_cpus,
+    steps.append(Step(name="evaluate", inputs=eval_inputs, cpus=min(cfg.max_cpus, 2.0),
                       config={**cfg.section("benchmarks", "eval_limit", "variants"), **corpus},
                       fn=lambda ctx: step_evaluate(cfg, ctx)))
     steps.append(Step(name="register", inputs=["evaluate"] + [f"stage2_{v}" for v in cfg.variants], cpus=0,
@@ -449,6 +491,11 @@ def run_pipeline(cfg: PipelineConfig, trigger: str = "manual", log: Callable[[st
     status, parent, results = pipe.run()
     by_name = {r.name: r for r in results}
     ev = by_name.get("evaluate")
+    chance = None  # the synthetic benchmark's chance level: a uniform guess per question type
+    synth = by_name.get("synth")
+    if synth is not None and synth.status in ("ran", "cached"):
+        manifest = json.loads((synth.out_dir / synth.outputs["corpus"] / "manifest.json").read_text())
+        chance = round(100 * manifest["eval"]["uniform_chance"], 2)
     return {
         "status": status,
         "tracking_uri": uri,
@@ -458,4 +505,5 @@ def run_pipeline(cfg: PipelineConfig, trigger: str = "manual", log: Callable[[st
         "results": ev.outputs.get("results", {}) if ev and ev.status in ("ran", "cached") else {},
         "registry": by_name["register"].outputs if "register" in by_name else {},
         "eval_summary": str(ev.out_dir / ev.outputs["summary"]) if ev and ev.outputs.get("summary") else None,
+        "synthetic_chance_pct": chance,
     }

@@ -23,7 +23,8 @@ DPN = str(Path(sys.executable).parent / "dpn")
 SMALL = """
 corpus: {n_pretrain: 64, n_instruct: 64, n_eval: 15}
 variants: [dpn, none]
-train_overrides: {optim.max_steps: 2, optim.global_batch_size: 16}
+train_overrides: {optim.max_steps: 2, optim.global_batch_size: 16, vision_pretrain.steps: 3,
+                  vision_pretrain.batch_size: 4, vision_pretrain.eval_images: 4}
 """
 
 
@@ -74,7 +75,7 @@ def test_killed_driver_resumes_without_recomputing_or_duplicate_runs(tmp_path):
     first.wait()
     before = state_of(work)
     done_before = {n for n, s in before["steps"].items() if s["status"] == "ran"}
-    assert {"synth", "preprocess_pretrain"} <= done_before
+    assert {"synth", "stage0_vision", "preprocess_pretrain"} <= done_before
     assert before["status"] == "running"
 
     again = subprocess.run(cmd, cwd=ROOT, env=env_for(work), capture_output=True, text=True, timeout=900)
@@ -85,6 +86,8 @@ def test_killed_driver_resumes_without_recomputing_or_duplicate_runs(tmp_path):
     assert statuses["stage1"] == "ran" and statuses["register"] == "ran"
     assert summary["parent_run_id"] == before["parent_run_id"], "the interrupted parent run must be resumed"
     assert set(summary["results"]) == {"dpn", "none"}
+    manifest = json.loads(next((work / "pipeline" / "steps" / "synth").glob("*/corpus/manifest.json")).read_text())
+    assert 0 < summary["synthetic_chance_pct"] == round(100 * manifest["eval"]["uniform_chance"], 2) < 100
     for row in summary["results"].values():
         assert 0.0 <= row["accuracy"]["synthetic"] <= 100.0 and row["prefill_tflops_per_sample"] > 0
     assert summary["results"]["dpn"]["prefill_tflops_per_sample"] < summary["results"]["none"]["prefill_tflops_per_sample"]
@@ -130,14 +133,20 @@ def test_plan_lists_the_dag_and_bad_configs_name_the_field(tmp_path):
     assert out.returncode == 0, out.stderr
     plan = last_json(out.stdout)["steps"]
     names = [s["name"] for s in plan]
-    assert {"synth", "preprocess_pretrain", "preprocess_instruct", "preprocess_instruct_router", "stage1",
-            "stage2_dpn", "stage2_none", "evaluate", "register"} == set(names)
+    assert {"synth", "stage0_vision", "preprocess_pretrain", "preprocess_instruct", "preprocess_instruct_router",
+            "stage1", "stage2_dpn", "stage2_none", "evaluate", "register"} == set(names)
     assert all(s["action"] == "run" for s in plan)
-    assert names.index("stage1") < names.index("stage2_dpn") < names.index("evaluate") < names.index("register")
+    assert names.index("stage0_vision") < names.index("stage1") < names.index("stage2_dpn") < names.index("evaluate") < names.index("register")
     bad = tmp_path / "bad.yaml"
     bad.write_text("variants: [dpn, turbo]\n")
     with pytest.raises(ValueError, match="turbo"):
         load_pipeline_config(None, str(bad))
+    # A config file may name the pipeline and its training recipe (the recipe's own values are defaults).
+    named = tmp_path / "named.yaml"
+    named.write_text("name: nightly\ntrain_recipe: tiny\nregistered_model: dpn-nightly\n")
+    cfg = load_pipeline_config(None, str(named))
+    assert (cfg.name, cfg.train_recipe, cfg.registered_model) == ("nightly", "tiny", "dpn-nightly")
+    assert load_pipeline_config("llava-1.5-7b", None).registered_model == "dpn-llava-1.5-7b"
     bad.write_text("varients: [dpn]\n")
     with pytest.raises(ValueError, match="varients"):
         load_pipeline_config(None, str(bad))
@@ -156,3 +165,21 @@ def test_pipeline_config_validates_eagerly():
         PipelineConfig(name="x", corpus={"synthetic": False})
     with pytest.raises(ValueError, match="eval_limit"):
         PipelineConfig(name="x", eval_limit=0)
+
+
+def test_tiny_pipeline_trains_variants_side_by_side_with_stage0_first(tmp_path):
+    from pipelines.workflow import build_pipeline, tiny_pipeline
+
+    cfg = tiny_pipeline(work_dir=str(tmp_path))
+    assert cfg.variants == ["dpn", "none"] and cfg.train_overrides == {"scaling.num_workers": 1}
+    steps = build_pipeline(cfg).steps
+    # One worker per stage = one core: the two stage-2 variants fit the 2-CPU budget together.
+    assert steps["stage2_dpn"].cpus == steps["stage2_none"].cpus == steps["stage1"].cpus == 1
+    assert steps["stage0_vision"].inputs == [] and "stage0_vision" in steps["stage1"].inputs
+    # A config file's train_overrides are merged with (and may override) the one-worker default.
+    two = tiny_pipeline(work_dir=str(tmp_path), train_overrides={"scaling.num_workers": 2, "optim.max_steps": 3})
+    assert two.train_overrides == {"scaling.num_workers": 2, "optim.max_steps": 3}
+    steps2 = build_pipeline(two).steps
+    assert steps2["stage2_dpn"].cpus == 2
+    # Stage 0 is keyed by what it trains: other training overrides leave its config (and cache) alone.
+    assert steps2["stage0_vision"].config == steps["stage0_vision"].config

@@ -28,6 +28,7 @@ from pipelines.train import (
     check_zero3,
     deepspeed_config,
     lr_factor,
+    resolve_stage0,
     run_stage,
     total_steps,
 )
@@ -37,6 +38,7 @@ from pipelines.train import (
 OVERRIDES = [
     "data.synthetic=false", "data.micro_batch_size=4", "optim.global_batch_size=16", "optim.max_steps=8",
     "checkpoint.every_n_steps=2", "tracking.system_metrics_interval_s=1",
+    "vision_pretrain.steps=3", "vision_pretrain.batch_size=4", "vision_pretrain.eval_images=4",
 ]
 
 
@@ -67,9 +69,10 @@ def test_cli_rejects_a_bad_value_before_ray_starts(capsys):
 
 
 def test_overrides_are_typed_and_the_global_batch_is_kept():
-    cfg = get_recipe("tiny", 2, ["optim.lr=3e-4", "model.train_vision_tower=true", "optim.max_steps=none"])
+    cfg = get_recipe("tiny", 2, ["optim.lr=3e-4", "model.train_vision_tower=true", "optim.max_steps=none",
+                                 "optim.global_batch_size=32"])
     assert cfg.optim.lr == 3e-4 and cfg.model.train_vision_tower is True and cfg.optim.max_steps is None
-    # tiny: global 32, micro 8: 2 workers accumulate 2 micro-batches, 1 worker 4, 4 workers 1.
+    # Global 32, micro 8: 2 workers accumulate 2 micro-batches, 1 worker 4, 4 workers 1.
     for workers, accum in ((1, 4), (2, 2), (4, 1)):
         c = apply_overrides(cfg, [f"scaling.num_workers={workers}"])
         ds = deepspeed_config(c, workers)
@@ -258,7 +261,7 @@ def corpus(work):
 def stages(ray_session, work, corpus):
     overrides = [f"work_dir={work}", f"data.image_root={corpus / 'images'}", f"data.tokenizer={corpus / 'tokenizer'}",
                  *OVERRIDES]
-    cfg1 = get_recipe("tiny", 1, [*overrides, f"data.annotations={corpus / 'pretrain.json'}"])
+    cfg1 = resolve_stage0(get_recipe("tiny", 1, [*overrides, f"data.annotations={corpus / 'pretrain.json'}"]))
     r1 = run_stage(cfg1)
     _wait_cpus_free(ray_session)
     cfg2 = chain_stage2(get_recipe("tiny", 2, [*overrides, f"data.annotations={corpus / 'instruct.json'}"]), r1)
@@ -307,12 +310,23 @@ def test_loss_goes_down(stages):
 
 @pytest.mark.slow
 def test_stage1_trains_only_the_projector(stages):
+    from dataclasses import replace
+
+    from transformers import CLIPVisionModel
+
     initial = build_model(stages["cfg1"], _tokenizer(stages["r1"])).state_dict()
     trained = _load(stages["r1"].model_dir).state_dict()
     assert set(initial) == set(trained)
     assert _changed(initial, trained, "multi_modal_projector.") == (4, 4)
     assert _changed(initial, trained, "vision_tower.")[0] == 0
     assert _changed(initial, trained, "language_model.")[0] == 0
+    # The vision tower is stage 0's (the recipe's "<stage0>" resolved to its output), not the random one.
+    stage0 = CLIPVisionModel.from_pretrained(stages["cfg1"].model.vision_path, local_files_only=True).state_dict()
+    assert all(torch.equal(trained[f"vision_tower.{k}"], v) for k, v in stage0.items())
+    random_tower = build_model(replace(stages["cfg1"], model=replace(stages["cfg1"].model, vision_path=None)),
+                               _tokenizer(stages["r1"])).state_dict()
+    n, total = _changed(random_tower, trained, "vision_tower.")
+    assert n > total // 2
 
 
 @pytest.mark.slow
