@@ -216,17 +216,6 @@ def _projector_rename(key: str) -> str:
     return key if key.startswith("multi_modal_projector.") else f"multi_modal_projector.{key}"
 
 
-def read_vision_config(vision_path: str | Path) -> PreTrainedConfig:
-    """The `CLIPVisionConfig` of a CLIP (vision) model directory; raises naming the file otherwise."""
-    vision_dir = _require_dir(vision_path, "vision tower checkpoint")
-    vision_config = _read_config(vision_dir)
-    if isinstance(vision_config, CLIPConfig):
-        vision_config = vision_config.vision_config
-    if vision_config.model_type != "clip_vision_model":
-        raise ValueError(f"{vision_dir / 'config.json'}: expected a CLIP vision model, got {vision_config.model_type!r}")
-    return vision_config
-
-
 def _rename_vision(key: str) -> str | None:
     # A CLIPModel (e.g. openai/clip-vit-large-patch14-336) keeps the tower under `vision_model.`;
     # a CLIPVisionModel saved by transformers 5 has no prefix.
@@ -261,7 +250,11 @@ def from_components(
     llm_dir = _require_dir(llm_path, "LLM checkpoint")
     vision_dir = _require_dir(vision_path, "vision tower checkpoint")
     text_config = _read_config(llm_dir)
-    vision_config = read_vision_config(vision_dir)
+    vision_config = _read_config(vision_dir)
+    if isinstance(vision_config, CLIPConfig):
+        vision_config = vision_config.vision_config
+    if vision_config.model_type != "clip_vision_model":
+        raise ValueError(f"{vision_dir / 'config.json'}: expected a CLIP vision model, got {vision_config.model_type!r}")
     fields: dict[str, Any] = dict(vision_config=vision_config, text_config=text_config)
     if tokenizer is not None:
         from dpn.constants import IMAGE_TOKEN, ROUTER_TOKEN

@@ -583,6 +583,7 @@ def _setup_engine(cfg: TrainConfig, tokenizer_dir: str, world: int, total_steps:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, cfg.optim.warmup_ratio, cfg.optim.schedule)
     )
+    _skip_shm_comm_op()
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg, world)
     )
@@ -603,6 +604,17 @@ def _setup_engine(cfg: TrainConfig, tokenizer_dir: str, world: int, total_steps:
         p for n, p in engine.module.named_parameters() if p.requires_grad and n.startswith(_SKIPPABLE_TRAINABLE)
     ] if cfg.scaling.zero_stage < 3 else []
     return engine, tokenizer, frozen, maybe_unused
+
+
+def _skip_shm_comm_op() -> None:
+    """Keep DeepSpeed from loading its shared-memory comm op. Its torch backend JIT-builds/loads the op
+    (used only by `inference_all_reduce`, never by training over gloo or NCCL) under a file lock in
+    TORCH_EXTENSIONS_DIR; a worker killed inside that window (a stopped job, a failed-worker restart)
+    leaves the lock behind and every later DeepSpeed start on the machine then waits on it forever
+    (seen: a resumed pipeline hung in `FileBaton.wait`). Marked incompatible, the op is never loaded."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _train_step(engine, group: list[dict], maybe_unused: list, t0: float) -> dict[str, float]:

@@ -449,3 +449,25 @@ def test_synthetic_data_is_generated_and_preprocessed_for_the_stage(ray_session,
     assert cfg["template"] == "vicuna_v1" and cfg["add_router_token"] is True and cfg["num_image_tokens"] == 144
     assert data.rows + sum(data.manifest["counts"]["quarantined"].values()) == 16
     assert Path(data.tokenizer, "tokenizer.json").is_file() and Path(data.shards, "manifest.json").is_file()
+
+
+def test_deepspeed_never_waits_on_a_stale_extension_lock(tmp_path, monkeypatch):
+    # A worker killed while DeepSpeed JIT-loaded its shared-memory comm op leaves this lock behind; a
+    # later DeepSpeed start that loaded the op would wait on it forever.
+    import threading
+
+    from deepspeed.comm.torch import build_shm_op
+
+    from pipelines.train import _skip_shm_comm_op
+
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    _skip_shm_comm_op()
+    box: dict = {}
+    t = threading.Thread(target=lambda: box.setdefault("op", build_shm_op()), daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "build_shm_op is waiting on the stale lock"
+    assert box["op"] is None and lock.exists()

@@ -48,7 +48,6 @@ def test_the_tower_learns_colour_and_loads_into_the_model(tmp_path):
     from dpn.modeling_dpn import DPNForConditionalGeneration
     from dpn.presets import get_preset
 
-    torch.set_num_threads(1)
     rows = []
     spec = VisionPretrainSpec(steps=80, batch_size=16, eval_every=40, eval_images=32)
     summary = pretrain_vision(spec, "tiny", tmp_path / "tower", on_eval=rows.append)
