@@ -450,21 +450,25 @@ def build_pipeline(cfg: PipelineConfig, trigger: str = "manual", hooks: RunHooks
         steps.append(Step(name="preprocess_instruct", inputs=prep_inputs, cpus=1, config={**corpus, **train},
                           fn=lambda ctx: step_preprocess(cfg, ctx, "instruct", "vicuna_v1", False)))
     stage1_cfg = _stage_config(cfg, 1, [])
-    # A training step occupies a core per worker, whatever CPU share Ray reserves for it (the tiny recipe
-    # reserves 0.5 so that Ray Data can read beside it): two one-worker stages run side by side.
-    sc = stage1_cfg.scaling
-    train_cpus = min(cfg.max_cpus, sc.num_workers * max(1.0, sc.cpus_per_worker))
+
+    def train_cpus(stage_cfg) -> float:
+        # A training stage occupies a core per worker, whatever CPU share Ray reserves for it (the tiny
+        # recipe reserves 0.5 so that Ray Data can read beside it): two one-worker stages run side by side.
+        sc = stage_cfg.scaling
+        return min(cfg.max_cpus, sc.num_workers * max(1.0, sc.cpus_per_worker))
+
     stage1_inputs = ["preprocess_pretrain"]
     if stage1_cfg.model.vision_path == STAGE0_OUTPUT:
         # Keyed by what stage 0 trains only: other training overrides do not re-train the tower.
         stage0 = {"vision_pretrain": dataclasses.asdict(stage1_cfg.vision_pretrain), "preset": stage1_cfg.model.preset}
         steps.append(Step(name="stage0_vision", config=stage0, cpus=1, fn=lambda ctx: step_stage0(cfg, ctx)))
         stage1_inputs.append("stage0_vision")
-    steps.append(Step(name="stage1", inputs=stage1_inputs, config=train, cpus=train_cpus,
+    steps.append(Step(name="stage1", inputs=stage1_inputs, config=train, cpus=train_cpus(stage1_cfg),
                       fn=lambda ctx: step_stage1(cfg, ctx)))
+    stage2_cpus = train_cpus(_stage_config(cfg, 2, []))
     for v in cfg.variants:
         ds = data_steps.get(v, "preprocess_instruct")
-        steps.append(Step(name=f"stage2_{v}", inputs=["stage1", ds], config={**train, "variant": v}, cpus=train_cpus,
+        steps.append(Step(name=f"stage2_{v}", inputs=["stage1", ds], config={**train, "variant": v}, cpus=stage2_cpus,
                           fn=lambda ctx, v=v, ds=ds: step_stage2(cfg, ctx, v, ds)))
     eval_inputs = [f"stage2_{v}" for v in cfg.variants] + prep_inputs
     steps.append(Step(name="evaluate", inputs=eval_inputs, cpus=min(cfg.max_cpus, 2.0),
