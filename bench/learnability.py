@@ -8,11 +8,15 @@
     .venv/bin/python bench/learnability.py probe --skills both --steps 400   # two question types
     .venv/bin/python bench/learnability.py vision --steps 1500 --batch 32 --lr 1e-3 --save /tmp/vit  # = stage 0
     .venv/bin/python bench/learnability.py corpus --corpus /tmp/c --shards /tmp/c-instruct --vision /tmp/vit --steps 600
+    .venv/bin/python bench/learnability.py oracle --corpus /tmp/c --out /tmp/c-oracle.json  # images -> scene text
+    dpn preprocess --annotations /tmp/c-oracle.json --image-root /tmp/c/images --tokenizer /tmp/c/tokenizer \
+        --template vicuna_v1 --out /tmp/c-oracle
+    .venv/bin/python bench/learnability.py corpus --corpus /tmp/c --shards /tmp/c-oracle --text-oracle --steps 400
 
 Why a plain loop and not `dpn train`: the question here is how many optimizer steps (and which data mix)
 the tiny geometry needs before it reads the image, and iterating on that through Ray Train + DeepSpeed
 costs ~30-60 s of start-up per try. The loop trains the same `tiny` model with the recipes' optimizer
-(AdamW, warmup + cosine from `pipelines.train.lr_factor`, global-norm clipping) on the micro-batches the
+(AdamW, warmup + the schedule from `pipelines.train.lr_factor`, global-norm clipping) on the micro-batches the
 training loader makes (`pipelines.data.loader.iter_micro_batches`), and scores with the pipeline's own
 `predict` + `score_synthetic`, so a step count found here carries over to the recipes (whose global batch
 is spread over workers, which changes nothing but wall time).
@@ -30,6 +34,10 @@ Modes:
             of fresh ones (memorisation). Accuracy (argmax over the ten answer words) on 96 held-out
             images per skill. It separates "the architecture cannot learn from pixels" from "the
             corpus mix is too hard for the budget".
+    oracle  write `--out`, the corpus' instruct.json with every image replaced by its scene as text ("Scene:
+            a large red circle."; the corpus' own caption of the scene): preprocess it and train `corpus
+            --text-oracle` on it to see how fast the tiny LLM learns the questions from a perfect symbolic
+            description, i.e. whether the vision side or the LLM limits learning.
     vision  the tiny recipe's stage 0 (`pipelines.vision_pretrain`): pre-train the tiny vision tower alone
             to name the colour and shape of the object under each patch (scenes drawn by the corpus
             generator; labels from the scene geometry) and `--save` it for `corpus --vision`: what a
@@ -96,6 +104,32 @@ def _step(loss_fn, params, opt, micro_batches, step: int, args) -> float:
     return total
 
 
+# ----- text oracle ----------------------------------------------------------------------------------
+def _scene_text(scene: dict) -> str:
+    """A scene record (`scenes.jsonl`) as the text that replaces its image: the corpus' caption."""
+    from pipelines import synth
+
+    sc = synth.Scene(scene["width"], scene["height"], scene["background"], [synth.Obj(**o) for o in scene["objects"]])
+    return f"Scene: {synth.caption(sc)}."
+
+
+def run_oracle(args) -> dict:
+    from dpn.constants import IMAGE_TOKEN
+
+    corpus = Path(args.corpus)
+    with open(corpus / "scenes.jsonl") as f:
+        scenes = {d["image"]: d for d in map(json.loads, f)}
+    records = json.loads((corpus / "instruct.json").read_text())
+    replaced = 0
+    for r in records:
+        if "image" in r:
+            turn = r["conversations"][0]
+            turn["value"] = turn["value"].replace(IMAGE_TOKEN, _scene_text(scenes[r.pop("image")]))
+            replaced += 1
+    Path(args.out).write_text(json.dumps(records))
+    return {"mode": "oracle", "records": len(records), "images_replaced": replaced, "out": args.out}
+
+
 # ----- corpus mode ----------------------------------------------------------------------------------
 def run_corpus(args) -> dict:
     import pyarrow.parquet as pq
@@ -123,6 +157,14 @@ def run_corpus(args) -> dict:
         raise ValueError(f"--shards {args.shards}: {info.num_image_tokens} visual tokens per image, the tiny model "
                          f"takes {model.config.num_image_tokens}; preprocess with the tiny geometry")
     bench = load_benchmark("synthetic", corpus / "eval", limit=args.eval_limit)
+    if args.text_oracle:  # the questions with their scene as text, no image (shards from `oracle`)
+        import dataclasses
+
+        with open(corpus / "eval" / "synthetic" / "scenes.jsonl") as f:
+            scenes = {d["question_id"]: d for d in map(json.loads, f)}
+        bench = dataclasses.replace(bench, items=[
+            dataclasses.replace(it, text=f"{_scene_text(scenes[it.question_id])}\n{it.text}", image=None)
+            for it in bench.items])
     truth = {g["question_id"]: g for g in bench.ground_truth}
     processor = build_image_processor(model.config.vision_config.image_size)
     params, opt = _optimizer(model, args)
@@ -269,18 +311,22 @@ def run_vision(args) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("mode", choices=("corpus", "probe", "vision"))
+    ap.add_argument("mode", choices=("corpus", "probe", "vision", "oracle"))
     ap.add_argument("--corpus", help="corpus / vision mode: a `dpn synth` output directory")
     ap.add_argument("--shards", help="corpus mode: `dpn preprocess` output of its instruct.json (tiny geometry)")
     ap.add_argument("--init", help="corpus mode: start from this saved model (an earlier run's --save)")
     ap.add_argument("--vision", help="corpus mode: a random model with this vision tower (a `vision --save`)")
     ap.add_argument("--save", help="corpus mode: save the trained model here; vision mode: the trained tower")
+    ap.add_argument("--out", help="oracle mode: where to write the text-oracle annotations (a LLaVA JSON array)")
+    ap.add_argument("--text-oracle", action="store_true",
+                    help="corpus mode: ask the benchmark with each image's scene as text (shards made from `oracle`)")
     ap.add_argument("--compressor", default="none", choices=("none", "dpn", "static"))
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=16, help="samples per optimizer step")
     ap.add_argument("--micro-batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (the tiny stage-2 recipe's)")
-    ap.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant"))
+    ap.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (the tiny stage-2 recipe's)")
+    ap.add_argument("--schedule", default="constant", choices=("cosine", "linear", "constant"),
+                    help="lr schedule after warmup (the tiny stage-2 recipe's: constant)")
     ap.add_argument("--warmup-ratio", type=float, default=0.03)
     ap.add_argument("--grad-clip", type=float, default=1.0)
     ap.add_argument("--train-vision-tower", action=argparse.BooleanOptionalAction, default=False,
@@ -304,13 +350,15 @@ def main(argv=None) -> int:
         ap.error(f"--batch {args.batch} must be a multiple of --micro-batch {args.micro_batch}")
     if args.mode == "corpus" and not (args.corpus and args.shards):
         ap.error("corpus mode needs --corpus and --shards")
+    if args.mode == "oracle" and not (args.corpus and args.out):
+        ap.error("oracle mode needs --corpus and --out")
     if args.init and args.vision:
         ap.error("--init (a whole saved model) and --vision (a tower for a random model) exclude each other")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
     torch.set_num_threads(args.threads)
-    summary = {"corpus": run_corpus, "probe": run_probe, "vision": run_vision}[args.mode](args)
+    summary = {"corpus": run_corpus, "probe": run_probe, "vision": run_vision, "oracle": run_oracle}[args.mode](args)
     print(json.dumps(summary))
     return 0
 

@@ -73,13 +73,16 @@ def run_and_report(recipe: str | None, config_file: str | None, work_dir: str | 
         # Flush Ray's forwarded worker logs now, so the JSON summary really is the last stdout line.
         ray.shutdown()
     if demo and summary["eval_summary"]:
-        from pipelines.evaluate import format_table
+        from pipelines.evaluate import format_category_table, format_table
 
         with open(summary["eval_summary"]) as f:
-            print(format_table(json.load(f)))
+            eval_summary = json.load(f)
+        print(format_table(eval_summary))
         if summary.get("synthetic_chance_pct") is not None:
             print(f"chance on the synthetic benchmark (a uniform guess per question type): "
                   f"{summary['synthetic_chance_pct']:.2f}")
+        if summary.get("synthetic_chance_by_category_pct"):
+            print("\n" + format_category_table(eval_summary, summary["synthetic_chance_by_category_pct"]))
         reg = summary.get("registry") or {}
         if reg:
             print(f"\nregistry: {reg['model']} v{reg['version']} "

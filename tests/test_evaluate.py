@@ -281,6 +281,13 @@ def test_outputs_and_metrics(fanned_out, assets):
     for fig in summary["figures"].values():
         assert Path(fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "tiny" in ev.format_table(summary) and "acc/hard" in ev.format_table(summary)
+    chance = {"color": 16.67, "shape": 25.0, "count": 25.0, "position": 50.0, "existence": 50.0}
+    table = ev.format_category_table(summary, chance).splitlines()
+    assert table[0].split() == ["per", "question", "type", *chance]
+    assert table[1].split() == ["chance", "16.67", "25.00", "25.00", "50.00", "50.00"]
+    for line, row in zip(table[2:], summary["rows"], strict=True):
+        per = row["metrics"]["synthetic"]["per_category"]
+        assert line.split() == [f"{row['model']}/{row['compressor']}", *[f"{per[c]:.2f}" for c in chance]]
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionModel, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
 
-from dpn.configuration_dpn import DPNConfig
+from dpn.configuration_dpn import DPNConfig, default_dpe_layers
 from dpn.constants import IGNORE_INDEX
 from dpn.loading import from_components, from_llava_hf
 from dpn.modeling_dpn import DPNForConditionalGeneration
@@ -317,5 +317,6 @@ def test_default_dpe_layers_end_each_quarter():
     from dpn.presets import llava_1_5_7b, tiny
 
     assert llava_1_5_7b().dpe_layers == [7, 15, 23]
-    assert tiny().dpe_layers == [1, 3, 5]
+    assert tiny().dpe_layers == [0, 1, 2]
+    assert default_dpe_layers(8) == [1, 3, 5]
     assert isinstance(llava_1_5_7b(), DPNConfig)

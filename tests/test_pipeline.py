@@ -88,6 +88,8 @@ def test_killed_driver_resumes_without_recomputing_or_duplicate_runs(tmp_path):
     assert set(summary["results"]) == {"dpn", "none"}
     manifest = json.loads(next((work / "pipeline" / "steps" / "synth").glob("*/corpus/manifest.json")).read_text())
     assert 0 < summary["synthetic_chance_pct"] == round(100 * manifest["eval"]["uniform_chance"], 2) < 100
+    assert summary["synthetic_chance_by_category_pct"] == {
+        k: round(100 * v["chance"], 2) for k, v in manifest["eval"]["categories"].items()}
     for row in summary["results"].values():
         assert 0.0 <= row["accuracy"]["synthetic"] <= 100.0 and row["prefill_tflops_per_sample"] > 0
     assert summary["results"]["dpn"]["prefill_tflops_per_sample"] < summary["results"]["none"]["prefill_tflops_per_sample"]
