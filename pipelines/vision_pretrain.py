@@ -69,11 +69,15 @@ def patch_labels(scene, image_size: int, patch: int) -> tuple[list[int], list[in
 
 
 def spec_fingerprint(spec: VisionPretrainSpec, preset: str) -> str:
-    """sha256 (first 12 hex) of what the stage trains: the spec, the tower geometry, the scene generator."""
+    """sha256 (first 12 hex) of what the stage trains: the spec, the tower geometry, the scene generator.
+    The geometry is the preset's vision config itself, not its name: a preset whose tower changes (image
+    size, patches, width) must not pick up a tower cached under the old one."""
+    from dpn.presets import get_preset
     from pipelines import synth
 
-    blob = json.dumps({"spec": dataclasses.asdict(spec), "preset": preset, "generator": synth.GENERATOR_VERSION},
-                      sort_keys=True)
+    tower = get_preset(preset).vision_config.to_dict()
+    blob = json.dumps({"spec": dataclasses.asdict(spec), "preset": preset, "tower": tower,
+                       "generator": synth.GENERATOR_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

@@ -97,6 +97,20 @@ def test_stage0_is_cached_by_fingerprint_and_never_takes_a_half_written_tower(tm
     assert (again, cached2, calls) == (out, True, [2]) and summary2 == summary
     longer = get_recipe("tiny", 1, [*small, "vision_pretrain.steps=3"])
     assert spec_fingerprint(longer.vision_pretrain, "tiny") != fp
+    # Same preset name, another tower geometry: not the cached tower.
+    import dpn.presets
+
+    tiny = dpn.presets.PRESETS["tiny"]
+
+    def larger_images(**kw):
+        c = tiny(**kw)
+        c.vision_config.image_size = 64
+        return c
+
+    monkeypatch.setitem(dpn.presets.PRESETS, "tiny", larger_images)
+    assert spec_fingerprint(cfg.vision_pretrain, "tiny") != fp
+    monkeypatch.setitem(dpn.presets.PRESETS, "tiny", tiny)
+    assert spec_fingerprint(cfg.vision_pretrain, "tiny") == fp  # deterministic
 
 
 def test_stage0_placeholder_is_validated():
