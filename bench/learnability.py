@@ -6,6 +6,7 @@
     .venv/bin/python bench/learnability.py corpus --corpus /tmp/c --shards /tmp/c-instruct --steps 600
     .venv/bin/python bench/learnability.py probe --steps 300                # the single-object colour probe
     .venv/bin/python bench/learnability.py probe --skills both --steps 400   # two question types
+    .venv/bin/python bench/learnability.py probe --objects 2 --vision /tmp/vit --steps 1200 --eval-every 200  # binding
     .venv/bin/python bench/learnability.py vision --steps 1500 --batch 32 --lr 1e-3 --save /tmp/vit  # = stage 0
     .venv/bin/python bench/learnability.py corpus --corpus /tmp/c --shards /tmp/c-instruct --vision /tmp/vit --steps 600
     .venv/bin/python bench/learnability.py oracle --corpus /tmp/c --out /tmp/c-oracle.json  # images -> scene text
@@ -29,7 +30,9 @@ Modes:
     probe   the easiest visual task there is: one large object of one of the six corpus colours on a
             corpus canvas (drawn by `pipelines.synth.render`), "what colour" -> the colour's token
             right after the image; `--objects 2` asks the colour of the object of a named shape among
-            two (binding); `--skills shape|both` asks the shape, or colour or shape drawn per sample
+            two (binding; `--hops 1` puts the answer right after the shape word instead of one token
+            later; `--vision` starts from stage 0's tower); `--skills shape|both` asks the shape, or
+            colour or shape drawn per sample
             (two question types, as the corpus has five); `--pool N` trains on N fixed samples instead
             of fresh ones (memorisation). Accuracy (argmax over the ten answer words) on 96 held-out
             images per skill. It separates "the architecture cannot learn from pixels" from "the
@@ -63,15 +66,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 TRAIN_PREFIXES = ("multi_modal_projector.", "language_model.", "routers.", "pool_experts.")
 
 
-def _model(compressor: str, vocab_size: int, pad_token_id: int, seed: int):
+def _model(compressor: str, vocab_size: int, pad_token_id: int, seed: int, init_std: float | None = None):
     import torch
 
     from dpn.modeling_dpn import DPNForConditionalGeneration
     from dpn.presets import get_preset
 
     torch.manual_seed(seed)
-    return DPNForConditionalGeneration(get_preset("tiny", vocab_size=vocab_size, pad_token_id=pad_token_id,
-                                                  compressor=compressor))
+    config = get_preset("tiny", vocab_size=vocab_size, pad_token_id=pad_token_id, compressor=compressor)
+    if init_std is not None:  # std of the LLM's (and projector's) random init; the preset's is 0.02
+        config.text_config.initializer_range = init_std
+    return DPNForConditionalGeneration(config)
 
 
 def _optimizer(model, args):
@@ -144,7 +149,7 @@ def run_corpus(args) -> dict:
     manifest = json.loads((corpus / "manifest.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(str(corpus / "tokenizer"), local_files_only=True)
     info = open_shards(args.shards)
-    model = _model(args.compressor, max(len(tokenizer), 64), tokenizer.pad_token_id, args.seed)
+    model = _model(args.compressor, max(len(tokenizer), 64), tokenizer.pad_token_id, args.seed, args.init_std)
     if args.init:  # a curriculum: continue from an earlier run's `--save`
         from dpn.modeling_dpn import DPNForConditionalGeneration
 
@@ -191,6 +196,7 @@ def run_corpus(args) -> dict:
             "accuracy_pct": round(scores["accuracy"], 2),
             "per_category_pct": {k: round(v, 1) for k, v in scores["per_category"].items()},
             "per_difficulty_pct": {k: round(v, 1) for k, v in scores["per_difficulty"].items()},
+            "per_category_difficulty_pct": {k: round(v, 1) for k, v in scores["per_category_difficulty"].items()},
             # 1 distinct answer per category = the image is ignored (answers are the question type's prior).
             "distinct_answers": {k: len(v) for k, v in sorted(by_category.items())},
             "routing_paths": dict(Counter(r["metadata"]["routing_path"] for r in records)),
@@ -245,7 +251,11 @@ def run_probe(args) -> dict:
     # Token ids of a 64-word toy vocabulary: bos 1, eos 2, pad 3, <image> 4, <ROUTER> 5; questions
     # "what colour is [shape k]" = 10, 11, 12+k and "what shape is [colour k]" = 10, 16, 17+k; answers
     # 40-45 (the six colours) and 46-49 (the four shapes); 50-63 fill the fixed prefix / gap.
-    model = _model(args.compressor, 64, 3, args.seed)
+    model = _model(args.compressor, 64, 3, args.seed, args.init_std)
+    if args.vision:  # stage 0's tower instead of a random one (the tiny recipe's start)
+        from dpn.loading import load_vision_tower
+
+        load_vision_tower(model, args.vision)
     n_img = model.config.num_image_tokens
     processor = build_image_processor(model.config.vision_config.image_size)
     skills = ("color", "shape") if args.skills == "both" else (args.skills,)
@@ -259,7 +269,10 @@ def run_probe(args) -> dict:
     def collate(samples):
         prefix = [50 + i % 14 for i in range(args.prefix_tokens)]  # a fixed "system prompt"
         gap = [50 + (5 * i) % 14 for i in range(args.gap_tokens)]  # fixed words between image and question
-        ids = torch.tensor([[1] + prefix + [4] * n_img + gap + q + [5, a, 2] for _, q, a, _ in samples])
+        # --hops 2: <ROUTER> between the asked word and the answer, so the answer's position must first
+        # fetch the word, then the image (as after LLaVA's prompt); 1: the answer right after the word.
+        ids = torch.tensor([[1] + prefix + [4] * n_img + gap + (q + [5] if args.hops == 2 else [5] + q) + [a, 2]
+                            for _, q, a, _ in samples])
         labels = ids.clone()
         labels[:, :-2] = -100  # the answer and eos only
         pixels = torch.stack([p for p, _, _, _ in samples])
@@ -289,7 +302,8 @@ def run_probe(args) -> dict:
                    "train_loss": round(loss, 4), "seconds": round(time.perf_counter() - t0, 1)}
             evals.append(row)
             print(json.dumps(row), flush=True)
-    return {"mode": "probe", "objects": args.objects, "skills": list(skills), "pool": args.pool,
+    return {"mode": "probe", "objects": args.objects, "skills": list(skills), "pool": args.pool, "hops": args.hops,
+            "init_std": args.init_std,
             "chance_pct": {"color": round(100 / 6, 1), "shape": 25.0}, "final": evals[-1],
             "best_accuracy_pct": max(e["accuracy_pct"] for e in evals), "steps": args.steps, "batch": args.batch,
             "lr": args.lr, "seconds_per_step": round((time.perf_counter() - t0) / args.steps, 3)}
@@ -315,7 +329,7 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus", help="corpus / vision mode: a `dpn synth` output directory")
     ap.add_argument("--shards", help="corpus mode: `dpn preprocess` output of its instruct.json (tiny geometry)")
     ap.add_argument("--init", help="corpus mode: start from this saved model (an earlier run's --save)")
-    ap.add_argument("--vision", help="corpus mode: a random model with this vision tower (a `vision --save`)")
+    ap.add_argument("--vision", help="corpus / probe mode: a random model with this vision tower (a `vision --save`)")
     ap.add_argument("--save", help="corpus mode: save the trained model here; vision mode: the trained tower")
     ap.add_argument("--out", help="oracle mode: where to write the text-oracle annotations (a LLaVA JSON array)")
     ap.add_argument("--text-oracle", action="store_true",
@@ -336,6 +350,11 @@ def main(argv=None) -> int:
     ap.add_argument("--objects", type=int, default=1, choices=(1, 2), help="probe mode: objects per image")
     ap.add_argument("--prefix-tokens", type=int, default=0, help="probe mode: fixed text tokens before the image")
     ap.add_argument("--gap-tokens", type=int, default=0, help="probe mode: fixed text tokens after the image")
+    ap.add_argument("--hops", type=int, default=2, choices=(1, 2),
+                    help="probe mode: 2 = a token between the question's last word and the answer (the answer's "
+                         "position fetches the word, then the image); 1 = the answer right after the word")
+    ap.add_argument("--init-std", type=float, default=None,
+                    help="std of the random LLM's init (the tiny preset's: 0.02)")
     ap.add_argument("--skills", default="color", choices=("color", "shape", "both"),
                     help="probe mode: what the questions ask (both: colour or shape, drawn per sample)")
     ap.add_argument("--pool", type=int, default=0,

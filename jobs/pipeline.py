@@ -82,7 +82,10 @@ def run_and_report(recipe: str | None, config_file: str | None, work_dir: str | 
             print(f"chance on the synthetic benchmark (a uniform guess per question type): "
                   f"{summary['synthetic_chance_pct']:.2f}")
         if summary.get("synthetic_chance_by_category_pct"):
-            print("\n" + format_category_table(eval_summary, summary["synthetic_chance_by_category_pct"]))
+            from pipelines.synth import DIFFICULTIES
+
+            print("\n" + format_category_table(eval_summary, summary["synthetic_chance_by_category_pct"],
+                                               difficulties=DIFFICULTIES))
         reg = summary.get("registry") or {}
         if reg:
             print(f"\nregistry: {reg['model']} v{reg['version']} "

@@ -863,16 +863,22 @@ def format_table(summary: Mapping[str, Any]) -> str:
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)) for line in lines)
 
 
-def format_category_table(summary: Mapping[str, Any], chance_pct: Mapping[str, float], benchmark: str = "synthetic"
-                          ) -> str:
+def format_category_table(summary: Mapping[str, Any], chance_pct: Mapping[str, float], benchmark: str = "synthetic",
+                          difficulties: Sequence[str] = ()) -> str:
     """Accuracy per question type of `benchmark` (its scorer's `per_category`), one line per model, under a
-    line of each type's chance level: which skills a model has learned, which it only guesses."""
+    line of each type's chance level: which skills a model has learned, which it only guesses. With
+    `difficulties`, each model's line is followed by one line per difficulty (the scorer's
+    `per_category_difficulty`): whether a skill holds beyond the easy, one-object scenes."""
     categories = list(chance_pct)
     lines = [["per question type", *categories], ["chance", *[_fmt(chance_pct[c]) for c in categories]]]
     for r in summary["rows"]:
-        per = r.get("metrics", {}).get(benchmark, {}).get("per_category")
+        metrics = r.get("metrics", {}).get(benchmark, {})
+        per = metrics.get("per_category")
         if per is not None:
             lines.append([f"{r['model']}/{r['compressor']}", *[_fmt(per.get(c)) for c in categories]])
+            cells = metrics.get("per_category_difficulty", {})
+            for d in difficulties:
+                lines.append([f"  {d}", *[_fmt(cells.get(f"{c}/{d}")) for c in categories]])
     widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines)
 

@@ -288,6 +288,15 @@ def test_outputs_and_metrics(fanned_out, assets):
     for line, row in zip(table[2:], summary["rows"], strict=True):
         per = row["metrics"]["synthetic"]["per_category"]
         assert line.split() == [f"{row['model']}/{row['compressor']}", *[f"{per[c]:.2f}" for c in chance]]
+    # With difficulties: each model's line, then one line per difficulty from the category x difficulty cells.
+    table = ev.format_category_table(summary, chance, difficulties=("easy", "hard")).splitlines()
+    assert len(table) == 2 + 3 * len(summary["rows"])
+    for i, row in enumerate(summary["rows"]):
+        cells = row["metrics"]["synthetic"]["per_category_difficulty"]
+        for j, d in enumerate(("easy", "hard")):
+            line = table[2 + 3 * i + 1 + j]
+            assert line.startswith(f"  {d}")
+            assert line.split()[1:] == [f"{cells[f'{c}/{d}']:.2f}" if f"{c}/{d}" in cells else "-" for c in chance]
 
 
 @pytest.mark.slow

@@ -368,10 +368,12 @@ def test_synthetic_per_difficulty_and_category():
     # wrong; "green" wrong. Overall 2/4; easy 1/1, hard 1/3; color 1/2, count 1/1, existence 0/1.
     p = preds(("s1", "Two."), ("s2", "The red circle"), ("s3", "Yes, there is"), ("s4", "green"))
     out = score("synthetic", p, gt)
-    assert set(out) == {"accuracy", "per_difficulty", "per_category"}
+    assert set(out) == {"accuracy", "per_difficulty", "per_category", "per_category_difficulty"}
     assert out["accuracy"] == pytest.approx(50.0)
     assert out["per_difficulty"] == pytest.approx({"easy": 100.0, "hard": 100 / 3})
     assert out["per_category"] == pytest.approx({"color": 50.0, "count": 100.0, "existence": 0.0})
+    assert out["per_category_difficulty"] == pytest.approx(
+        {"color/hard": 50.0, "count/easy": 100.0, "existence/hard": 0.0})
 
 
 # ------------------------------------------------------------------------------------------------

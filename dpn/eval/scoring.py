@@ -16,7 +16,7 @@ official tools they call); where this module deliberately differs, the docstring
 | scienceqa | answer (letter), num_choices, has_image | accuracy, img_accuracy | LLaVA eval_science_qa.py parsing |
 | mmbench | answer (letter), options {letter: text} | circular_accuracy, single_accuracy | opencompass eval_mmbench.py matching, no GPT |
 | seed | answer (letter), question_type_id | accuracy, per_type | exact match (convert_seed_for_submission.py) |
-| synthetic | answer, difficulty, category | accuracy, per_difficulty, per_category | exact match after `evalai_normalize` |
+| synthetic | answer, difficulty, category | accuracy, per_difficulty, per_category, per_category_difficulty | exact match after `evalai_normalize` |
 
 All accuracies and ratios are percentages in [0, 100], unrounded (the official tools print 2 decimals);
 MME reports scores (a subtask scores 100 * (acc + acc+), at most 200).
@@ -523,11 +523,13 @@ def score_synthetic(pairs: Sequence[Pair]) -> dict[str, Any]:
     ("Two." == "2", "the red one" == "red 1"), overall and by difficulty and category."""
     by_difficulty: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     by_category: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    # Category x difficulty: whether a skill is learned only where it needs no binding (one object).
+    by_cell: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     correct = 0
     for g, text in pairs:
         hit = evalai_normalize(text) == evalai_normalize(_field(g, "answer", str))
-        for table, name in ((by_difficulty, "difficulty"), (by_category, "category")):
-            bucket = table[_field(g, name, str)]
+        category, difficulty = _field(g, "category", str), _field(g, "difficulty", str)
+        for bucket in (by_difficulty[difficulty], by_category[category], by_cell[f"{category}/{difficulty}"]):
             bucket[0] += hit
             bucket[1] += 1
         correct += hit
@@ -535,6 +537,7 @@ def score_synthetic(pairs: Sequence[Pair]) -> dict[str, Any]:
         "accuracy": _percent(correct, len(pairs)),
         "per_difficulty": {k: _percent(c, n) for k, (c, n) in sorted(by_difficulty.items())},
         "per_category": {k: _percent(c, n) for k, (c, n) in sorted(by_category.items())},
+        "per_category_difficulty": {k: _percent(c, n) for k, (c, n) in sorted(by_cell.items())},
     }
 
 
