@@ -293,6 +293,7 @@ def test_outputs_and_metrics(fanned_out, assets):
     assert len(table) == 2 + 3 * len(summary["rows"])
     for i, row in enumerate(summary["rows"]):
         cells = row["metrics"]["synthetic"]["per_category_difficulty"]
+        assert cells and set(cells) <= {f"{c}/{d}" for c in chance for d in ("easy", "medium", "hard")}
         for j, d in enumerate(("easy", "hard")):
             line = table[2 + 3 * i + 1 + j]
             assert line.startswith(f"  {d}")

@@ -520,7 +520,8 @@ def _type_order(item: tuple[str, Any]) -> tuple[int, int | str]:
 
 def score_synthetic(pairs: Sequence[Pair]) -> dict[str, Any]:
     """The project's synthetic benchmark: exact match after `evalai_normalize` on both sides
-    ("Two." == "2", "the red one" == "red 1"), overall and by difficulty and category."""
+    ("Two." == "2", "the red one" == "red 1"), overall, by difficulty, by category and by both
+    (`per_category_difficulty`, keys "category/difficulty")."""
     by_difficulty: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     by_category: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     # Category x difficulty: whether a skill is learned only where it needs no binding (one object).
