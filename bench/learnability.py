@@ -373,6 +373,8 @@ def main(argv=None) -> int:
         ap.error("oracle mode needs --corpus and --out")
     if args.init and args.vision:
         ap.error("--init (a whole saved model) and --vision (a tower for a random model) exclude each other")
+    if args.init and args.init_std is not None:
+        ap.error(f"--init-std {args.init_std} sets a random LLM's init; --init {args.init} loads trained weights instead")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
