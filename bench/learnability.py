@@ -13,6 +13,9 @@
     dpn preprocess --annotations /tmp/c-oracle.json --image-root /tmp/c/images --tokenizer /tmp/c/tokenizer \
         --template vicuna_v1 --out /tmp/c-oracle
     .venv/bin/python bench/learnability.py corpus --corpus /tmp/c --shards /tmp/c-oracle --text-oracle --steps 400
+    .venv/bin/python bench/learnability.py text --max-objects 4 --repeat 10 --filler 144 --steps 1200  # no image
+    .venv/bin/python bench/learnability.py vision --patch-size 8 --steps 1000 --batch 32 --lr 1e-3 --save /tmp/vit8
+    .venv/bin/python bench/learnability.py probe --objects 2 --patch-size 8 --vision /tmp/vit8 --init-std 0.1 --steps 800
 
 Why a plain loop and not `dpn train`: the question here is how many optimizer steps (and which data mix)
 the tiny geometry needs before it reads the image, and iterating on that through Ray Train + DeepSpeed
@@ -41,10 +44,19 @@ Modes:
             a large red circle."; the corpus' own caption of the scene): preprocess it and train `corpus
             --text-oracle` on it to see how fast the tiny LLM learns the questions from a perfect symbolic
             description, i.e. whether the vision side or the LLM limits learning.
+    text    the binding probe's question ("what colour is the [shape]", 2 to `--max-objects` objects) with
+            the scene as tokens and no image, on the tiny LLM alone: one token per object naming colour
+            and shape together (what a patch feature holds), `--repeat`ed and shuffled among `--filler`
+            background tokens (as an image's patches), or `--separate` words per object (colour, shape,
+            comma: as captions and the oracle write scenes). How many steps binding takes when the
+            vision side is perfect, and what the scene's length and form cost.
     vision  the tiny recipe's stage 0 (`pipelines.vision_pretrain`): pre-train the tiny vision tower alone
             to name the colour and shape of the object under each patch (scenes drawn by the corpus
             generator; labels from the scene geometry) and `--save` it for `corpus --vision`: what a
             CLIP-initialised recipe starts with and a random tiny one lacks.
+
+`--patch-size P` (corpus / probe / vision) swaps the tiny tower's 4-px patches for P-px ones on the same
+48-px image ((48 / P)^2 visual tokens): a bench-local geometry, not a preset.
 
 Use one torch thread per process (the default here): two threads on two busy cores ran 25x slower.
 Prints one JSON line per evaluation and a JSON summary as the last stdout line.
@@ -66,14 +78,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 TRAIN_PREFIXES = ("multi_modal_projector.", "language_model.", "routers.", "pool_experts.")
 
 
-def _model(compressor: str, vocab_size: int, pad_token_id: int, seed: int, init_std: float | None = None):
+def _preset(patch_size: int | None) -> str:
+    """The preset the bench builds: `tiny`, or with `--patch-size P` a bench-local variant of it whose tower
+    cuts the 48-px image into P-px patches ((48 / P)^2 visual tokens), registered under `tiny-patchP`."""
+    if not patch_size:
+        return "tiny"
+    from dpn.presets import PRESETS, tiny
+
+    side = tiny().vision_config.image_size
+    if patch_size < 1 or side % patch_size:
+        raise ValueError(f"--patch-size {patch_size} must divide the tiny image side {side}")
+
+    def variant(**overrides):
+        config = tiny(**overrides)
+        config.vision_config.patch_size = patch_size  # num_image_tokens follows (a property of the grid)
+        return config
+
+    PRESETS[f"tiny-patch{patch_size}"] = variant
+    return f"tiny-patch{patch_size}"
+
+
+def _model(compressor: str, vocab_size: int, pad_token_id: int, seed: int, init_std: float | None = None,
+           patch_size: int | None = None):
     import torch
 
     from dpn.modeling_dpn import DPNForConditionalGeneration
     from dpn.presets import get_preset
 
     torch.manual_seed(seed)
-    config = get_preset("tiny", vocab_size=vocab_size, pad_token_id=pad_token_id, compressor=compressor)
+    config = get_preset(_preset(patch_size), vocab_size=vocab_size, pad_token_id=pad_token_id, compressor=compressor)
     if init_std is not None:  # std of the LLM's (and projector's) random init; the preset's is 0.02
         config.text_config.initializer_range = init_std
     return DPNForConditionalGeneration(config)
@@ -149,7 +182,8 @@ def run_corpus(args) -> dict:
     manifest = json.loads((corpus / "manifest.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(str(corpus / "tokenizer"), local_files_only=True)
     info = open_shards(args.shards)
-    model = _model(args.compressor, max(len(tokenizer), 64), tokenizer.pad_token_id, args.seed, args.init_std)
+    model = _model(args.compressor, max(len(tokenizer), 64), tokenizer.pad_token_id, args.seed, args.init_std,
+                   args.patch_size)
     if args.init:  # a curriculum: continue from an earlier run's `--save`
         from dpn.modeling_dpn import DPNForConditionalGeneration
 
@@ -251,7 +285,7 @@ def run_probe(args) -> dict:
     # Token ids of a 64-word toy vocabulary: bos 1, eos 2, pad 3, <image> 4, <ROUTER> 5; questions
     # "what colour is [shape k]" = 10, 11, 12+k and "what shape is [colour k]" = 10, 16, 17+k; answers
     # 40-45 (the six colours) and 46-49 (the four shapes); 50-63 fill the fixed prefix / gap.
-    model = _model(args.compressor, 64, 3, args.seed, args.init_std)
+    model = _model(args.compressor, 64, 3, args.seed, args.init_std, args.patch_size)
     if args.vision:  # stage 0's tower instead of a random one (the tiny recipe's start)
         from dpn.loading import load_vision_tower
 
@@ -309,6 +343,71 @@ def run_probe(args) -> dict:
             "lr": args.lr, "seconds_per_step": round((time.perf_counter() - t0) / args.steps, 3)}
 
 
+# ----- text mode ------------------------------------------------------------------------------------
+def run_text(args) -> dict:
+    """The binding question of `probe --objects 2` with the scene given as tokens: the tiny LLM alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpn.presets import get_preset
+
+    # Token ids as in the probe (bos 1, eos 2, pad 3, ROUTER 5, "what colour is [shape k]" 10 11 12+k,
+    # colours 40-45); a scene object is one token naming colour and shape together (64 + 6 * shape +
+    # colour: what a patch feature holds), or with `--separate` three (colour 40+c, shape 46+s, comma 20);
+    # background tokens 88-91 pad the scene to `--filler` tokens.
+    torch.manual_seed(args.seed)
+    config = get_preset("tiny", vocab_size=96, pad_token_id=3).text_config
+    if args.init_std is not None:
+        config.initializer_range = args.init_std
+    model = AutoModelForCausalLM.from_config(config)
+
+    def sample(rng: random.Random) -> list[int]:
+        n = rng.randint(2, args.max_objects)
+        colors, shapes = rng.sample(range(6), n), rng.sample(range(4), n)
+        # Units that stay in order: an object's words (--separate), else each copy of an object's token.
+        units = []
+        for c, s in zip(colors, shapes, strict=True):
+            units += [[40 + c, 46 + s, 20]] if args.separate else [[64 + 6 * s + c]] * args.repeat
+        if args.filler:
+            units += [[88 + rng.randrange(4)] for _ in range(args.filler - sum(map(len, units)))]
+            rng.shuffle(units)  # objects anywhere among the background, as patches
+        scene = [t for unit in units for t in unit]
+        k = rng.randrange(n)
+        return [1] + scene + [10, 11, 12 + shapes[k], 5, 40 + colors[k], 2]
+
+    def collate(rows: list[list[int]]) -> dict:
+        width = max(map(len, rows))  # left padding: the answer sits at the same place in every row
+        ids = torch.full((len(rows), width), 3)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+        labels = torch.full_like(ids, -100)
+        labels[:, -2:] = ids[:, -2:]  # the answer and eos only
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    test = collate([sample(random.Random(10_000 + args.seed + i)) for i in range(256)])
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    rng, evals, t0 = random.Random(args.seed), [], time.perf_counter()
+    for step in range(args.steps):
+        loss = _step(lambda b: model(**b).loss, params, opt, [collate([sample(rng) for _ in range(args.batch)])],
+                     step, args)
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            model.eval()
+            with torch.no_grad():
+                logits = model(input_ids=test["input_ids"], attention_mask=test["attention_mask"]).logits[:, -3, 40:46]
+            model.train()
+            accuracy = float((logits.argmax(-1) + 40 == test["input_ids"][:, -2]).float().mean())
+            row = {"step": step + 1, "accuracy_pct": round(100 * accuracy, 1), "train_loss": round(loss, 4),
+                   "seconds": round(time.perf_counter() - t0, 1)}
+            evals.append(row)
+            print(json.dumps(row), flush=True)
+    return {"mode": "text", "separate": args.separate, "repeat": args.repeat, "filler": args.filler,
+            "max_objects": args.max_objects, "init_std": args.init_std, "final": evals[-1],
+            "steps": args.steps, "batch": args.batch, "lr": args.lr,
+            "seconds_per_step": round((time.perf_counter() - t0) / args.steps, 3)}
+
+
 # ----- vision mode ----------------------------------------------------------------------------------
 def run_vision(args) -> dict:
     """Stage 0 of the tiny recipe (`pipelines.vision_pretrain`) with the bench's step count, batch and lr;
@@ -319,13 +418,14 @@ def run_vision(args) -> dict:
     spec = VisionPretrainSpec(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_ratio=args.warmup_ratio,
                               schedule=args.schedule, grad_clip=args.grad_clip, seed=args.seed,
                               eval_every=args.eval_every)
-    summary = pretrain_vision(spec, "tiny", args.save, on_eval=lambda row: print(json.dumps(row), flush=True))
+    summary = pretrain_vision(spec, _preset(args.patch_size), args.save,
+                              on_eval=lambda row: print(json.dumps(row), flush=True))
     return {"mode": "vision", **{k: v for k, v in summary.items() if k != "evals"}, "batch": args.batch, "lr": args.lr}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("mode", choices=("corpus", "probe", "vision", "oracle"))
+    ap.add_argument("mode", choices=("corpus", "probe", "vision", "oracle", "text"))
     ap.add_argument("--corpus", help="corpus / vision mode: a `dpn synth` output directory")
     ap.add_argument("--shards", help="corpus mode: `dpn preprocess` output of its instruct.json (tiny geometry)")
     ap.add_argument("--init", help="corpus mode: start from this saved model (an earlier run's --save)")
@@ -355,6 +455,15 @@ def main(argv=None) -> int:
                          "position fetches the word, then the image); 1 = the answer right after the word")
     ap.add_argument("--init-std", type=float, default=None,
                     help="std of the random LLM's init (the tiny preset's: 0.02)")
+    ap.add_argument("--patch-size", type=int, default=None,
+                    help="corpus / probe / vision mode: the tiny tower's patch side in pixels (default 4: 144 visual "
+                         "tokens; 8: 36). Shards for corpus mode: `dpn preprocess --num-image-tokens` to match")
+    ap.add_argument("--separate", action="store_true",
+                    help="text mode: each object as colour word, shape word, comma (default: one token for both)")
+    ap.add_argument("--repeat", type=int, default=1, help="text mode: copies of each object's token")
+    ap.add_argument("--filler", type=int, default=0,
+                    help="text mode: pad the scene to this many tokens with background tokens, shuffled (0: none)")
+    ap.add_argument("--max-objects", type=int, default=2, help="text mode: objects per scene, 2 to this (at most 4)")
     ap.add_argument("--skills", default="color", choices=("color", "shape", "both"),
                     help="probe mode: what the questions ask (both: colour or shape, drawn per sample)")
     ap.add_argument("--pool", type=int, default=0,
@@ -362,7 +471,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    for name in ("steps", "batch", "micro_batch", "eval_every", "threads"):
+    for name in ("steps", "batch", "micro_batch", "eval_every", "threads", "repeat"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.batch % args.micro_batch:
@@ -371,6 +480,17 @@ def main(argv=None) -> int:
         ap.error("corpus mode needs --corpus and --shards")
     if args.mode == "oracle" and not (args.corpus and args.out):
         ap.error("oracle mode needs --corpus and --out")
+    if not 2 <= args.max_objects <= 4:
+        ap.error(f"--max-objects must be in [2, 4] (four shapes), got {args.max_objects}")
+    if args.separate and args.repeat != 1:
+        ap.error(f"--repeat {args.repeat} repeats a one-token object; --separate objects are three tokens")
+    longest = args.max_objects * (3 if args.separate else args.repeat)
+    if args.filler and args.filler < longest:
+        ap.error(f"--filler {args.filler} is shorter than a scene of {args.max_objects} objects ({longest} tokens)")
+    try:
+        _preset(args.patch_size)
+    except ValueError as e:
+        ap.error(str(e))
     if args.init and args.vision:
         ap.error("--init (a whole saved model) and --vision (a tower for a random model) exclude each other")
     if args.init and args.init_std is not None:
@@ -379,7 +499,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    summary = {"corpus": run_corpus, "probe": run_probe, "vision": run_vision, "oracle": run_oracle}[args.mode](args)
+    modes = {"corpus": run_corpus, "probe": run_probe, "vision": run_vision, "oracle": run_oracle, "text": run_text}
+    summary = modes[args.mode](args)
     print(json.dumps(summary))
     return 0
 
