@@ -151,6 +151,15 @@ def load_benchmark(name: str, data_root: str | os.PathLike, limit: int | None = 
         items = items[:limit]
     if not items:
         raise EvalDataError(f"benchmark {name!r}: {question_file} holds no questions")
+    # Answers are joined to ground truth by question_id; LLaVA's TextVQA and MME files repeat ids per image.
+    repeated = [qid for qid, n in Counter(_qid_key(it.question_id) for it in items).items() if n > 1]
+    if repeated:
+        hint = (f"; `dpn eval convert --benchmark {name} --questions {question_file.name}` writes a copy with one "
+                "id per question" if name in ("textvqa", "mme") else "")
+        raise EvalDataError(
+            f"benchmark {name!r}: {len(repeated)} question_id(s) occur more than once in {question_file}, "
+            f"e.g. {repeated[0][1]!r}; answers are matched to ground truth by question_id{hint}"
+        )
 
     gt_file = folder / files.ground_truth
     if gt_file.is_file():

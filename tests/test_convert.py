@@ -1,4 +1,4 @@
-"""Ground truth from the official VQAv2 / GQA / TextVQA annotation files (dpn/eval/convert.py, `dpn eval
+"""Ground truth from the official VQAv2 / GQA / TextVQA / MME annotation files (dpn/eval/convert.py, `dpn eval
 convert`): small hand-made files in the official schemas, converted, then read by the benchmark loader
 and scored against answer files whose accuracy is computed by hand."""
 
@@ -284,6 +284,107 @@ def test_textvqa_subset_and_bad_inputs(tmp_path):
         convert("textvqa", _textvqa_annotations(tmp_path, extra=[clash]))
     with pytest.raises(EvalDataError, match=r"no 'data' list"):
         convert("textvqa", _json(tmp_path / "v.json", {"annotations": []}))
+
+
+# ----- MME ---------------------------------------------------------------------------------------------
+def _mme_release(root, extra_lines=()):
+    """MME_Benchmark_release_version/ in both official layouts: existence/ with images/ and
+    questions_answers_YN/, code_reasoning/ with each .txt beside its image (and the two-space variant)."""
+    yn = root / "existence" / "questions_answers_YN"
+    yn.mkdir(parents=True)
+    (root / "existence" / "images").mkdir()
+    (yn / "1.txt").write_text("Is there a dog in this image? Please answer yes or no.\tYes\n"
+                              "Is there a cat in this image? Please answer yes or no.\tNo\n")
+    (yn / "2.txt").write_text("Is there a bus in this image? Please answer yes or no.\tNo\n"
+                              "Is there a car in this image? Please answer yes or no.\tYes\n" + "".join(extra_lines))
+    flat = root / "code_reasoning"
+    flat.mkdir()
+    (flat / "0020.txt").write_text("Is a python code shown in the picture?  Please answer yes or no.\tYes\n"
+                                   "Is a C++ code shown in the picture?  Please answer yes or no.\tNo\n")
+    return root
+
+
+def _llava_mme(path, rows):
+    """LLaVA's llava_mme.jsonl: the image path as question_id, shared by the image's two questions."""
+    return _jsonl(path, [{"question_id": image, "image": image, "text": f"{question}\n{SHORT_ANSWER}",
+                          "category": image.split("/")[0]} for image, question in rows])
+
+
+LLAVA_MME = [
+    ("existence/1.jpg", "Is there a dog in this image?"),
+    ("existence/1.jpg", "Is there a cat in this image?"),
+    # The image's questions in the other order than its .txt: matched by text, not position.
+    ("existence/2.jpg", "Is there a car in this image?"),
+    ("existence/2.jpg", "Is there a bus in this image?"),
+    ("code_reasoning/0020.png", "Is a python code shown in the picture?"),
+    ("code_reasoning/0020.png", "Is a C++ code shown in the picture?"),
+]
+
+
+def test_mme_rekeys_llavas_questions_and_scores(tmp_path):
+    root = tmp_path / "eval"
+    release = _mme_release(root / "MME" / "MME_Benchmark_release_version")
+    llava = _llava_mme(root / "MME" / "llava_mme.jsonl", LLAVA_MME)
+    # LLaVA's file as it is cannot be scored (answers join on question_id): the loader says what to run.
+    with pytest.raises(EvalDataError, match=r"3 question_id\(s\) occur more than once.*'existence/1.jpg'.*"
+                       r"dpn eval convert --benchmark mme --questions llava_mme.jsonl"):
+        load_benchmark("mme", root)
+
+    summary = convert_files("mme", release, root / "MME" / "ground_truth.jsonl", questions=llava)
+    assert summary["records"] == 6 and summary["unmatched_annotations"] == 0
+    ids = ["existence/1.jpg#0", "existence/1.jpg#1", "existence/2.jpg#0", "existence/2.jpg#1",
+           "code_reasoning/0020.png#0", "code_reasoning/0020.png#1"]
+    questions = load_jsonl(root / "MME" / "questions.jsonl")
+    assert [q["question_id"] for q in questions] == ids
+    assert questions[2] == {**load_jsonl(llava)[2], "question_id": "existence/2.jpg#0"}
+    assert load_jsonl(root / "MME" / "ground_truth.jsonl") == [
+        {"question_id": qid, "image": qid.split("#")[0], "category": qid.split("/")[0], "answer": answer}
+        for qid, answer in zip(ids, ["Yes", "No", "Yes", "No", "Yes", "No"], strict=True)
+    ]
+
+    # existence: 1.jpg both right, 2.jpg one right -> acc 3/4, acc+ 1/2 -> 75 + 50 = 125;
+    # code_reasoning: both right -> 100 + 100 = 200 (a cognition subtask).
+    texts = dict(zip(ids, ["Yes", "No", "Yes", "Yes", "yes", "No"], strict=True))
+    data, metrics = _answer_and_score("mme", root, tmp_path, texts)
+    assert [it.question_id for it in data.items] == ids
+    assert metrics["subtasks"] == pytest.approx({"existence": 125.0, "code_reasoning": 200.0})
+    assert metrics["perception"] == pytest.approx(125.0) and metrics["cognition"] == pytest.approx(200.0)
+
+
+def test_mme_bad_inputs_name_the_problem(tmp_path):
+    release = _mme_release(tmp_path / "release")
+    llava = _llava_mme(tmp_path / "llava.jsonl", LLAVA_MME)
+    with pytest.raises(EvalDataError, match=r"mme needs the question file"):
+        convert("mme", release)
+    unknown = _llava_mme(tmp_path / "unknown.jsonl", [*LLAVA_MME, ("existence/1.jpg", "Is there a cow?")])
+    with pytest.raises(EvalDataError, match=r"unknown.jsonl: record 7: no answer for 'Is there a cow\? Please answer "
+                       r"yes or no.' in .*existence/\[questions_answers_YN/\]1.txt"):
+        convert("mme", release, questions=unknown)
+    twice = _llava_mme(tmp_path / "twice.jsonl", [*LLAVA_MME, LLAVA_MME[0]])
+    with pytest.raises(EvalDataError, match=r"twice.jsonl: record 7: question 'Is there a dog .*' on "
+                       r"'existence/1.jpg' is asked twice"):
+        convert("mme", release, questions=twice)
+    converted = _jsonl(tmp_path / "converted.jsonl", [{"question_id": "existence/1.jpg#0", "text": "q"}])
+    with pytest.raises(EvalDataError, match=r"'existence/1.jpg#0' is converted already"):
+        convert("mme", release, questions=converted)
+    not_llava = _jsonl(tmp_path / "ints.jsonl", [{"question_id": 7, "text": "q"}])
+    with pytest.raises(EvalDataError, match=r"record 1: expected LLaVA's MME record.*got 7"):
+        convert("mme", release, questions=not_llava)
+    wrong_category = _jsonl(tmp_path / "cat.jsonl", [{"question_id": "existence/1.jpg", "text": "q",
+                                                      "category": "count"}])
+    with pytest.raises(EvalDataError, match=r"category 'count' is not the subtask of 'existence/1.jpg'"):
+        convert("mme", release, questions=wrong_category)
+    broken = _mme_release(tmp_path / "broken", extra_lines=["Is there a tram? Please answer yes or no.\tMaybe\n"])
+    with pytest.raises(EvalDataError, match=r"2.txt:3: 'Is there a tram\? .*\\tMaybe' is not 'question<TAB>Yes'"):
+        convert("mme", broken, questions=llava)
+    with pytest.raises(EvalDataError, match=r"not a directory"):
+        convert("mme", llava, questions=llava)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvalDataError, match=r"empty: no '<subtask>/\[questions_answers_YN/\]\*.txt' answer files"):
+        convert("mme", tmp_path / "empty", questions=llava)
+    # A subset of the questions: the rest of the answer files is counted out.
+    subset = convert("mme", release, questions=_llava_mme(tmp_path / "subset.jsonl", LLAVA_MME[:2]))
+    assert len(subset.ground_truth) == 2 and subset.unmatched_annotations == 4
 
 
 # ----- the CLI -----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ and the jsonl adapters pass `text` through unchanged, as `model_vqa_loader.py` d
 | vizwiz | llava_test.jsonl | question + "\\n" + VIZWIZ_UNANSWERABLE + "\\n" + SHORT_ANSWER |
 | textvqa | llava_textvqa_val_v051_ocr.jsonl | question + "\\nReference OCR token: " + tokens + "\\n" + SHORT_ANSWER (the OCR line is omitted when there are no tokens) |
 | pope | llava_pope_test.jsonl | question + "\\n" + SHORT_ANSWER; `category` = adversarial / popular / random |
-| mme | llava_mme.jsonl | MME question + "\\n" + SHORT_ANSWER (LLaVA's MME converter strips that line and restores " Please answer yes or no." to look answers up); `category` = subtask |
+| mme | llava_mme.jsonl (re-keyed by `dpn eval convert --benchmark mme`: its question_id is the image path, shared by the image's two questions) | MME question + "\\n" + SHORT_ANSWER (LLaVA's MME converter strips that line and restores " Please answer yes or no." to look answers up); `category` = subtask |
 | seed | llava-seed-bench.jsonl | question + "\\nA. ..\\nB. ..\\nC. ..\\nD. .." + "\\n" + MULTIPLE_CHOICE |
 | scienceqa | llava_test_CQM-A.json (JSON array of conversations) | "Context: ..\\nQuestion: ..\\nOptions: (A) .. (B) .." + "\\n" + MULTIPLE_CHOICE, built here (`model_vqa_science.py --single-pred-prompt`) |
 | mmbench | mmbench_dev_20230712.tsv | [hint + "\\n"] + question + "\\nA. ..\\nB. .." (options A-D up to the first empty one) + "\\n" + MULTIPLE_CHOICE, built here (`model_vqa_mmbench.py --single-pred-prompt`); image inline (base64) |

@@ -1,5 +1,5 @@
 """Scorer ground truth (and, where LLaVA's question ids do not fit, question files) from the official
-annotation files of VQAv2, GQA and TextVQA.
+annotation files of VQAv2, GQA, TextVQA and MME.
 
 The output is the `ground_truth.jsonl` that `dpn.eval.scoring` and `pipelines/evaluate.py` read, one
 record per question, with the question id of LLaVA's question file in its JSON type:
@@ -9,6 +9,7 @@ record per question, with the question id of LLaVA's question file in its JSON t
 | vqav2 | `v2_mscoco_val2014_annotations.json`: {"annotations": [{question_id, answers: [{answer, ...}] x10, ...}]} | {question_id: int, answers: [10 annotator strings, raw]} |
 | gqa | `testdev_balanced_questions.json`: {"<qid>": {question, answer, imageId, ...}} | {question_id: str, answer} |
 | textvqa | `TextVQA_0.5.1_val.json`: {"data": [{question_id, question, image_id, answers: [10], ...}]} | {question_id: int, answers: [10 strings]} |
+| mme | `MME_Benchmark_release_version/` (a directory): `<subtask>/[questions_answers_YN/]<image stem>.txt`, one "question<TAB>Yes/No" line per question | {question_id: "<subtask>/<image>#<k>", image, category, answer} |
 
 Answers are copied unprocessed: the scorers normalise them as the official tools do.
 
@@ -25,6 +26,13 @@ which `pipelines/evaluate.py` prefers over LLaVA's file in the same folder):
   file as `questions` to get a copy keyed by TextVQA's question ids (the image id kept as `image_id`),
   matched the way LLaVA's script matches: image id and lower-cased question (the first line of `text`),
   in file order where an image has the same question twice.
+- MME: LLaVA's `llava_mme.jsonl` uses the image path as `question_id`, and MME asks two questions per
+  image, so both share it (LLaVA's `convert_answer_to_mme.py` joins on subtask, image file and question
+  text). Pass that file as `questions` (required for MME) to get a copy whose ids are
+  `<LLaVA id>#<k>`, k = 0, 1 in file order per image, which the scorer joins on; LLaVA's converter
+  still reads the subtask and the image file out of such an id. The ground truth is matched as LLaVA's
+  converter matches it: the question text without the short-answer line, plus " Please answer yes or
+  no." (tried with one space, then two, as some MME files have).
 
 With `questions`, the ground truth holds exactly the questions of the question file, in its order;
 without, every annotated question, in the annotation file's order. A question id that occurs twice is
@@ -44,7 +52,9 @@ from typing import Any
 from dpn.eval.benchmarks import SHORT_ANSWER, write_answers
 from dpn.eval.scoring import EvalDataError, load_jsonl
 
-CONVERTIBLE: tuple[str, ...] = ("vqav2", "gqa", "textvqa")
+CONVERTIBLE: tuple[str, ...] = ("vqav2", "gqa", "textvqa", "mme")
+MME_ANSWERS = ("Yes", "No")
+_MME_SUFFIX = "Please answer yes or no."
 TEXTVQA_ANSWERS = 10  # the m4c evaluator (and `score_textvqa`) needs exactly 10 per question
 
 _VQAV2_TEST = (
@@ -292,6 +302,78 @@ def _textvqa_questions(path: str | PathLike[str], doc: Any, annotations_path: st
     return out
 
 
+# ----- MME ---------------------------------------------------------------------------------------------
+def _mme_truth(root: str | PathLike[str]) -> dict[tuple[str, str, str], str]:
+    """{(subtask, image stem, question): "Yes"/"No"} from MME's release directory."""
+    root = Path(root)
+    if not root.is_dir():
+        raise EvalDataError(f"{root}: not a directory; expected MME's MME_Benchmark_release_version/")
+    truth: dict[tuple[str, str, str], str] = {}
+    for subtask_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        qa_dir = subtask_dir / "questions_answers_YN"
+        if not qa_dir.is_dir():  # the subtasks without an images/ folder keep their .txt beside the images
+            qa_dir = subtask_dir
+        for txt in sorted(qa_dir.glob("*.txt")):
+            for number, line in enumerate(txt.read_text(encoding="utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                fields = line.strip().split("\t")
+                if len(fields) != 2 or fields[1] not in MME_ANSWERS:
+                    raise EvalDataError(
+                        f"{txt}:{number}: {line!r} is not 'question<TAB>Yes' or 'question<TAB>No'"
+                    )
+                key = (subtask_dir.name, txt.stem, fields[0])
+                if key in truth and truth[key] != fields[1]:
+                    raise EvalDataError(f"{txt}:{number}: question {fields[0]!r} answered both Yes and No")
+                truth[key] = fields[1]
+    if not truth:
+        raise EvalDataError(f"{root}: no '<subtask>/[questions_answers_YN/]*.txt' answer files")
+    return truth
+
+
+def _mme_convert(root: str | PathLike[str], questions: str | PathLike[str]) -> Conversion:
+    """LLaVA's MME question file re-keyed to one id per question, and its ground truth (module docstring)."""
+    truth = _mme_truth(root)
+    seen: dict[str, int] = defaultdict(int)
+    used: set[tuple[str, str, str]] = set()
+    question_records, ground_truth = [], []
+    for position, rec in enumerate(load_jsonl(questions), start=1):
+        where = f"{questions}: record {position}"
+        llava_id, text = rec.get("question_id"), rec.get("text")
+        if not isinstance(llava_id, str) or "/" not in llava_id or not isinstance(text, str):
+            raise EvalDataError(
+                f"{where}: expected LLaVA's MME record: question_id '<subtask>/<image file>' (got {llava_id!r}) "
+                "and a string text"
+            )
+        if "#" in llava_id:
+            raise EvalDataError(f"{where}: question_id {llava_id!r} is converted already (use the file as it is)")
+        subtask = llava_id.split("/", 1)[0]  # the subtask folder, as LLaVA's converter reads it
+        if rec.get("category", subtask) != subtask:
+            raise EvalDataError(f"{where}: category {rec['category']!r} is not the subtask of {llava_id!r}")
+        stem = Path(llava_id).stem
+        question = text.replace(SHORT_ANSWER, "").strip()
+        if _MME_SUFFIX not in question:
+            question = f"{question} {_MME_SUFFIX}"
+        key = next((k for k in ((subtask, stem, question), (subtask, stem, question.replace(
+            f" {_MME_SUFFIX}", f"  {_MME_SUFFIX}"))) if k in truth), None)
+        if key is None:
+            raise EvalDataError(
+                f"{where}: no answer for {question!r} in {root}/{subtask}/[questions_answers_YN/]{stem}.txt"
+            )
+        if key in used:
+            raise EvalDataError(f"{where}: question {question!r} on {llava_id!r} is asked twice")
+        used.add(key)
+        qid = f"{llava_id}#{seen[llava_id]}"
+        seen[llava_id] += 1
+        image = rec.get("image", llava_id)
+        question_records.append({**rec, "question_id": qid, "image": image})
+        ground_truth.append({"question_id": qid, "image": image, "category": subtask, "answer": truth[key]})
+    if not question_records:
+        raise EvalDataError(f"{questions}: no questions")
+    return Conversion(benchmark="mme", ground_truth=ground_truth, questions=question_records, duplicates_merged=0,
+                      unmatched_annotations=len(truth) - len(used))
+
+
 # ----- entry points ------------------------------------------------------------------------------------
 def convert(
     benchmark: str,
@@ -304,9 +386,10 @@ def convert(
     Args:
         benchmark: one of `CONVERTIBLE`.
         annotations: VQAv2 `v2_mscoco_<split>_annotations.json`, GQA `<split>_questions.json`
-            (e.g. testdev_balanced), TextVQA `TextVQA_0.5.1_<split>.json`.
+            (e.g. testdev_balanced), TextVQA `TextVQA_0.5.1_<split>.json`, MME the
+            `MME_Benchmark_release_version` directory.
         questions: VQAv2: the official `v2_OpenEnded_mscoco_<split>_questions.json`; TextVQA: LLaVA's
-            `llava_textvqa_val_v051_ocr.jsonl`; not used for GQA.
+            `llava_textvqa_val_v051_ocr.jsonl`; MME (required): LLaVA's `llava_mme.jsonl`; not used for GQA.
     Raises:
         EvalDataError naming the file and the record or value at fault (wrong schema, missing keys,
         a split without public answers, a repeated question id with different answers, a question
@@ -318,6 +401,13 @@ def convert(
         raise EvalDataError(
             "gqa takes no question file: LLaVA's llava_gqa_testdev_balanced.jsonl already uses GQA's question ids"
         )
+    if benchmark == "mme":
+        if questions is None:
+            raise EvalDataError(
+                "mme needs the question file (LLaVA's llava_mme.jsonl): its questions share ids per image and "
+                "are re-keyed here, the answers matched to them"
+            )
+        return _mme_convert(annotations, questions)
     doc = _load_json(annotations, f"the official {benchmark} annotation file", keep_repeats=benchmark == "gqa")
     rows = {"vqav2": _vqav2_rows, "gqa": _gqa_rows, "textvqa": _textvqa_rows}[benchmark](doc, annotations)
     truth, merged = _dedupe(rows, annotations)
