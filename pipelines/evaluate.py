@@ -147,10 +147,6 @@ def load_benchmark(name: str, data_root: str | os.PathLike, limit: int | None = 
     if files.images is not None:
         image_root = folder / "images" if (folder / "images").is_dir() else folder / files.images
     items = list(adapter.read(question_file, image_root=image_root))
-    if limit is not None:
-        items = items[:limit]
-    if not items:
-        raise EvalDataError(f"benchmark {name!r}: {question_file} holds no questions")
     # Answers are joined to ground truth by question_id; LLaVA's TextVQA and MME files repeat ids per image.
     repeated = [qid for qid, n in Counter(_qid_key(it.question_id) for it in items).items() if n > 1]
     if repeated:
@@ -160,6 +156,10 @@ def load_benchmark(name: str, data_root: str | os.PathLike, limit: int | None = 
             f"benchmark {name!r}: {len(repeated)} question_id(s) occur more than once in {question_file}, "
             f"e.g. {repeated[0][1]!r}; answers are matched to ground truth by question_id{hint}"
         )
+    if limit is not None:
+        items = items[:limit]
+    if not items:
+        raise EvalDataError(f"benchmark {name!r}: {question_file} holds no questions")
 
     gt_file = folder / files.ground_truth
     if gt_file.is_file():

@@ -329,6 +329,8 @@ def test_mme_rekeys_llavas_questions_and_scores(tmp_path):
     with pytest.raises(EvalDataError, match=r"3 question_id\(s\) occur more than once.*'existence/1.jpg'.*"
                        r"dpn eval convert --benchmark mme --questions llava_mme.jsonl"):
         load_benchmark("mme", root)
+    with pytest.raises(EvalDataError, match=r"occur more than once"):  # also when only a prefix is asked
+        load_benchmark("mme", root, limit=1)
 
     summary = convert_files("mme", release, root / "MME" / "ground_truth.jsonl", questions=llava)
     assert summary["records"] == 6 and summary["unmatched_annotations"] == 0
