@@ -81,7 +81,7 @@ TRAIN_PREFIXES = ("multi_modal_projector.", "language_model.", "routers.", "pool
 def _preset(patch_size: int | None) -> str:
     """The preset the bench builds: `tiny`, or with `--patch-size P` a bench-local variant of it whose tower
     cuts the 48-px image into P-px patches ((48 / P)^2 visual tokens), registered under `tiny-patchP`."""
-    if not patch_size:
+    if patch_size is None:
         return "tiny"
     from dpn.presets import PRESETS, tiny
 
