@@ -285,11 +285,18 @@ def run_probe(args) -> dict:
     # Token ids of a 64-word toy vocabulary: bos 1, eos 2, pad 3, <image> 4, <ROUTER> 5; questions
     # "what colour is [shape k]" = 10, 11, 12+k and "what shape is [colour k]" = 10, 16, 17+k; answers
     # 40-45 (the six colours) and 46-49 (the four shapes); 50-63 fill the fixed prefix / gap.
-    model = _model(args.compressor, 64, 3, args.seed, args.init_std, args.patch_size)
+    # With --text-pretrain the vocabulary also holds the text task's object tokens (64 ids otherwise, so
+    # that the runs without it keep their numbers).
+    model = _model(args.compressor, TEXT_VOCAB if args.text_pretrain else 64, 3, args.seed, args.init_std,
+                   args.patch_size)
     if args.vision:  # stage 0's tower instead of a random one (the tiny recipe's start)
         from dpn.loading import load_vision_tower
 
         load_vision_tower(model, args.vision)
+    text_evals = []
+    if args.text_pretrain:  # an LLM that arrives knowing the task on one-token objects (as Vicuna arrives)
+        text_evals = _train_text(model.language_model, args, args.text_pretrain)
+        print(json.dumps({"text_pretrain": text_evals[-1]}), flush=True)
     n_img = model.config.num_image_tokens
     processor = build_image_processor(model.config.vision_config.image_size)
     skills = ("color", "shape") if args.skills == "both" else (args.skills,)
@@ -321,6 +328,11 @@ def run_probe(args) -> dict:
     pool = [sample(rng) for _ in range(args.pool)]
     params, opt = _optimizer(model, args)
     for step in range(args.steps):
+        if step < args.projector_steps:  # LLaVA's stage 1: the projector alone learns to feed the LLM
+            for name, p in model.named_parameters():
+                p.requires_grad_(name.startswith("multi_modal_projector."))
+        elif step == args.projector_steps:
+            _optimizer(model, args)  # back to the trained set (only its requires_grad flags are used)
         picked = [rng.choice(pool) for _ in range(args.batch)] if pool else [sample(rng) for _ in range(args.batch)]
         loss = _step(lambda b: model(**b).loss, params, opt, [collate(picked)], step, args)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
@@ -337,29 +349,25 @@ def run_probe(args) -> dict:
             evals.append(row)
             print(json.dumps(row), flush=True)
     return {"mode": "probe", "objects": args.objects, "skills": list(skills), "pool": args.pool, "hops": args.hops,
-            "init_std": args.init_std,
+            "init_std": args.init_std, "text_pretrain": text_evals[-1] if text_evals else None,
+            "projector_steps": args.projector_steps,
             "chance_pct": {"color": round(100 / 6, 1), "shape": 25.0}, "final": evals[-1],
             "best_accuracy_pct": max(e["accuracy_pct"] for e in evals), "steps": args.steps, "batch": args.batch,
             "lr": args.lr, "seconds_per_step": round((time.perf_counter() - t0) / args.steps, 3)}
 
 
 # ----- text mode ------------------------------------------------------------------------------------
-def run_text(args) -> dict:
-    """The binding question of `probe --objects 2` with the scene given as tokens: the tiny LLM alone."""
-    import torch
-    from transformers import AutoModelForCausalLM
+TEXT_VOCAB = 96  # the probe's 64 toy ids + 24 object tokens + 4 background tokens + 4 spare
 
-    from dpn.presets import get_preset
 
-    # Token ids as in the probe (bos 1, eos 2, pad 3, ROUTER 5, "what colour is [shape k]" 10 11 12+k,
-    # colours 40-45); a scene object is one token naming colour and shape together (64 + 6 * shape +
-    # colour: what a patch feature holds), or with `--separate` three (colour 40+c, shape 46+s, comma 20);
-    # background tokens 88-91 pad the scene to `--filler` tokens.
-    torch.manual_seed(args.seed)
-    config = get_preset("tiny", vocab_size=96, pad_token_id=3).text_config
-    if args.init_std is not None:
-        config.initializer_range = args.init_std
-    model = AutoModelForCausalLM.from_config(config)
+def _text_sampler(args):
+    """Samples of the text task: the probe's binding question with the scene as tokens (`run_text`).
+
+    Token ids as in the probe (bos 1, eos 2, pad 3, ROUTER 5, "what colour is [shape k]" 10 11 12+k,
+    colours 40-45); a scene object is one token naming colour and shape together (64 + 6 * shape +
+    colour: what a patch feature holds), or with `--separate` three (colour 40+c, shape 46+s, comma 20);
+    background tokens 88-91 pad the scene to `--filler` tokens. The sequence is the probe's with the
+    image's tokens replaced by the scene's."""
 
     def sample(rng: random.Random) -> list[int]:
         n = rng.randint(2, args.max_objects)
@@ -375,24 +383,40 @@ def run_text(args) -> dict:
         k = rng.randrange(n)
         return [1] + scene + [10, 11, 12 + shapes[k], 5, 40 + colors[k], 2]
 
-    def collate(rows: list[list[int]]) -> dict:
-        width = max(map(len, rows))  # left padding: the answer sits at the same place in every row
-        ids = torch.full((len(rows), width), 3)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
-        labels = torch.full_like(ids, -100)
-        labels[:, -2:] = ids[:, -2:]  # the answer and eos only
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return sample
 
-    test = collate([sample(random.Random(10_000 + args.seed + i)) for i in range(256)])
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+
+def _text_batch(rows: list[list[int]]) -> dict:
+    """Left-padded so that the answer sits at the same place (-3 predicts it) in every row."""
+    import torch
+
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), 3)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+    labels = torch.full_like(ids, -100)
+    labels[:, -2:] = ids[:, -2:]  # the answer and eos only
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _train_text(model, args, steps: int, on_eval=None) -> list[dict]:
+    """`steps` optimizer steps of the text task on `model` (a causal LM: the tiny LLM alone), the bench's
+    optimizer and schedule; every `--eval-every` steps the accuracy on 256 held-out scenes."""
+    import torch
+
+    sample = _text_sampler(args)
+    test = _text_batch([sample(random.Random(10_000 + args.seed + i)) for i in range(256)])
+    lr = args.text_lr or args.lr
+    batch = args.text_batch or args.batch
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = argparse.Namespace(**{**vars(args), "steps": steps, "lr": lr})  # warmup / decay over these steps
     rng, evals, t0 = random.Random(args.seed), [], time.perf_counter()
-    for step in range(args.steps):
-        loss = _step(lambda b: model(**b).loss, params, opt, [collate([sample(rng) for _ in range(args.batch)])],
-                     step, args)
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+    for step in range(steps):
+        loss = _step(lambda b: model(**b).loss, params, opt, [_text_batch([sample(rng) for _ in range(batch)])],
+                     step, schedule)
+        if (step + 1) % args.eval_every == 0 or step + 1 == steps:
             model.eval()
             with torch.no_grad():
                 logits = model(input_ids=test["input_ids"], attention_mask=test["attention_mask"]).logits[:, -3, 40:46]
@@ -401,10 +425,28 @@ def run_text(args) -> dict:
             row = {"step": step + 1, "accuracy_pct": round(100 * accuracy, 1), "train_loss": round(loss, 4),
                    "seconds": round(time.perf_counter() - t0, 1)}
             evals.append(row)
-            print(json.dumps(row), flush=True)
+            if on_eval is not None:
+                on_eval(row)
+    return evals
+
+
+def run_text(args) -> dict:
+    """The binding question of `probe --objects 2` with the scene given as tokens: the tiny LLM alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpn.presets import get_preset
+
+    torch.manual_seed(args.seed)
+    config = get_preset("tiny", vocab_size=TEXT_VOCAB, pad_token_id=3).text_config
+    if args.init_std is not None:
+        config.initializer_range = args.init_std
+    model = AutoModelForCausalLM.from_config(config)
+    t0 = time.perf_counter()
+    evals = _train_text(model, args, args.steps, on_eval=lambda row: print(json.dumps(row), flush=True))
     return {"mode": "text", "separate": args.separate, "repeat": args.repeat, "filler": args.filler,
             "max_objects": args.max_objects, "init_std": args.init_std, "final": evals[-1],
-            "steps": args.steps, "batch": args.batch, "lr": args.lr,
+            "steps": args.steps, "batch": args.text_batch or args.batch, "lr": args.text_lr or args.lr,
             "seconds_per_step": round((time.perf_counter() - t0) / args.steps, 3)}
 
 
@@ -464,6 +506,14 @@ def main(argv=None) -> int:
     ap.add_argument("--filler", type=int, default=0,
                     help="text mode: pad the scene to this many tokens with background tokens, shuffled (0: none)")
     ap.add_argument("--max-objects", type=int, default=2, help="text mode: objects per scene, 2 to this (at most 4)")
+    ap.add_argument("--text-pretrain", type=int, default=0,
+                    help="probe mode: first train the LLM alone this many steps on the text mode's task (options "
+                         "--max-objects / --repeat / --filler / --separate)")
+    ap.add_argument("--text-lr", type=float, default=None, help="text mode / --text-pretrain: lr (default --lr)")
+    ap.add_argument("--text-batch", type=int, default=None,
+                    help="text mode / --text-pretrain: samples per step (default --batch)")
+    ap.add_argument("--projector-steps", type=int, default=0,
+                    help="probe mode: the first this many steps train the projector only (LLaVA's stage 1)")
     ap.add_argument("--skills", default="color", choices=("color", "shape", "both"),
                     help="probe mode: what the questions ask (both: colour or shape, drawn per sample)")
     ap.add_argument("--pool", type=int, default=0,
@@ -471,6 +521,14 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    for name in ("text_lr", "text_batch"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("text_pretrain", "projector_steps"):
+        if getattr(args, name) < 0:
+            ap.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.projector_steps >= args.steps:
+        ap.error(f"--projector-steps {args.projector_steps} leaves none of --steps {args.steps} for the whole model")
     for name in ("steps", "batch", "micro_batch", "eval_every", "threads", "repeat"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
