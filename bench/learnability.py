@@ -112,12 +112,19 @@ def _model(compressor: str, vocab_size: int, pad_token_id: int, seed: int, init_
     return DPNForConditionalGeneration(config)
 
 
+def _set_trainable(model, prefixes: tuple[str, ...]) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(prefixes))
+
+
+def _trained_prefixes(args) -> tuple[str, ...]:
+    return TRAIN_PREFIXES + (("vision_tower.",) if args.train_vision_tower else ())
+
+
 def _optimizer(model, args):
     import torch
 
-    prefixes = TRAIN_PREFIXES + (("vision_tower.",) if args.train_vision_tower else ())
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(prefixes))
+    _set_trainable(model, _trained_prefixes(args))
     params = [p for p in model.parameters() if p.requires_grad]
     return params, torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
 
@@ -328,11 +335,12 @@ def run_probe(args) -> dict:
     pool = [sample(rng) for _ in range(args.pool)]
     params, opt = _optimizer(model, args)
     for step in range(args.steps):
-        if step < args.projector_steps:  # LLaVA's stage 1: the projector alone learns to feed the LLM
-            for name, p in model.named_parameters():
-                p.requires_grad_(name.startswith("multi_modal_projector."))
-        elif step == args.projector_steps:
-            _optimizer(model, args)  # back to the trained set (only its requires_grad flags are used)
+        # The first --projector-steps train the projector alone (LLaVA's stage 1: it learns to feed the LLM);
+        # AdamW skips the frozen parameters (no gradient), so one optimizer serves both phases.
+        if step == 0 and args.projector_steps:
+            _set_trainable(model, ("multi_modal_projector.",))
+        elif step == args.projector_steps and args.projector_steps:
+            _set_trainable(model, _trained_prefixes(args))
         picked = [rng.choice(pool) for _ in range(args.batch)] if pool else [sample(rng) for _ in range(args.batch)]
         loss = _step(lambda b: model(**b).loss, params, opt, [collate(picked)], step, args)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:

@@ -354,8 +354,9 @@ def _mme_convert(root: str | PathLike[str], questions: str | PathLike[str]) -> C
         question = text.replace(SHORT_ANSWER, "").strip()
         if _MME_SUFFIX not in question:
             question = f"{question} {_MME_SUFFIX}"
-        key = next((k for k in ((subtask, stem, question), (subtask, stem, question.replace(
-            f" {_MME_SUFFIX}", f"  {_MME_SUFFIX}"))) if k in truth), None)
+        # LLaVA's converter tries the question with one space before the suffix, then with two.
+        two_spaces = question.replace(f" {_MME_SUFFIX}", f"  {_MME_SUFFIX}")
+        key = next((k for k in ((subtask, stem, question), (subtask, stem, two_spaces)) if k in truth), None)
         if key is None:
             raise EvalDataError(
                 f"{where}: no answer for {question!r} in {root}/{subtask}/[questions_answers_YN/]{stem}.txt"
