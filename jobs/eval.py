@@ -65,6 +65,8 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _register_convert(commands: argparse._SubParsersAction) -> None:
+    from dpn.eval.convert import CONVERTIBLE  # no torch: ~30 ms at CLI start
+
     p = commands.add_parser(
         "convert",
         help="write ground_truth.jsonl from official VQAv2 / GQA / TextVQA / MME annotation files",
@@ -77,7 +79,7 @@ def _register_convert(commands: argparse._SubParsersAction) -> None:
         "the MME_Benchmark_release_version directory and --questions LLaVA's llava_mme.jsonl (required: its "
         "two questions per image share the image path as question_id; re-keyed here to '<path>#0' / '#1').",
     )
-    p.add_argument("--benchmark", required=True, choices=("vqav2", "gqa", "textvqa", "mme"))
+    p.add_argument("--benchmark", required=True, choices=CONVERTIBLE)
     p.add_argument("--annotations", required=True, help="the official annotation file (MME: its release directory)")
     p.add_argument("--out", required=True, help="ground truth to write: DATA_ROOT/<benchmark folder>/ground_truth.jsonl")
     p.add_argument("--questions", default=None, help="vqav2: official questions JSON; textvqa: LLaVA's "

@@ -415,3 +415,17 @@ def test_cli_convert_writes_atomically_and_exits_2_on_bad_input(tmp_path, capsys
                "--out", str(out)])
     assert rc == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_cli_convert_offers_exactly_the_converters(tmp_path, capsys):
+    """The CLI's --benchmark choices are the converter's list: an unconvertible benchmark is refused by name
+    with every convertible one listed, before any file is read."""
+    from dpn.eval.convert import CONVERTIBLE
+    from jobs.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "convert", "--benchmark", "scienceqa", "--annotations", str(tmp_path / "missing.json"),
+              "--out", str(tmp_path / "ground_truth.jsonl")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "'scienceqa'" in err and all(f"'{name}'" in err for name in CONVERTIBLE)
