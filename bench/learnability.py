@@ -133,6 +133,15 @@ def _trained_prefixes(args) -> tuple[str, ...]:
     return TRAIN_PREFIXES + (("vision_tower.",) if args.train_vision_tower else ())
 
 
+def _projector_phase(model, step: int, args) -> None:
+    """The first --projector-steps train the projector alone (LLaVA's stage 1: it learns to feed the LLM);
+    AdamW skips the frozen parameters (no gradient), so one optimizer serves both phases."""
+    if step == 0 and args.projector_steps:
+        _set_trainable(model, ("multi_modal_projector.",))
+    elif step == args.projector_steps and args.projector_steps:
+        _set_trainable(model, _trained_prefixes(args))
+
+
 def _optimizer(model, args):
     import torch
 
@@ -272,10 +281,7 @@ def run_corpus(args) -> dict:
     stream = batches()
     evals, t0, losses = [], time.perf_counter(), []
     for step in range(args.steps):
-        if step == 0 and args.projector_steps:  # as in probe mode
-            _set_trainable(model, ("multi_modal_projector.",))
-        elif step == args.projector_steps and args.projector_steps:
-            _set_trainable(model, _trained_prefixes(args))
+        _projector_phase(model, step, args)
         losses.append(_step(lambda b: model(**b).loss, params, opt, [next(stream) for _ in range(accum)], step, args))
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             row = evaluate(step + 1)
@@ -364,12 +370,7 @@ def run_probe(args) -> dict:
     pool = [sample(rng) for _ in range(args.pool)]
     params, opt = _optimizer(model, args)
     for step in range(args.steps):
-        # The first --projector-steps train the projector alone (LLaVA's stage 1: it learns to feed the LLM);
-        # AdamW skips the frozen parameters (no gradient), so one optimizer serves both phases.
-        if step == 0 and args.projector_steps:
-            _set_trainable(model, ("multi_modal_projector.",))
-        elif step == args.projector_steps and args.projector_steps:
-            _set_trainable(model, _trained_prefixes(args))
+        _projector_phase(model, step, args)
         picked = [rng.choice(pool) for _ in range(args.batch)] if pool else [sample(rng) for _ in range(args.batch)]
         loss = _step(lambda b: model(**b).loss, params, opt, [collate(picked)], step, args)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
