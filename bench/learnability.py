@@ -16,7 +16,7 @@
     .venv/bin/python bench/learnability.py text --max-objects 4 --repeat 10 --filler 144 --steps 1200  # no image
     .venv/bin/python bench/learnability.py vision --patch-size 8 --steps 1000 --batch 32 --lr 1e-3 --save /tmp/vit8
     .venv/bin/python bench/learnability.py probe --objects 2 --patch-size 8 --vision /tmp/vit8 --init-std 0.1 --steps 800
-    .venv/bin/python bench/learnability.py lm --corpus /tmp/c --steps 5000 --bare-steps 3000 --bare-mix 0.3 --save /tmp/llm
+    .venv/bin/python bench/learnability.py lm --corpus /tmp/c --steps 6000 --bare-steps 1500 --bare-mix 0.3 --target 75 --save /tmp/llm
     .venv/bin/python bench/learnability.py corpus --corpus /tmp/c --shards /tmp/c-instruct --llm /tmp/llm --vision /tmp/vit
 
 Why a plain loop and not `dpn train`: the question here is how many optimizer steps (and which data mix)
@@ -52,20 +52,22 @@ Modes:
             background tokens (as an image's patches), or `--separate` words per object (colour, shape,
             comma: as captions and the oracle write scenes). How many steps binding takes when the
             vision side is perfect, and what the scene's length and form cost.
-    lm      the tiny LLM alone on the corpus' instruct records with every image replaced by its scene as
-            object tokens (`<red_circle>`, added to the corpus tokenizer; one per object left to right, or
-            `--grid G`: a G x G map of cells like the patches): how fast the LLM learns the questions when
+    lm      the tiny recipe's LLM stage 0 (`pipelines.llm_pretrain`): the tiny LLM alone on instruct records
+            drawn fresh by the corpus generator, every image replaced by its scene as object tokens
+            (`<red_circle>`, one per object left to right): how fast the LLM learns the questions when
             perception is perfect. `--bare-steps N` first trains N steps on the bare questions (one short-
             answer question, no system prompt, no instruction), then LLaVA's records in vicuna_v1
-            (`--bare-mix` of the samples stay bare); scored in both forms. `--save` writes the LLM and its
+            (`--bare-mix` of the samples stay bare); scored in both forms on held-out questions;
+            `--target` stops early. `--save` writes the LLM (object tokens dropped) and the corpus
             tokenizer for `corpus --llm`: a stand-in for the pretrained LLM the real recipes start from.
+            (Rounds 6-7 in RESULTS trained on the corpus' own records and scored on its benchmark.)
     vision  the tiny recipe's stage 0 (`pipelines.vision_pretrain`): pre-train the tiny vision tower alone
             to name the colour and shape of the object under each patch (scenes drawn by the corpus
             generator; labels from the scene geometry) and `--save` it for `corpus --vision`: what a
             CLIP-initialised recipe starts with and a random tiny one lacks.
 
-`corpus --llm DIR` builds the random model with that LLM and tokenizer (object tokens appended, so the
-shards' ids hold); `--projector-steps N` (probe / corpus) trains the projector alone for the first N steps.
+`corpus --llm DIR` loads that LLM over the random model's (the corpus tokenizer's vocabulary, so the shards'
+ids hold); `--projector-steps N` (probe / corpus) trains the projector alone for the first N steps.
 
 `--patch-size P` (corpus / probe / vision) swaps the tiny tower's 4-px patches for P-px ones on the same
 48-px image ((48 / P)^2 visual tokens): a bench-local geometry, not a preset.
@@ -209,14 +211,7 @@ def run_corpus(args) -> dict:
 
     corpus = Path(args.corpus)
     manifest = json.loads((corpus / "manifest.json").read_text())
-    # --llm: its tokenizer is the corpus' plus the object tokens (appended: the shards' ids are unchanged).
-    tokenizer = AutoTokenizer.from_pretrained(args.llm or str(corpus / "tokenizer"), local_files_only=True)
-    if args.llm:
-        base = AutoTokenizer.from_pretrained(str(corpus / "tokenizer"), local_files_only=True).get_vocab()
-        vocab = tokenizer.get_vocab()
-        if any(vocab.get(token) != i for token, i in base.items()):
-            raise ValueError(f"--llm {args.llm}: its tokenizer is not {corpus / 'tokenizer'} plus appended tokens "
-                             "(an `lm --save` of another corpus?); the shards' ids would mean other tokens")
+    tokenizer = AutoTokenizer.from_pretrained(str(corpus / "tokenizer"), local_files_only=True)
     info = open_shards(args.shards)
     model = _model(args.compressor, max(len(tokenizer), 64), tokenizer.pad_token_id, args.seed, args.init_std,
                    args.patch_size)
@@ -229,9 +224,9 @@ def run_corpus(args) -> dict:
 
         load_vision_tower(model, args.vision)
     if args.llm:  # an LLM that arrives knowing the questions on object tokens (`lm --save`), as Vicuna arrives
-        from transformers import AutoModelForCausalLM
+        from dpn.loading import load_language_model
 
-        model.language_model.load_state_dict(AutoModelForCausalLM.from_pretrained(args.llm).state_dict())
+        load_language_model(model, args.llm, tokenizer)  # refuses another corpus' LLM (other token ids)
     if info.num_image_tokens != model.config.num_image_tokens:
         raise ValueError(f"--shards {args.shards}: {info.num_image_tokens} visual tokens per image, the tiny model "
                          f"takes {model.config.num_image_tokens}; preprocess with the tiny geometry")
@@ -489,151 +484,22 @@ def run_text(args) -> dict:
 
 
 # ----- lm mode --------------------------------------------------------------------------------------
-BACKGROUND_TOKEN = "<empty>"  # a grid cell with no object under its centre
-
-
-def _object_token(color: str, shape: str) -> str:
-    return f"<{color}_{shape}>"
-
-
-def _scene_tokens(scene: dict, grid: int = 0) -> str:
-    """A scene as object tokens (colour and shape together, as a patch feature holds them): with `grid` 0
-    one per object, left to right; else a `grid` x `grid` map, row-major as the image's patches, of the
-    object under each cell centre (`pipelines.vision_pretrain.patch_labels`, the tower's own labels) or
-    `<empty>`, plus each object's centre cell so that no object is lost between cell centres."""
-    if not grid:
-        return " ".join(_object_token(o["color"], o["shape"]) for o in sorted(scene["objects"], key=lambda o: o["x"]))
-    from pipelines import synth
-    from pipelines.vision_pretrain import patch_labels
-
-    sc = synth.Scene(scene["width"], scene["height"], scene["background"], [synth.Obj(**o) for o in scene["objects"]])
-    colours, shapes = patch_labels(sc, grid, 1)
-    cells = [BACKGROUND_TOKEN if c == 0 else _object_token(synth.COLOR_NAMES[c - 1], synth.SHAPES[s])
-             for c, s in zip(colours, shapes, strict=True)]
-    side = max(sc.width, sc.height)
-    ox, oy = (side - sc.width) // 2, (side - sc.height) // 2
-    for o in sc.objects:
-        cell = min(grid - 1, (o.y + oy) * grid // side) * grid + min(grid - 1, (o.x + ox) * grid // side)
-        if cells[cell] == BACKGROUND_TOKEN:
-            cells[cell] = _object_token(o.color, o.shape)
-    return " ".join(cells)
-
-
-def _bare_sample(tokenizer, scene: str, question: str, answer: str | None = None):
-    """The curriculum's first form: one question, no system prompt, no short-answer instruction:
-    [bos] "Scene: <objects>.\n{question} ASSISTANT:" [" answer" eos]. Without `answer`: the prompt ids."""
-    from pipelines import synth
-
-    question = question.replace(f"\n{synth.SHORT_ANSWER_PROMPT}", "")
-    ids = [tokenizer.bos_token_id] + tokenizer(f"Scene: {scene}.\n{question} ASSISTANT:",
-                                               add_special_tokens=False).input_ids
-    if answer is None:
-        return ids
-    target = tokenizer(f" {answer}", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-    return ids + target, [-100] * len(ids) + target
-
-
 def run_lm(args) -> dict:
-    """The tiny LLM alone on the corpus' instruct questions with every image replaced by its scene as object
-    tokens (`<red_circle>`, added to the corpus tokenizer): how fast the LLM learns the questions when the
-    vision side is perfect and one token names an object. `--bare-steps N`: a curriculum whose first N
-    steps train the bare form (`_bare_sample`: the short-answer questions alone, no system prompt, no
-    instruction), the rest LLaVA's records in vicuna_v1 (`--bare-mix` of the samples stay bare). Scored
-    on the synthetic benchmark in both forms (first answer token, argmax over the category's answers).
-    `--save` writes the LLM and its tokenizer for `corpus --llm`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """The tiny recipe's LLM stage 0 (`pipelines.llm_pretrain`) with the bench's step counts, curriculum and
+    lr: the tiny LLM alone on fresh instruct records with every scene as object tokens, bare form first.
+    `--target` stops it once the held-out accuracy in the template reaches that (100: never early);
+    `--save` writes the LLM with the corpus tokenizer for `corpus --llm`."""
+    from pipelines.llm_pretrain import pretrain_llm
+    from pipelines.recipes import LLMPretrainSpec
 
-    from dpn.conversation import encode_prompt, tokenize_conversation
-    from dpn.presets import get_preset
-    from pipelines import synth
-
-    corpus = Path(args.corpus)
-    tokenizer = AutoTokenizer.from_pretrained(str(corpus / "tokenizer"), local_files_only=True)
-    tokenizer.add_tokens([_object_token(c, s) for c in synth.COLOR_NAMES for s in synth.SHAPES] + [BACKGROUND_TOKEN])
-    with open(corpus / "scenes.jsonl") as f:
-        scenes = {d["image"]: _scene_tokens(d, args.grid) for d in map(json.loads, f)}
-    short = {a for answers in synth.ANSWERS.values() for a in answers}
-    bare, template = [], []
-    for record in json.loads((corpus / "instruct.json").read_text()):
-        if "image" not in record:
-            continue
-        scene, turns = scenes[record["image"]], [dict(t) for t in record["conversations"]]
-        for human, gpt in zip(turns[::2], turns[1::2], strict=False):
-            if gpt["value"] in short:
-                bare.append(_bare_sample(tokenizer, scene, human["value"].replace("<image>\n", ""), gpt["value"]))
-        turns[0]["value"] = turns[0]["value"].replace("<image>", f"Scene: {scene}.")
-        sample = tokenize_conversation(turns, tokenizer, "vicuna_v1", 1, False, False)
-        if not sample.mismatch:
-            template.append((list(sample.input_ids), list(sample.labels)))
-    with open(corpus / "eval" / "synthetic" / "scenes.jsonl") as f:
-        eval_scenes = {d["question_id"]: _scene_tokens(d, args.grid) for d in map(json.loads, f)}
-    with open(corpus / "eval" / "synthetic" / "ground_truth.jsonl") as f:
-        truth = {d["question_id"]: d for d in map(json.loads, f)}
-    with open(corpus / "eval" / "synthetic" / "questions.jsonl") as f:
-        questions = [json.loads(line) for line in f][: args.eval_limit]
-    tests = {"bare": [], "template": []}
-    for q in questions:
-        g, scene = truth[q["question_id"]], eval_scenes[q["question_id"]]
-        tests["bare"].append((_bare_sample(tokenizer, scene, q["text"]), g))
-        tests["template"].append((encode_prompt(f"Scene: {scene}.\n{q['text']}", tokenizer, "vicuna_v1", 1, False,
-                                                False), g))
-    first = {c: {a: tokenizer(f" {a}", add_special_tokens=False).input_ids[0] for a in answers}
-             for c, answers in synth.ANSWERS.items()}
-
-    torch.manual_seed(args.seed)
-    config = get_preset("tiny", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).text_config
-    if args.init_std is not None:
-        config.initializer_range = args.init_std
-    model = AutoModelForCausalLM.from_config(config)
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-
-    def collate(rows):
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-        labels = torch.full((len(rows), width), -100)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, (x, y) in enumerate(rows):
-            ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-    def score(items) -> dict:
-        model.eval()
-        right: dict[str, list[bool]] = {}
-        with torch.no_grad():
-            for i in range(0, len(items), 50):
-                chunk = items[i:i + 50]
-                width = max(len(ids) for ids, _ in chunk)
-                ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for j, (x, _) in enumerate(chunk):  # left-padded: the last position predicts the answer
-                    ids[j, width - len(x):], mask[j, width - len(x):] = torch.tensor(x), 1
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]
-                for j, (_, g) in enumerate(chunk):
-                    options = first[g["category"]]
-                    ok = max(options, key=lambda a: float(logits[j, options[a]])) == g["answer"]
-                    for key in ("all", g["category"], g["difficulty"]):
-                        right.setdefault(key, []).append(ok)
-        model.train()
-        return {k: round(100 * sum(v) / len(v), 1) for k, v in sorted(right.items())}
-
-    rng, evals, t0 = random.Random(args.seed), [], time.perf_counter()
-    for step in range(args.steps):
-        pool = bare if step < args.bare_steps or rng.random() < args.bare_mix else template
-        batch = collate([pool[rng.randrange(len(pool))] for _ in range(args.batch)])
-        loss = _step(lambda b: model(**b).loss, params, opt, [batch], step, args)
-        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-            row = {"step": step + 1, "bare_pct": score(tests["bare"]), "template_pct": score(tests["template"]),
-                   "train_loss": round(loss, 4), "seconds": round(time.perf_counter() - t0, 1)}
-            evals.append(row)
-            print(json.dumps(row), flush=True)
-    if args.save:
-        model.save_pretrained(args.save)
-        tokenizer.save_pretrained(args.save)
-    return {"mode": "lm", "grid": args.grid, "bare_records": len(bare), "template_records": len(template),
-            "bare_steps": args.bare_steps, "bare_mix": args.bare_mix, "final": evals[-1], "steps": args.steps, "batch": args.batch, "lr": args.lr,
-            "seconds_per_step": round((time.perf_counter() - t0) / args.steps, 3)}
+    spec = LLMPretrainSpec(steps=args.steps, bare_steps=args.bare_steps, bare_mix=args.bare_mix,
+                           target_accuracy_pct=args.target, batch_size=args.batch, lr=args.lr,
+                           warmup_ratio=args.warmup_ratio, schedule=args.schedule, grad_clip=args.grad_clip,
+                           seed=args.seed, eval_questions=args.eval_limit, eval_every=args.eval_every)
+    summary = pretrain_llm(spec, _preset(None), Path(args.corpus) / "tokenizer", args.save,
+                           on_eval=lambda row: print(json.dumps(row), flush=True))
+    return {"mode": "lm", **{k: v for k, v in summary.items() if k != "evals"}, "bare_steps": args.bare_steps,
+            "bare_mix": args.bare_mix, "batch": args.batch, "lr": args.lr}
 
 
 # ----- vision mode ----------------------------------------------------------------------------------
@@ -659,8 +525,8 @@ def main(argv=None) -> int:
     ap.add_argument("--init", help="corpus mode: start from this saved model (an earlier run's --save)")
     ap.add_argument("--llm", help="corpus mode: the random model's LLM and tokenizer from this `lm --save`")
     ap.add_argument("--bare-steps", type=int, default=0, help="lm mode: first steps on the bare questions")
-    ap.add_argument("--grid", type=int, default=0,
-                    help="lm mode: the scene as a GRID x GRID map of cells, as the patches (0: one token per object)")
+    ap.add_argument("--target", type=float, default=100.0,
+                    help="lm mode: stop once the held-out accuracy in the template reaches this (%%; 100: never)")
     ap.add_argument("--bare-mix", type=float, default=0.0,
                     help="lm mode: fraction of bare samples after --bare-steps (the rest: records in vicuna_v1)")
     ap.add_argument("--vision", help="corpus / probe mode: a random model with this vision tower (a `vision --save`)")
@@ -731,10 +597,10 @@ def main(argv=None) -> int:
         ap.error("corpus mode needs --corpus and --shards")
     if args.mode == "lm" and not args.corpus:
         ap.error("lm mode needs --corpus")
+    if args.mode == "lm" and args.init_std is not None:
+        ap.error(f"--init-std {args.init_std}: lm mode trains the tiny preset's LLM as the recipe's stage 0 does")
     if not 0 <= args.bare_steps <= args.steps:
         ap.error(f"--bare-steps must be in [0, --steps {args.steps}], got {args.bare_steps}")
-    if args.grid < 0:
-        ap.error(f"--grid must be >= 0, got {args.grid}")
     if not 0.0 <= args.bare_mix <= 1.0:
         ap.error(f"--bare-mix must be in [0, 1], got {args.bare_mix}")
     if args.llm and (args.init or args.init_std is not None or args.mode != "corpus"):

@@ -233,6 +233,26 @@ def load_vision_tower(model: DPNForConditionalGeneration, vision_path: str | Pat
     load_weights(model, _weight_files(vision_dir), _rename_vision, required_prefixes=("vision_tower.",))
 
 
+def _rename_llm(key: str) -> str:
+    return f"language_model.{key}"
+
+
+def load_language_model(model: DPNForConditionalGeneration, llm_path: str | Path, tokenizer: Any = None) -> None:
+    """Copy a LLaMA-family causal LM's weights (a `save_pretrained` directory) into `model.language_model`.
+    With a `tokenizer`, a tokenizer saved in that directory must have the same vocabulary (else the
+    embedding rows would mean other tokens). Raises naming the key on a missing weight or a shape mismatch."""
+    llm_dir = _require_dir(llm_path, "LLM checkpoint")
+    if tokenizer is not None and (llm_dir / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        own = AutoTokenizer.from_pretrained(str(llm_dir), local_files_only=True).get_vocab()
+        if own != tokenizer.get_vocab():
+            raise ValueError(f"{llm_dir}: the LLM's tokenizer ({len(own)} tokens) is not the one given "
+                             f"({len(tokenizer)} tokens, {getattr(tokenizer, 'name_or_path', '?')!r}); its "
+                             "embedding rows would mean other tokens")
+    load_weights(model, _weight_files(llm_dir), _rename_llm, required_prefixes=("language_model.",))
+
+
 def from_components(
     llm_path: str | Path,
     vision_path: str | Path,
@@ -267,10 +287,7 @@ def from_components(
     config = DPNConfig(**fields)
     model = _build_uninitialised(config, dtype)
 
-    def rename_llm(key: str) -> str:
-        return f"language_model.{key}"
-
-    load_weights(model, _weight_files(llm_dir), rename_llm, required_prefixes=("language_model.",))
+    load_weights(model, _weight_files(llm_dir), _rename_llm, required_prefixes=("language_model.",))
     load_vision_tower(model, vision_dir)
     if projector_path is not None:
         p = Path(projector_path)

@@ -87,6 +87,8 @@ class Step:
         inputs: names of the steps whose outputs this one reads.
         config: the step's config section; part of its fingerprint.
         cpus: CPUs the step occupies while it runs (concurrency budget), at most the runner's budget.
+        priority: among steps ready at the same time, higher starts first (a long step on the critical
+            path should not wait behind short ones for a CPU); not part of the fingerprint.
     """
 
     name: str
@@ -94,6 +96,7 @@ class Step:
     inputs: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     cpus: float = 1.0
+    priority: int = 0
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name.startswith("."):
@@ -245,7 +248,8 @@ class Pipeline:
                 self.log(f"[{n}] cached ({self._fps[n]}), produced by run {done.run_id}")
         self._save_state(state)
 
-        pending = [n for n in self.order if n not in results]
+        # Stable: equal priorities keep the topological order.
+        pending = sorted((n for n in self.order if n not in results), key=lambda n: -self.steps[n].priority)
         running: dict[Future, str] = {}
         used = 0.0
         with ThreadPoolExecutor(max_workers=max(1, len(pending))) as pool:

@@ -37,7 +37,8 @@ ZERO_STAGES = (0, 1, 2, 3)
 MODEL_PRESETS = ("tiny", "test-tiny", "llava-1.5-7b", "llava-1.5-13b")  # as `dpn.presets.PRESETS`
 # Placeholder that `pipelines.train.run_recipe` replaces with the stage-1 output directory of the recipe.
 STAGE1_OUTPUT = "<stage1>"
-# Placeholder (model.vision_path) for the vision tower that stage 0 (`pipelines.vision_pretrain`) trains.
+# Placeholder (model.vision_path / model.llm_path) for the vision tower / LLM that stage 0 trains
+# (`pipelines.vision_pretrain` / `pipelines.llm_pretrain`).
 STAGE0_OUTPUT = "<stage0>"
 
 
@@ -73,7 +74,9 @@ class ModelSpec:
     path: str | None = None
     """The checkpoint directory for init="pretrained" / "llava_hf"."""
     llm_path: str | None = None
-    """LLaMA-family LLM directory (init="components")."""
+    """LLaMA-family LLM directory: the LLM of init="components"; with init="random", loaded over the
+    random LLM (same geometry as the preset, the tokenizer's vocabulary). "<stage0>": the LLM stage 0
+    trains (tiny recipe)."""
     vision_path: str | None = None
     """CLIP vision model directory: the vision tower of init="components"; with init="random", loaded over
     the random tower (same geometry as the preset). "<stage0>": the tower stage 0 trains (tiny recipe)."""
@@ -105,8 +108,13 @@ class ModelSpec:
             _fail("model.vision_path", self.vision_path,
                   f"is only read with model.init='random' or 'components', not {self.init!r} (its checkpoint "
                   "holds the vision tower); unset it")
-        if self.vision_path == STAGE0_OUTPUT and self.init != "random":
-            _fail("model.vision_path", self.vision_path, "(stage 0's tower) needs model.init='random'")
+        if self.llm_path and self.init not in ("random", "components"):
+            _fail("model.llm_path", self.llm_path,
+                  f"is only read with model.init='random' or 'components', not {self.init!r} (its checkpoint "
+                  "holds the LLM); unset it")
+        for name in ("vision_path", "llm_path"):
+            if getattr(self, name) == STAGE0_OUTPUT and self.init != "random":
+                _fail(f"model.{name}", STAGE0_OUTPUT, "(stage 0's output) needs model.init='random'")
         if self.route_loss_coef is not None:
             _check_number("model.route_loss_coef", self.route_loss_coef, float, 0.0)
         _check_number("model.seed", self.seed, int, 0)
@@ -209,10 +217,11 @@ class VisionPretrainSpec:
     from CLIP; a random tiny tower gives the LLM nothing readable for hundreds of steps
     (bench/RESULTS_learnability.md). Runs when stage 1's `model.vision_path` is "<stage0>"."""
 
-    steps: int = 1000
+    steps: int = 2000
     """Optimizer steps (fresh scenes every step; ~0.08 s each for the tiny tower on one core). Object-patch
-    shape accuracy: ~60% after 250 steps, 80-90% after 1,000, which the stage-2 model's shape answers
-    follow (bench/RESULTS_learnability.md)."""
+    shape accuracy: ~60% after 250 steps, 80-90% after 1,000, 97-98% after 2,000; with a question-trained
+    LLM, a 2,000-step tower gave the stage-2 model 5-10 points more than a 1,000-step one and as much as
+    a 4,000-step one (bench/RESULTS_learnability.md, round 7)."""
     batch_size: int = 32
     lr: float = 1e-3
     warmup_ratio: float = 0.03
@@ -234,6 +243,50 @@ class VisionPretrainSpec:
         _check_number("vision_pretrain.seed", self.seed, int, 0)
         _check_number("vision_pretrain.eval_images", self.eval_images, int, 1)
         _check_number("vision_pretrain.eval_every", self.eval_every, int, 1)
+
+
+@dataclass(kw_only=True)
+class LLMPretrainSpec:
+    """Stage 0 (embedded default only), language side: train the random LLM on the corpus' questions with
+    each scene given as object tokens, bare form first, then LLaVA's template (`pipelines.llm_pretrain`).
+    The real recipes start from Vicuna; a random tiny LLM learning the questions and the images at once
+    stays near chance in the demo's budget (bench/RESULTS_learnability.md, round 7). Runs when stage 1's
+    `model.llm_path` is "<stage0>"."""
+
+    steps: int = 6000
+    """Most optimizer steps (fresh records every step, ~0.1 s each on one core); the stage stops earlier
+    once the held-out accuracy in the template reaches `target_accuracy_pct`."""
+    bare_steps: int = 1500
+    """The first steps train the bare questions only (no system prompt, no short-answer instruction)."""
+    bare_mix: float = 0.3
+    """Share of bare samples after `bare_steps` (the rest: whole records in vicuna_v1)."""
+    target_accuracy_pct: float = 75.0
+    """Stop at the first evaluation after `bare_steps` with this held-out accuracy in the template (the
+    LLM binds an object to its question at a step that varies by seed; 100 never stops early)."""
+    batch_size: int = 16
+    lr: float = 5e-4
+    warmup_ratio: float = 0.03
+    schedule: str = "constant"
+    grad_clip: float = 1.0
+    seed: int = 0
+    """Seed of the LLM's initialisation and of the records drawn."""
+    eval_questions: int = 300
+    """Held-out questions (drawn as the eval split's, from another seed stream) scored every `eval_every`."""
+    eval_every: int = 250
+
+    def __post_init__(self) -> None:
+        _check_number("llm_pretrain.steps", self.steps, int, 1)
+        _check_number("llm_pretrain.bare_steps", self.bare_steps, int, 0, self.steps)
+        _check_number("llm_pretrain.bare_mix", self.bare_mix, float, 0.0, 1.0)
+        _check_number("llm_pretrain.target_accuracy_pct", self.target_accuracy_pct, float, 0.0, 100.0)
+        _check_number("llm_pretrain.batch_size", self.batch_size, int, 1)
+        _check_number("llm_pretrain.lr", self.lr, float, 0.0, 1.0, low_open=True)
+        _check_number("llm_pretrain.warmup_ratio", self.warmup_ratio, float, 0.0, 1.0)
+        _check_choice("llm_pretrain.schedule", self.schedule, SCHEDULES)
+        _check_number("llm_pretrain.grad_clip", self.grad_clip, float, 0.0)
+        _check_number("llm_pretrain.seed", self.seed, int, 0)
+        _check_number("llm_pretrain.eval_questions", self.eval_questions, int, 1)
+        _check_number("llm_pretrain.eval_every", self.eval_every, int, 1)
 
 
 @dataclass(kw_only=True)
@@ -321,7 +374,9 @@ class TrainConfig:
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     tracking: TrackingSpec = field(default_factory=TrackingSpec)
     vision_pretrain: VisionPretrainSpec = field(default_factory=VisionPretrainSpec)
-    """Stage 0, used only when `model.vision_path` is "<stage0>"."""
+    """Stage 0 (vision tower), used only when `model.vision_path` is "<stage0>"."""
+    llm_pretrain: LLMPretrainSpec = field(default_factory=LLMPretrainSpec)
+    """Stage 0 (LLM), used only when `model.llm_path` is "<stage0>"."""
     work_dir: str = ".dpn_work"
     """Root of outputs, Ray storage, the synthetic corpus and the default MLflow store."""
     run_name: str | None = None
@@ -338,8 +393,10 @@ class TrainConfig:
                       "must be 'none' in stage 1 (projector pre-training trains plain LLaVA-1.5)")
             if self.model.train_vision_tower:
                 _fail("model.train_vision_tower", True, "must be false in stage 1 (only the projector trains)")
-        elif self.model.vision_path == STAGE0_OUTPUT:
-            _fail("model.vision_path", STAGE0_OUTPUT, "is stage 1's input; stage 2 starts from stage 1's model")
+        else:
+            for name in ("vision_path", "llm_path"):
+                if getattr(self.model, name) == STAGE0_OUTPUT:
+                    _fail(f"model.{name}", STAGE0_OUTPUT, "is stage 1's input; stage 2 starts from stage 1's model")
         per_step = self.data.micro_batch_size * self.scaling.num_workers
         if self.optim.global_batch_size % per_step:
             valid = [per_step * k for k in range(1, 5)]
@@ -473,7 +530,8 @@ def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """Rebuild (and validate) a `TrainConfig` from `to_dict()` output, e.g. on a Ray worker."""
     sections = {"model": ModelSpec, "data": DataSpec, "optim": OptimSpec, "scaling": ScalingSpec,
-                "checkpoint": CheckpointSpec, "tracking": TrackingSpec, "vision_pretrain": VisionPretrainSpec}
+                "checkpoint": CheckpointSpec, "tracking": TrackingSpec, "vision_pretrain": VisionPretrainSpec,
+                "llm_pretrain": LLMPretrainSpec}
     kwargs = dict(data)
     for name, cls in sections.items():
         if name in kwargs and isinstance(kwargs[name], dict):
@@ -485,14 +543,16 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
 def tiny(stage: int) -> TrainConfig:
     """The embedded default: `tiny` geometry from random weights, synthetic corpus, 2 CPU workers, fp32.
 
-    There are no pretrained weights offline: stage 0 (`vision_pretrain`) first trains the random vision
-    tower on the synthetic scenes, standing in for CLIP; stage 1 trains the projector of a LLaVA built
-    from that tower and a random LLM and saves the whole model; stage 2 starts from it with fresh routers.
+    There are no pretrained weights offline: stage 0 first trains the random vision tower on the synthetic
+    scenes (`vision_pretrain`, standing in for CLIP) and, beside it, the random LLM on the corpus'
+    questions with scenes as text (`llm_pretrain`, standing in for Vicuna); stage 1 trains the projector
+    of a LLaVA built from the two and saves the whole model; stage 2 starts from it with fresh routers.
     """
     if stage == 1:
         return TrainConfig(
             recipe="tiny", stage=1,
-            model=ModelSpec(preset="tiny", init="random", vision_path=STAGE0_OUTPUT, compressor="none"),
+            model=ModelSpec(preset="tiny", init="random", vision_path=STAGE0_OUTPUT, llm_path=STAGE0_OUTPUT,
+                            compressor="none"),
             data=DataSpec(synthetic=True, template="plain", max_length=512, micro_batch_size=8),
             optim=OptimSpec(lr=1e-3, global_batch_size=32, warmup_ratio=0.03, schedule="cosine"),
             scaling=ScalingSpec(num_workers=2, cpus_per_worker=0.5, precision="fp32", zero_stage=2),
@@ -578,6 +638,7 @@ __all__ = [
     "TrackingSpec",
     "TrainConfig",
     "VisionPretrainSpec",
+    "LLMPretrainSpec",
     "apply_overrides",
     "config_from_dict",
     "get_recipe",

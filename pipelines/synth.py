@@ -606,7 +606,8 @@ def _make_pretrain(cfg: SynthConfig, root: Path) -> tuple[list[dict[str, Any]], 
     return records, scenes
 
 
-def _short(q: str) -> str:
+def short_question(q: str) -> str:
+    """A question with LLaVA's short-answer instruction appended (VQA records, the eval split)."""
     return f"{q}\n{SHORT_ANSWER_PROMPT}"
 
 
@@ -642,7 +643,7 @@ def _extra_questions(rng: random.Random, scene: Scene, first: QA, k: int) -> lis
 
 def _vqa_pairs(rng: random.Random, scene: Scene, first: QA) -> list[tuple[str, str]]:
     qas = [first] + _extra_questions(rng, scene, first, rng.randint(0, 3))
-    return [(_short(qa.question), qa.answer) for qa in qas]
+    return [(short_question(qa.question), qa.answer) for qa in qas]
 
 
 def _conversation_pairs(rng: random.Random, scene: Scene, first: QA) -> list[tuple[str, str]]:
@@ -664,6 +665,31 @@ def _multiple_choice_pairs(rng: random.Random, qa: QA) -> list[tuple[str, str]]:
 
 _MIXES = {("blue", "yellow"): "green", ("red", "yellow"): "orange", ("blue", "red"): "purple"}
 _SIDES = {"triangle": 3, "square": 4}
+
+
+def instruct_pairs(rng: random.Random, scene: Scene, qa: QA) -> list[tuple[str, str]]:
+    """The (human, gpt) turns of an instruct record around `qa` (its first question), in the corpus' style
+    mix: multiple choice (colour / shape only), VQA short answers, or a conversation with sentences."""
+    style = rng.random()
+    if style < 0.1 and qa.category in ("color", "shape"):
+        return _multiple_choice_pairs(rng, qa)
+    if style < 0.7:
+        return _vqa_pairs(rng, scene, qa)
+    return _conversation_pairs(rng, scene, qa)
+
+
+def draw_instruct_item(rng: random.Random) -> tuple[Scene, list[tuple[str, str]]]:
+    """A fresh scene and its instruct turns, drawn as `instruct.json`'s image records are (category,
+    difficulty mix, style mix), without rendering: for training on scenes given as text."""
+    category = rng.choice(CATEGORIES)
+    scene, qa = build_item(rng, category, draw_level(rng, INSTRUCT_DIFFICULTY), rng.choice(ANSWERS[category]))
+    return scene, instruct_pairs(rng, scene, qa)
+
+
+def eval_items(rng: random.Random, n: int) -> list[tuple[Scene, QA, str]]:
+    """`n` (scene, question, difficulty) drawn as the eval split's (balanced categories x difficulties and
+    answers), without rendering; the question text is `short_question(qa.question)`."""
+    return [(*build_item(rng, c, d, a), d) for c, d, a in _eval_plan(rng, n)]
 
 
 def _text_only_qa(rng: random.Random) -> tuple[str, str]:
@@ -697,7 +723,7 @@ def _text_only_record(rng: random.Random) -> dict[str, Any]:
     turns = []
     for _ in range(rng.randint(1, 3)):
         q, a = _text_only_qa(rng)
-        turns.append({"from": "human", "value": _short(q) if short else q})
+        turns.append({"from": "human", "value": short_question(q) if short else q})
         turns.append({"from": "gpt", "value": a})
     return {"id": rid, "conversations": turns}
 
@@ -721,20 +747,13 @@ def _make_instruct(cfg: SynthConfig, root: Path) -> tuple[list[dict[str, Any]], 
         _write_bytes(root / "images" / rel, _encode(render(scene), rel.rsplit(".", 1)[1]))
         scenes.append({"image": rel, **scene.to_dict()})
         made.append((rid, rel, scene, qa))
-        style = rng.random()
-        if style < 0.1 and category in ("color", "shape"):
-            pairs = _multiple_choice_pairs(rng, qa)
-        elif style < 0.7:
-            pairs = _vqa_pairs(rng, scene, qa)
-        else:
-            pairs = _conversation_pairs(rng, scene, qa)
-        records.append({"id": rid, "image": rel, "conversations": _turns(pairs)})
+        records.append({"id": rid, "image": rel, "conversations": _turns(instruct_pairs(rng, scene, qa))})
     for _ in range(n_dup):
         # Same id and image as an earlier record, other questions (as one COCO image recurs across
         # LLaVA-Instruct, VQAv2, OKVQA, ... in mix665K).
         rid, rel, scene, _qa = rng.choice(made)
         extra = _extra_questions(rng, scene, QA("", "", "", ""), rng.randint(1, 3))
-        pairs = [(_short(qa.question), qa.answer) for qa in extra]
+        pairs = [(short_question(qa.question), qa.answer) for qa in extra]
         records.append({"id": rid, "image": rel, "conversations": _turns(pairs)})
     records += [_text_only_record(rng) for _ in range(n_text)]
     rng.shuffle(records)
@@ -767,7 +786,7 @@ def _make_eval(cfg: SynthConfig, root: Path) -> tuple[list[dict[str, Any]], list
         rel = f"{qid:06d}.{_image_format(rng, cfg.png_fraction)}"
         _write_bytes(image_dir / rel, _encode(render(scene), rel.rsplit(".", 1)[1]))
         questions.append({
-            "question_id": qid, "image": rel, "text": _short(qa.question),
+            "question_id": qid, "image": rel, "text": short_question(qa.question),
             "category": category, "difficulty": difficulty,
         })
         truth.append({"question_id": qid, "answer": qa.answer, "category": category, "difficulty": difficulty})

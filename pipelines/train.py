@@ -6,9 +6,9 @@
 
 Stage 1 trains the projector of plain LLaVA-1.5 (vision tower and LLM frozen); stage 2 trains the LLM,
 the projector and the fresh DPE routers (and optionally the vision tower) on LM + routing loss (the
-model's `loss` is already lm_loss + coef * route_loss). The tiny recipe, which has no CLIP offline, first
-runs stage 0 (`pipelines.vision_pretrain`, one Ray task): `run_recipe` resolves stage 1's
-`model.vision_path="<stage0>"` through `resolve_stage0`.
+model's `loss` is already lm_loss + coef * route_loss). The tiny recipe, which has no CLIP or Vicuna offline,
+first runs stage 0 (`pipelines.vision_pretrain` and `pipelines.llm_pretrain`, one Ray task each):
+`run_recipe` resolves stage 1's `model.vision_path` / `model.llm_path` "<stage0>" through `resolve_stage0`.
 
 Failures: every `checkpoint.every_n_steps` steps each worker saves its DeepSpeed shard into a temporary
 directory and passes it to `ray.train.report`, which merges all workers' files into one checkpoint. A dead
@@ -94,6 +94,16 @@ def _dpn_overrides(cfg: TrainConfig, tokenizer) -> dict[str, Any]:
     return kw
 
 
+def random_vocab_size(preset: str, tokenizer) -> int:
+    """Embedding rows of a random `preset` LLM for `tokenizer`: the small presets are sized to the
+    tokenizer (at least 64 rows), the LLaVA ones keep their own vocabulary."""
+    from dpn.presets import get_preset
+
+    if preset in ("tiny", "test-tiny"):
+        return max(len(tokenizer), 64)
+    return get_preset(preset).text_config.vocab_size
+
+
 def model_config(cfg: TrainConfig, tokenizer):
     """The `DPNConfig` the stage trains (no weights built): geometry from the preset or the checkpoint,
     compressor and token ids from the recipe and the tokenizer."""
@@ -107,7 +117,7 @@ def model_config(cfg: TrainConfig, tokenizer):
     if m.init == "random":
         extra = {}
         if m.preset in ("tiny", "test-tiny"):
-            extra = {"vocab_size": max(len(tokenizer), 64), "pad_token_id": tokenizer.pad_token_id}
+            extra = {"vocab_size": random_vocab_size(m.preset, tokenizer), "pad_token_id": tokenizer.pad_token_id}
         return get_preset(m.preset, **extra, **kw)
     if m.init == "pretrained":
         return DPNConfig.from_pretrained(m.path, local_files_only=True, **kw)
@@ -123,14 +133,14 @@ def model_config(cfg: TrainConfig, tokenizer):
 def build_model(cfg: TrainConfig, tokenizer):
     """Build the stage's starting model on CPU (seeded, so every rank builds the same weights).
 
-    random: the preset from `model.seed` (with `model.vision_path`, that vision tower loaded over the
-    random one: stage 0's, in the tiny recipe); pretrained: our checkpoint (e.g. stage 1's model), DPN
+    random: the preset from `model.seed` (with `model.vision_path` / `model.llm_path`, that vision tower /
+    LLM loaded over the random one: stage 0's, in the tiny recipe); pretrained: our checkpoint (e.g. stage 1's model), DPN
     modules the checkpoint lacks (fresh routers) initialised; llava_hf / components: `dpn.loading`. A
     `model.projector_path` is loaded over the projector. The embeddings grow to the tokenizer if needed.
     """
     import torch
 
-    from dpn.loading import from_components, from_llava_hf, load_vision_tower
+    from dpn.loading import from_components, from_llava_hf, load_language_model, load_vision_tower
     from dpn.modeling_dpn import DPNForConditionalGeneration
 
     m = cfg.model
@@ -141,6 +151,8 @@ def build_model(cfg: TrainConfig, tokenizer):
         model = DPNForConditionalGeneration(model_config(cfg, tokenizer))
         if m.vision_path:
             load_vision_tower(model, m.vision_path)
+        if m.llm_path:
+            load_language_model(model, m.llm_path, tokenizer)
     elif m.init == "pretrained":
         model = DPNForConditionalGeneration.from_pretrained(m.path, local_files_only=True, **kw)
         # Modules the checkpoint lacks (stage 1 -> stage 2: routers) start fresh, from the seed.
@@ -793,9 +805,10 @@ def run_stage(
         if value == STAGE1_OUTPUT:
             raise ValueError(f"{placeholder_field}: {STAGE1_OUTPUT!r} stands for stage 1's output; run both stages "
                              "(`dpn train --recipe NAME`) or set it to a directory")
-    if cfg.model.vision_path == STAGE0_OUTPUT:
-        raise ValueError(f"model.vision_path: {STAGE0_OUTPUT!r} stands for stage 0's vision tower; run the recipe "
-                         "(`dpn train --recipe NAME`, which runs stage 0 first) or set it to a directory")
+    for field_name in ("vision_path", "llm_path"):  # (`name` is the run name here)
+        if getattr(cfg.model, field_name) == STAGE0_OUTPUT:
+            raise ValueError(f"model.{field_name}: {STAGE0_OUTPUT!r} stands for stage 0's output; run the recipe "
+                             "(`dpn train --recipe NAME`, which runs stage 0 first) or set it to a directory")
     cfg.check_paths()
     done = out / RESULT_FILE
     if done.is_file():
@@ -892,36 +905,67 @@ def chain_stage2(stage2: TrainConfig, stage1_result: StageResult) -> TrainConfig
     return replace(stage2, model=model)
 
 
+def stage_tokenizer(cfg: TrainConfig) -> Path:
+    """The tokenizer directory the stage trains with: `data.tokenizer`, or the synthetic corpus' (generated
+    first when missing)."""
+    if cfg.data.tokenizer:
+        return Path(cfg.data.tokenizer)
+    if cfg.data.synthetic:
+        return _synthetic_corpus(cfg) / "tokenizer"
+    raise ValueError("data.tokenizer: required unless data.synthetic is true, got None")
+
+
 def resolve_stage0(cfg: TrainConfig, parent_run_id: str | None = None) -> TrainConfig:
-    """Run stage 0 (cached) when stage 1's `model.vision_path` is "<stage0>" and point it at the trained
-    tower; any other config is returned unchanged. A fresh stage 0 is logged as its own MLflow run."""
+    """Run stage 0 (cached) for each of stage 1's `model.vision_path` / `model.llm_path` that is "<stage0>"
+    and point it at the trained tower / LLM; any other config is returned unchanged. A fresh stage 0 is
+    logged as its own MLflow run. The two run one after the other here (the pipeline's DAG runs them
+    side by side)."""
     from dataclasses import replace
 
+    from pipelines.llm_pretrain import run_llm_pretrain
     from pipelines.vision_pretrain import run_vision_pretrain
 
-    if cfg.model.vision_path != STAGE0_OUTPUT:
-        return cfg
-    tower, summary, cached = run_vision_pretrain(cfg)
-    if not cached:
-        log_stage0(summary, cfg, run_key=f"{cfg.recipe}-stage0-{tower.name}", parent_run_id=parent_run_id)
-    return replace(cfg, model=replace(cfg.model, vision_path=str(tower)))
+    model = cfg.model
+    if model.vision_path == STAGE0_OUTPUT:
+        tower, summary, cached = run_vision_pretrain(cfg)
+        if not cached:
+            log_stage0("vision", summary, cfg, run_key=f"{cfg.recipe}-stage0-{tower.name}", parent_run_id=parent_run_id)
+        model = replace(model, vision_path=str(tower))
+    if model.llm_path == STAGE0_OUTPUT:
+        llm, summary, cached = run_llm_pretrain(cfg, stage_tokenizer(cfg))
+        if not cached:
+            log_stage0("llm", summary, cfg, run_key=f"{cfg.recipe}-stage0-llm-{llm.name}", parent_run_id=parent_run_id)
+        model = replace(model, llm_path=str(llm))
+    return replace(cfg, model=model)
 
 
-def log_stage0(summary: dict[str, Any], cfg: TrainConfig, *, run_id: str | None = None, run_key: str | None = None,
-               parent_run_id: str | None = None) -> None:
-    """Stage 0's params and per-evaluation metrics (`stage0/*`, with step=) in one MLflow run."""
+# What each stage-0 part logs: its spec section and the per-evaluation metrics (`stage0/*`).
+_STAGE0_METRICS = {
+    "vision": ("vision_pretrain", {"stage0/color_accuracy_pct": "color_accuracy_pct",
+                                   "stage0/shape_accuracy_pct": "shape_accuracy_pct", "stage0/loss": "loss"}),
+    "llm": ("llm_pretrain", {"stage0/llm_accuracy_pct": "accuracy_pct",
+                             "stage0/llm_bare_accuracy_pct": "bare_accuracy_pct", "stage0/llm_loss": "loss"}),
+}
+
+
+def log_stage0(part: str, summary: dict[str, Any], cfg: TrainConfig, *, run_id: str | None = None,
+               run_key: str | None = None, parent_run_id: str | None = None) -> None:
+    """Stage 0's `part` ("vision" or "llm"): params and per-evaluation metrics (with step=) in one MLflow run."""
     from pipelines.tracking import RunTracker, flatten_params, resolve_parent_run_id, resolve_tracking_uri
 
+    section, metrics = _STAGE0_METRICS[part]
     tracker = RunTracker.open(
         tracking_uri=resolve_tracking_uri(cfg.tracking.tracking_uri, _work_dir(cfg)), work_dir=_work_dir(cfg),
         experiment=cfg.tracking.experiment, run_name=run_key, run_id=run_id, run_key=None if run_id else run_key,
-        parent_run_id=resolve_parent_run_id(parent_run_id), tags={"dpn.stage": 0, "dpn.recipe": cfg.recipe},
+        parent_run_id=resolve_parent_run_id(parent_run_id),
+        tags={"dpn.stage": 0, "dpn.stage0_part": part, "dpn.recipe": cfg.recipe},
     )
-    tracker.log_params(flatten_params({"vision_pretrain": cfg.vision_pretrain, "model.preset": cfg.model.preset}))
+    tracker.log_params(flatten_params({section: getattr(cfg, section), "model.preset": cfg.model.preset}))
     for row in summary["evals"]:
-        tracker.log_metrics({"stage0/color_accuracy_pct": row["color_accuracy_pct"],
-                             "stage0/shape_accuracy_pct": row["shape_accuracy_pct"], "stage0/loss": row["loss"],
-                             "time/seconds": row["seconds"]}, step=row["step"])
+        tracker.log_metrics({**{key: row[field] for key, field in metrics.items()}, "time/seconds": row["seconds"]},
+                            step=row["step"])
+    if part == "llm":
+        tracker.log_metrics({"stage0/llm_reached_target": float(summary["reached_target"])}, step=summary["steps"])
     if run_id is None:  # a run of our own; the pipeline's step run is finished by the DAG
         tracker.finish("FINISHED")
 
@@ -964,7 +1008,9 @@ __all__ = [
     "model_config",
     "log_stage0",
     "prepare_data",
+    "random_vocab_size",
     "resolve_stage0",
+    "stage_tokenizer",
     "run_recipe",
     "run_stage",
     "set_trainable",

@@ -19,18 +19,14 @@ the DAG) and `run_vision_pretrain` (cached by fingerprint under the work dir, pu
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import random
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pipelines.recipes import TrainConfig, VisionPretrainSpec
-
-RESULT_FILE = "stage0.json"  # next to the saved tower: fingerprint + summary; its presence = complete
+from pipelines.stage0 import RESULT_FILE, on_one_cpu, publish
 
 
 def _covers(o, x: float, y: float) -> bool:
@@ -74,11 +70,11 @@ def spec_fingerprint(spec: VisionPretrainSpec, preset: str) -> str:
     size, patches, width) must not pick up a tower cached under the old one."""
     from dpn.presets import get_preset
     from pipelines import synth
+    from pipelines.dag import fingerprint
 
     tower = get_preset(preset).vision_config.to_dict()
-    blob = json.dumps({"spec": dataclasses.asdict(spec), "preset": preset, "tower": tower,
-                       "generator": synth.GENERATOR_VERSION}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return fingerprint({"spec": dataclasses.asdict(spec), "preset": preset, "tower": tower,
+                        "generator": synth.GENERATOR_VERSION})[:12]
 
 
 def pretrain_vision(spec: VisionPretrainSpec, preset: str, out_dir: str | Path | None = None,
@@ -150,49 +146,20 @@ def pretrain_vision(spec: VisionPretrainSpec, preset: str, out_dir: str | Path |
             "seconds_per_step": round((time.perf_counter() - t0) / spec.steps, 4)}
 
 
-def _pretrain_task(spec_dict: dict[str, Any], preset: str, out_dir: str) -> dict[str, Any]:
-    import torch
-
-    # A one-CPU task: more threads than CPUs slows every process on the node (25x measured on 2 cores).
-    torch.set_num_threads(1)
-    return pretrain_vision(VisionPretrainSpec(**spec_dict), preset, out_dir)
-
-
 def pretrain_vision_on_ray(spec: VisionPretrainSpec, preset: str, out_dir: str | Path) -> dict[str, Any]:
-    """`pretrain_vision` as a one-CPU Ray task (local Ray started if none is up), so that it shares the
-    node with the other steps' Ray work instead of competing with it from the driver."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init()
-    task = ray.remote(num_cpus=1)(_pretrain_task)
-    return ray.get(task.remote(dataclasses.asdict(spec), preset, str(Path(out_dir).absolute())))
+    """`pretrain_vision` as a one-CPU Ray task (`pipelines.stage0.on_one_cpu`)."""
+    return on_one_cpu(pretrain_vision, spec, preset, str(Path(out_dir).absolute()))
 
 
 def run_vision_pretrain(cfg: TrainConfig, out_root: str | Path | None = None) -> tuple[Path, dict[str, Any], bool]:
     """Stage 0 of `cfg` (a stage-1 config with model.vision_path "<stage0>"): train the tower unless
-    `<out_root>/<fingerprint>` holds a finished one (default out_root: <work_dir>/stage0).
-
-    Runs as a one-CPU Ray task (`pretrain_vision_on_ray`). The directory is written under a
-    temporary name and renamed when complete, so a crash never leaves a half-written tower that a later
-    run would take. Returns (tower directory, summary, whether it was cached)."""
+    `<out_root>/<fingerprint>` holds a finished one (default out_root: <work_dir>/stage0), as a one-CPU
+    Ray task, published atomically (`pipelines.stage0.publish`). Returns (tower directory, summary,
+    whether it was cached)."""
     spec, preset = cfg.vision_pretrain, cfg.model.preset
     root = Path(out_root) if out_root is not None else Path(cfg.work_dir).absolute() / "stage0"
-    out = root / spec_fingerprint(spec, preset)
-    done = out / RESULT_FILE
-    if done.is_file():
-        return out, json.loads(done.read_text())["summary"], True
-    tmp = root / f".{out.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    summary = pretrain_vision_on_ray(spec, preset, tmp)
-    (tmp / RESULT_FILE).write_text(json.dumps({"fingerprint": out.name, "preset": preset,
-                                               "spec": dataclasses.asdict(spec), "summary": summary}, indent=2))
-    if out.exists():  # an incomplete directory from an older layout: replaced
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out, summary, False
+    return publish(root / spec_fingerprint(spec, preset), lambda tmp: pretrain_vision_on_ray(spec, preset, tmp),
+                   {"preset": preset, "spec": dataclasses.asdict(spec)})
 
 
-__all__ = ["patch_labels", "pretrain_vision", "pretrain_vision_on_ray", "run_vision_pretrain", "spec_fingerprint"]
+__all__ = ["RESULT_FILE", "patch_labels", "pretrain_vision", "pretrain_vision_on_ray", "run_vision_pretrain", "spec_fingerprint"]

@@ -1,12 +1,14 @@
 """The DPN pipeline as a workflow DAG:
 
-    stage0_vision ──────────────┐
-    synth ─┬─ preprocess_pretrain ── stage1 ──┬─ stage2_dpn ────┐
+    stage0_vision ──────────────────────┐
+           ┌─ stage0_llm ───────────────┤
+    synth ─┼─ preprocess_pretrain ── stage1 ──┬─ stage2_dpn ────┐
            └─ preprocess_instruct ────────────┼─ stage2_static ─┼─ evaluate ── register
                                               └─ stage2_none ───┘
 
-(`synth` and `stage0_vision`, the tiny recipe's vision-tower pre-training, only for the embedded default;
-real corpora enter the preprocess steps directly and real recipes start from CLIP.) Every step
+(`synth`, `stage0_vision` and `stage0_llm`, the tiny recipe's pre-training of its vision tower and LLM,
+only for the embedded default; real corpora enter the preprocess steps directly and real recipes start
+from CLIP and Vicuna.) Every step
 is cached by fingerprint (`pipelines.dag`), tracked as a child MLflow run of one parent run per
 pipeline execution (`pipelines.tracking`), and resumable after a crash.
 """
@@ -308,8 +310,21 @@ def step_stage0(cfg: PipelineConfig, ctx: StepContext) -> dict[str, Any]:
 
     stage1 = _stage_config(cfg, 1, [])
     summary = pretrain_vision_on_ray(stage1.vision_pretrain, stage1.model.preset, ctx.out_dir / "vision_tower")
-    log_stage0(summary, stage1, run_id=ctx.run_id)
+    log_stage0("vision", summary, stage1, run_id=ctx.run_id)
     return {"vision_tower": "vision_tower", "summary": {k: v for k, v in summary.items() if k != "evals"}}
+
+
+def step_stage0_llm(cfg: PipelineConfig, ctx: StepContext) -> dict[str, Any]:
+    """Pre-train the random LLM on the corpus' questions with scenes as text (`pipelines.llm_pretrain`);
+    needs the corpus tokenizer only, so it runs beside preprocessing and the vision stage 0."""
+    from pipelines.llm_pretrain import pretrain_llm_on_ray
+    from pipelines.train import log_stage0
+
+    stage1 = _stage_config(cfg, 1, [])
+    summary = pretrain_llm_on_ray(stage1.llm_pretrain, stage1.model.preset, _corpus_paths(cfg, ctx)["tokenizer"],
+                                  ctx.out_dir / "llm")
+    log_stage0("llm", summary, stage1, run_id=ctx.run_id)
+    return {"llm": "llm", "summary": {k: v for k, v in summary.items() if k != "evals"}}
 
 
 def step_stage1(cfg: PipelineConfig, ctx: StepContext) -> dict[str, Any]:
@@ -317,6 +332,8 @@ def step_stage1(cfg: PipelineConfig, ctx: StepContext) -> dict[str, Any]:
 
     data = ctx.inputs["preprocess_pretrain"]
     tower = [f"model.vision_path={_input_path(ctx, 'stage0_vision', 'vision_tower')}"] if "stage0_vision" in ctx.inputs else []
+    if "stage0_llm" in ctx.inputs:
+        tower.append(f"model.llm_path={_input_path(ctx, 'stage0_llm', 'llm')}")
     stage = _stage_config(cfg, 1, [f"data.shards={_input_path(ctx, 'preprocess_pretrain', 'shards')}",
                                    f"data.tokenizer={data.outputs['tokenizer']}", "data.synthetic=false", *tower])
     res = run_stage(stage, run_id=ctx.run_id, parent_run_id=ctx.parent_run_id, out_dir=ctx.out_dir / "stage1",
@@ -463,6 +480,14 @@ def build_pipeline(cfg: PipelineConfig, trigger: str = "manual", hooks: RunHooks
         stage0 = {"vision_pretrain": dataclasses.asdict(stage1_cfg.vision_pretrain), "preset": stage1_cfg.model.preset}
         steps.append(Step(name="stage0_vision", config=stage0, cpus=1, fn=lambda ctx: step_stage0(cfg, ctx)))
         stage1_inputs.append("stage0_vision")
+    if stage1_cfg.model.llm_path == STAGE0_OUTPUT:
+        # Keyed by what it trains and the tokenizer: the synth step's output (an input) or the given one.
+        stage0 = {"llm_pretrain": dataclasses.asdict(stage1_cfg.llm_pretrain), "preset": stage1_cfg.model.preset,
+                  "tokenizer": None if cfg.corpus.synthetic else cfg.corpus.tokenizer}
+        # The longest step before stage 1: it takes the CPU that synth frees before the preprocess steps.
+        steps.append(Step(name="stage0_llm", inputs=prep_inputs, config=stage0, cpus=1, priority=1,
+                          fn=lambda ctx: step_stage0_llm(cfg, ctx)))
+        stage1_inputs.append("stage0_llm")
     steps.append(Step(name="stage1", inputs=stage1_inputs, config=train, cpus=train_cpus(stage1_cfg),
                       fn=lambda ctx: step_stage1(cfg, ctx)))
     stage2_cpus = train_cpus(_stage_config(cfg, 2, []))

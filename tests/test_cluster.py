@@ -26,7 +26,8 @@ SMALL = """
 corpus: {n_pretrain: 64, n_instruct: 64, n_eval: 15}
 variants: [dpn, none]
 train_overrides: {optim.max_steps: 2, optim.global_batch_size: 16, vision_pretrain.steps: 3,
-                  vision_pretrain.batch_size: 4, vision_pretrain.eval_images: 4}
+                  vision_pretrain.batch_size: 4, vision_pretrain.eval_images: 4, llm_pretrain.steps: 3,
+                  llm_pretrain.bare_steps: 1, llm_pretrain.eval_questions: 5}
 """
 
 
@@ -157,7 +158,7 @@ def submit_and_check(tmp: Path, tracking_uri: str) -> None:
     parent = tracking.get_run(summary["parent_run_id"], tracking_uri=tracking_uri)
     assert parent["tags"]["dpn.trigger"] == "manual" and parent["status"] == "FINISHED"
     steps = {c["run_name"]: c for c in tracking.child_runs(summary["parent_run_id"], tracking_uri=tracking_uri)}
-    assert {"synth", "stage0_vision", "stage1", "stage2_dpn", "stage2_none", "evaluate", "register"} <= set(steps)
+    assert {"synth", "stage0_vision", "stage0_llm", "stage1", "stage2_dpn", "stage2_none", "evaluate", "register"} <= set(steps)
     assert tracking.metric_history(steps["stage2_dpn"]["run_id"], "loss/lm", tracking_uri=tracking_uri)
     model = tracking.download_artifacts(steps["stage2_dpn"]["run_id"], "model", tmp / "dl", tracking_uri=tracking_uri)
     assert (model / "model.safetensors").is_file() and (model / "config.json").is_file()

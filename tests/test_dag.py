@@ -104,6 +104,23 @@ def test_cpu_budget_serialises_big_steps(tmp_path):
     assert peak[0] == 1
 
 
+def test_priority_picks_which_ready_step_gets_the_free_cpu(tmp_path):
+    started = []
+
+    def record(ctx):
+        started.append(ctx.name)
+        return {}
+
+    # One CPU: the steps run one at a time, in topological order (names sorted) unless a priority says else.
+    steps = [Step(name="a_short", fn=record), Step(name="b_short", fn=record), Step(name="z_long", fn=record, priority=1)]
+    Pipeline(steps, tmp_path / "p", version="v1", max_cpus=1).run()
+    assert started == ["z_long", "a_short", "b_short"]
+    started.clear()
+    steps[2].priority = 0
+    Pipeline(steps, tmp_path / "q", version="v1", max_cpus=1).run()
+    assert started == ["a_short", "b_short", "z_long"]
+
+
 def test_hooks_see_runs_and_resume_the_parent_after_a_crash(tmp_path):
     class Rec(RunHooks):
         def __init__(self):

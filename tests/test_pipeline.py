@@ -24,7 +24,8 @@ SMALL = """
 corpus: {n_pretrain: 64, n_instruct: 64, n_eval: 15}
 variants: [dpn, none]
 train_overrides: {optim.max_steps: 2, optim.global_batch_size: 16, vision_pretrain.steps: 3,
-                  vision_pretrain.batch_size: 4, vision_pretrain.eval_images: 4}
+                  vision_pretrain.batch_size: 4, vision_pretrain.eval_images: 4, llm_pretrain.steps: 3,
+                  llm_pretrain.bare_steps: 1, llm_pretrain.eval_questions: 5}
 """
 
 
@@ -75,7 +76,7 @@ def test_killed_driver_resumes_without_recomputing_or_duplicate_runs(tmp_path):
     first.wait()
     before = state_of(work)
     done_before = {n for n, s in before["steps"].items() if s["status"] == "ran"}
-    assert {"synth", "stage0_vision", "preprocess_pretrain"} <= done_before
+    assert {"synth", "stage0_vision", "stage0_llm", "preprocess_pretrain"} <= done_before
     assert before["status"] == "running"
 
     again = subprocess.run(cmd, cwd=ROOT, env=env_for(work), capture_output=True, text=True, timeout=900)
@@ -135,9 +136,10 @@ def test_plan_lists_the_dag_and_bad_configs_name_the_field(tmp_path):
     assert out.returncode == 0, out.stderr
     plan = last_json(out.stdout)["steps"]
     names = [s["name"] for s in plan]
-    assert {"synth", "stage0_vision", "preprocess_pretrain", "preprocess_instruct", "preprocess_instruct_router",
-            "stage1", "stage2_dpn", "stage2_none", "evaluate", "register"} == set(names)
+    assert {"synth", "stage0_vision", "stage0_llm", "preprocess_pretrain", "preprocess_instruct",
+            "preprocess_instruct_router", "stage1", "stage2_dpn", "stage2_none", "evaluate", "register"} == set(names)
     assert all(s["action"] == "run" for s in plan)
+    assert names.index("synth") < names.index("stage0_llm") < names.index("stage1")
     assert names.index("stage0_vision") < names.index("stage1") < names.index("stage2_dpn") < names.index("evaluate") < names.index("register")
     bad = tmp_path / "bad.yaml"
     bad.write_text("variants: [dpn, turbo]\n")
@@ -178,6 +180,9 @@ def test_tiny_pipeline_trains_variants_side_by_side_with_stage0_first(tmp_path):
     # One worker per stage = one core: the two stage-2 variants fit the 2-CPU budget together.
     assert steps["stage2_dpn"].cpus == steps["stage2_none"].cpus == steps["stage1"].cpus == 1
     assert steps["stage0_vision"].inputs == [] and "stage0_vision" in steps["stage1"].inputs
+    # The LLM's stage 0 needs the corpus tokenizer only: it runs beside preprocessing and the tower's.
+    assert steps["stage0_llm"].inputs == ["synth"] and "stage0_llm" in steps["stage1"].inputs
+    assert steps["stage0_vision"].cpus == steps["stage0_llm"].cpus == 1
     # A config file's train_overrides are merged with (and may override) the one-worker default.
     two = tiny_pipeline(work_dir=str(tmp_path), train_overrides={"scaling.num_workers": 2, "optim.max_steps": 3})
     assert two.train_overrides == {"scaling.num_workers": 2, "optim.max_steps": 3}
@@ -185,3 +190,4 @@ def test_tiny_pipeline_trains_variants_side_by_side_with_stage0_first(tmp_path):
     assert steps2["stage2_dpn"].cpus == 2
     # Stage 0 is keyed by what it trains: other training overrides leave its config (and cache) alone.
     assert steps2["stage0_vision"].config == steps["stage0_vision"].config
+    assert steps2["stage0_llm"].config == steps["stage0_llm"].config

@@ -39,6 +39,7 @@ OVERRIDES = [
     "data.synthetic=false", "data.micro_batch_size=4", "optim.global_batch_size=16", "optim.max_steps=8",
     "checkpoint.every_n_steps=2", "tracking.system_metrics_interval_s=1",
     "vision_pretrain.steps=3", "vision_pretrain.batch_size=4", "vision_pretrain.eval_images=4",
+    "llm_pretrain.steps=3", "llm_pretrain.bare_steps=1", "llm_pretrain.eval_questions=5",
 ]
 
 
@@ -327,6 +328,11 @@ def test_stage1_trains_only_the_projector(stages):
                                _tokenizer(stages["r1"])).state_dict()
     n, total = _changed(random_tower, trained, "vision_tower.")
     assert n > total // 2
+    # So is the LLM (stage 0's, `pipelines.llm_pretrain`), with the stage's vocabulary.
+    from transformers import AutoModelForCausalLM
+
+    llm = AutoModelForCausalLM.from_pretrained(stages["cfg1"].model.llm_path, local_files_only=True).state_dict()
+    assert all(torch.equal(trained[f"language_model.{k}"], v) for k, v in llm.items())
 
 
 @pytest.mark.slow
