@@ -495,7 +495,8 @@ def run_lm(args) -> dict:
     spec = LLMPretrainSpec(steps=args.steps, bare_steps=args.bare_steps, bare_mix=args.bare_mix,
                            target_accuracy_pct=args.target, batch_size=args.batch, lr=args.lr,
                            warmup_ratio=args.warmup_ratio, schedule=args.schedule, grad_clip=args.grad_clip,
-                           seed=args.seed, eval_questions=args.eval_limit, eval_every=args.eval_every)
+                           seed=args.seed, eval_questions=args.eval_limit, eval_every=args.eval_every,
+                           init_std=0.02 if args.init_std is None else args.init_std)
     summary = pretrain_llm(spec, _preset(None), Path(args.corpus) / "tokenizer", args.save,
                            on_eval=lambda row: print(json.dumps(row), flush=True))
     return {"mode": "lm", **{k: v for k, v in summary.items() if k != "evals"}, "bare_steps": args.bare_steps,
@@ -597,8 +598,6 @@ def main(argv=None) -> int:
         ap.error("corpus mode needs --corpus and --shards")
     if args.mode == "lm" and not args.corpus:
         ap.error("lm mode needs --corpus")
-    if args.mode == "lm" and args.init_std is not None:
-        ap.error(f"--init-std {args.init_std}: lm mode trains the tiny preset's LLM as the recipe's stage 0 does")
     if not 0 <= args.bare_steps <= args.steps:
         ap.error(f"--bare-steps must be in [0, --steps {args.steps}], got {args.bare_steps}")
     if not 0.0 <= args.bare_mix <= 1.0:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,28 @@ def _samples(rng: random.Random, tokenizer, bare: bool) -> list[tuple[list[int],
     return [] if sample.mismatch else [(list(sample.input_ids), list(sample.labels))]
 
 
+GROUPED_BATCHES = 8  # batches drawn at once and cut by length
+
+
+def length_grouped_batches(rng: random.Random, draw: Callable[[], list], batch_size: int) -> Iterator[list]:
+    """Batches of fresh samples (`draw()` returns one record's samples, in the form of that moment): drawn
+    `GROUPED_BATCHES` batches at a time, sorted by length, cut into consecutive batches and shuffled, so
+    that a batch pads to its own length (template records are 25-180 tokens; padding every batch to its
+    longest sample cost ~40% of a step). Every sample is used once: a record's samples that overflow the
+    group wait for the next one, drawn at random so that the longest are not the ones left over."""
+    carry: list = []
+    while True:
+        pool = carry
+        while len(pool) < GROUPED_BATCHES * batch_size:
+            pool += draw()
+        rng.shuffle(pool)
+        pool, carry = pool[:GROUPED_BATCHES * batch_size], pool[GROUPED_BATCHES * batch_size:]
+        pool.sort(key=lambda sample: len(sample[0]))
+        batches = [pool[i:i + batch_size] for i in range(0, len(pool), batch_size)]
+        rng.shuffle(batches)
+        yield from batches
+
+
 def spec_fingerprint(spec: LLMPretrainSpec, preset: str, tokenizer) -> str:
     """sha256 (first 12 hex) of what the stage trains: the spec, the LLM geometry (the preset's text
     config itself), the tokenizer's vocabulary and the generator."""
@@ -126,6 +148,7 @@ def pretrain_llm(spec: LLMPretrainSpec, preset: str, tokenizer_dir: str | Path, 
     from dpn.presets import get_preset
 
     config = get_preset(preset, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).text_config
+    config.initializer_range = spec.init_std
     model = AutoModelForCausalLM.from_config(config)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
@@ -171,15 +194,15 @@ def pretrain_llm(spec: LLMPretrainSpec, preset: str, tokenizer_dir: str | Path, 
         return {k: round(100 * sum(v) / len(v), 1) for k, v in sorted(right.items())}
 
     rng, rows, t0, step = random.Random(spec.seed), [], time.perf_counter(), 0
-    pending: list[tuple[list[int], list[int]]] = []
+    # `step` is read when a group is drawn: the curriculum's form switches within GROUPED_BATCHES steps.
+    batches = length_grouped_batches(
+        rng, lambda: _samples(rng, tokenizer, step < spec.bare_steps or rng.random() < spec.bare_mix), spec.batch_size)
     reached = False
     model.train()
     while step < spec.steps and not reached:
         for group in opt.param_groups:
             group["lr"] = spec.lr * lr_factor(step, spec.steps, spec.warmup_ratio, spec.schedule)
-        while len(pending) < spec.batch_size:
-            pending += _samples(rng, tokenizer, bare=step < spec.bare_steps or rng.random() < spec.bare_mix)
-        batch, pending = collate(pending[:spec.batch_size]), pending[spec.batch_size:]
+        batch = collate(next(batches))
         loss = model(**batch).loss
         loss.backward()
         if spec.grad_clip > 0:
@@ -210,7 +233,7 @@ def pretrain_llm(spec: LLMPretrainSpec, preset: str, tokenizer_dir: str | Path, 
 def pretrain_llm_on_ray(spec: LLMPretrainSpec, preset: str, tokenizer_dir: str | Path, out_dir: str | Path
                         ) -> dict[str, Any]:
     """`pretrain_llm` as a one-CPU Ray task (`pipelines.stage0.on_one_cpu`)."""
-    return on_one_cpu(pretrain_llm, spec, preset, str(Path(tokenizer_dir).absolute()), str(Path(out_dir).absolute()))
+    return on_one_cpu(pretrain_llm, "stage0_llm", spec, preset, str(Path(tokenizer_dir).absolute()), str(Path(out_dir).absolute()))
 
 
 def run_llm_pretrain(cfg: TrainConfig, tokenizer_dir: str | Path, out_root: str | Path | None = None

@@ -268,6 +268,11 @@ class LLMPretrainSpec:
     warmup_ratio: float = 0.03
     schedule: str = "constant"
     grad_clip: float = 1.0
+    init_std: float = 0.1
+    """Std of the random LLM's initial weights. 0.1, not the preset's 0.02: with 0.02 the demo corpus' seed 0
+    was at 67% after 6,000 steps (60.7% after 3,000 in a second run) and other runs needed 2,500-4,250
+    steps; with 0.1 seeds 0 / 1 / 2 reached 75% after 2,250 / 2,000 / 2,500 (bench/RESULTS_learnability.md,
+    round 8)."""
     seed: int = 0
     """Seed of the LLM's initialisation and of the records drawn."""
     eval_questions: int = 300
@@ -284,6 +289,7 @@ class LLMPretrainSpec:
         _check_number("llm_pretrain.warmup_ratio", self.warmup_ratio, float, 0.0, 1.0)
         _check_choice("llm_pretrain.schedule", self.schedule, SCHEDULES)
         _check_number("llm_pretrain.grad_clip", self.grad_clip, float, 0.0)
+        _check_number("llm_pretrain.init_std", self.init_std, float, 0.0, 1.0, low_open=True)
         _check_number("llm_pretrain.seed", self.seed, int, 0)
         _check_number("llm_pretrain.eval_questions", self.eval_questions, int, 1)
         _check_number("llm_pretrain.eval_every", self.eval_every, int, 1)

@@ -12,22 +12,30 @@ from typing import Any
 RESULT_FILE = "stage0.json"  # next to the saved weights: fingerprint + summary; its presence = complete
 
 
-def _one_thread(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+def _one_thread(fn: Callable[..., dict[str, Any]], label: str, *args: Any) -> dict[str, Any]:
+    import sys
+
     import torch
 
     # A one-CPU task: more threads than CPUs slows every process on the node (25x measured on 2 cores).
     torch.set_num_threads(1)
-    return fn(*args)
+
+    def progress(row: dict[str, Any]) -> None:  # Ray forwards a task's output to the driver's terminal
+        shown = {k: v for k, v in row.items() if not isinstance(v, dict)}
+        print(f"[{label}] " + " ".join(f"{k}={v}" for k, v in shown.items()), file=sys.stderr, flush=True)
+
+    return fn(*args, on_eval=progress)
 
 
-def on_one_cpu(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    """`fn(*args)` as a one-CPU Ray task with one torch thread (local Ray started if none is up), so that
-    it shares the node with the other steps' Ray work instead of competing with it from the driver."""
+def on_one_cpu(fn: Callable[..., dict[str, Any]], label: str, *args: Any) -> dict[str, Any]:
+    """`fn(*args, on_eval=...)` as a one-CPU Ray task with one torch thread (local Ray started if none is
+    up), so that it shares the node with the other steps' Ray work instead of competing with it from the
+    driver; every evaluation row is printed to the driver's terminal as "[label] step=... ..."."""
     import ray
 
     if not ray.is_initialized():
         ray.init()
-    return ray.get(ray.remote(num_cpus=1)(_one_thread).remote(fn, *args))
+    return ray.get(ray.remote(num_cpus=1)(_one_thread).remote(fn, label, *args))
 
 
 def publish(out: Path, train: Callable[[Path], dict[str, Any]], record: dict[str, Any]

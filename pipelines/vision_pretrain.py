@@ -148,7 +148,7 @@ def pretrain_vision(spec: VisionPretrainSpec, preset: str, out_dir: str | Path |
 
 def pretrain_vision_on_ray(spec: VisionPretrainSpec, preset: str, out_dir: str | Path) -> dict[str, Any]:
     """`pretrain_vision` as a one-CPU Ray task (`pipelines.stage0.on_one_cpu`)."""
-    return on_one_cpu(pretrain_vision, spec, preset, str(Path(out_dir).absolute()))
+    return on_one_cpu(pretrain_vision, "stage0_vision", spec, preset, str(Path(out_dir).absolute()))
 
 
 def run_vision_pretrain(cfg: TrainConfig, out_root: str | Path | None = None) -> tuple[Path, dict[str, Any], bool]:

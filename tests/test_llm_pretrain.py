@@ -11,8 +11,10 @@ import torch
 
 from pipelines import synth
 from pipelines.llm_pretrain import (
+    GROUPED_BATCHES,
     RESULT_FILE,
     bare_sample,
+    length_grouped_batches,
     object_tokens,
     pretrain_llm,
     run_llm_pretrain,
@@ -73,6 +75,26 @@ def test_fresh_records_are_drawn_like_the_corpus_instruct_records():
     held_out = synth.eval_items(random.Random(1), 30)
     assert {qa.category for _, qa, _ in held_out} == set(synth.CATEGORIES)
     assert {d for _, _, d in held_out} == set(synth.DIFFICULTIES)
+
+
+def test_length_grouped_batches_use_every_sample_once_and_pad_little():
+    rng, drawn = random.Random(0), []
+
+    def draw():  # a record of 1-3 samples of random length; the sample's first id numbers it
+        samples = [([len(drawn) + i] + [0] * rng.randrange(1, 200), []) for i in range(rng.randint(1, 3))]
+        drawn.extend(sample[0][0] for sample in samples)
+        return samples
+
+    batches = length_grouped_batches(random.Random(1), draw, batch_size=16)
+    taken = [next(batches) for _ in range(5 * GROUPED_BATCHES)]
+    assert all(len(b) == 16 for b in taken)
+    used = [sample[0][0] for b in taken for sample in b]
+    assert len(set(used)) == len(used)  # nothing twice
+    assert set(used) <= set(drawn) and len(drawn) - len(used) < 3  # only the last record's overflow waits
+    # Within a group, batches cover disjoint length ranges: padding ~ the spread inside one batch.
+    for g in range(5):
+        group = sorted(taken[g * GROUPED_BATCHES:(g + 1) * GROUPED_BATCHES], key=lambda b: min(len(x) for x, _ in b))
+        assert all(max(len(x) for x, _ in a) <= min(len(x) for x, _ in b) for a, b in zip(group, group[1:], strict=False))
 
 
 def test_the_llm_learns_stops_at_the_target_and_loads_into_the_model(tokenizer_dir, tmp_path):
@@ -153,6 +175,8 @@ def test_stage0_llm_placeholder_and_spec_are_validated():
         get_recipe("tiny", 1, ["llm_pretrain.steps=10", "llm_pretrain.bare_steps=11"])
     with pytest.raises(ValueError, match=r"llm_pretrain\.target_accuracy_pct"):
         get_recipe("tiny", 1, ["llm_pretrain.target_accuracy_pct=101"])
+    with pytest.raises(ValueError, match=r"llm_pretrain\.init_std"):
+        get_recipe("tiny", 1, ["llm_pretrain.init_std=0"])
     with pytest.raises(ValueError, match=r"llm_pretrain\.bare_mix"):
         get_recipe("tiny", 1, ["llm_pretrain.bare_mix=-0.1"])
     # The vision placeholder is resolved, the LLM's is not: run_stage names the LLM's.
