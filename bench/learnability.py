@@ -7,7 +7,7 @@
     .venv/bin/python bench/learnability.py probe --steps 300                # the single-object colour probe
     .venv/bin/python bench/learnability.py probe --skills both --steps 400   # two question types
     .venv/bin/python bench/learnability.py probe --objects 2 --vision /tmp/vit --steps 1200 --eval-every 200  # binding
-    .venv/bin/python bench/learnability.py vision --steps 1500 --batch 32 --lr 1e-3 --save /tmp/vit  # = stage 0
+    .venv/bin/python bench/learnability.py vision --steps 4000 --batch 32 --lr 1e-3 --save /tmp/vit  # = stage 0
     .venv/bin/python bench/learnability.py corpus --corpus /tmp/c --shards /tmp/c-instruct --vision /tmp/vit --steps 600
     .venv/bin/python bench/learnability.py oracle --corpus /tmp/c --out /tmp/c-oracle.json  # images -> scene text
     dpn preprocess --annotations /tmp/c-oracle.json --image-root /tmp/c/images --tokenizer /tmp/c/tokenizer \
@@ -496,7 +496,7 @@ def run_lm(args) -> dict:
                            target_accuracy_pct=args.target, batch_size=args.batch, lr=args.lr,
                            warmup_ratio=args.warmup_ratio, schedule=args.schedule, grad_clip=args.grad_clip,
                            seed=args.seed, eval_questions=args.eval_limit, eval_every=args.eval_every,
-                           init_std=0.02 if args.init_std is None else args.init_std)
+                           **({} if args.init_std is None else {"init_std": args.init_std}))
     summary = pretrain_llm(spec, _preset(None), Path(args.corpus) / "tokenizer", args.save,
                            on_eval=lambda row: print(json.dumps(row), flush=True))
     return {"mode": "lm", **{k: v for k, v in summary.items() if k != "evals"}, "bare_steps": args.bare_steps,
@@ -556,7 +556,7 @@ def main(argv=None) -> int:
                     help="probe mode: 2 = a token between the question's last word and the answer (the answer's "
                          "position fetches the word, then the image); 1 = the answer right after the word")
     ap.add_argument("--init-std", type=float, default=None,
-                    help="std of the random LLM's init (the tiny preset's: 0.02)")
+                    help="std of the random LLM's init (default: the tiny preset's 0.02; lm mode: the stage's 0.1)")
     ap.add_argument("--patch-size", type=int, default=None,
                     help="corpus / probe / vision mode: the tiny tower's patch side in pixels (default 4: 144 visual "
                          "tokens; 8: 36). Shards for corpus mode: `dpn preprocess --num-image-tokens` to match")

@@ -7,8 +7,8 @@ naming the field, before Ray or any worker starts. Paths that must exist are che
 `TrainConfig.check_paths()` (a stage-2 recipe may name the output of a stage 1 that has not run yet).
 
 Recipes:
-    tiny            the embedded default: the `tiny` geometry from random weights on the synthetic corpus,
-                    2 Ray CPU workers, fp32; a few minutes on 2 cores.
+    tiny            the embedded default: the `tiny` geometry from random weights on the synthetic corpus
+                    (its tower and LLM pre-trained by stage 0), Ray CPU workers, fp32; ~12 min on 2 cores.
     llava-1.5-7b    the paper's setup: CLIP ViT-L/336 + Vicuna-7B v1.5, 8 GPUs, bf16. Stage 1: lr 1e-3,
                     global batch 256, ZeRO-2; stage 2: lr 2e-5, global batch 128, cosine, warmup 0.03,
                     gradient checkpointing, max length 2048, ZeRO-2.

@@ -133,9 +133,9 @@ class PipelineConfig:
 def tiny_pipeline(**overrides: Any) -> PipelineConfig:
     """The embedded default (`make demo`): synthetic corpus, tiny models, CPU, minutes on 2 cores.
 
-    Sized by what the tiny model needs to answer above chance and the demo's 10-minute budget on 2 cores:
-    stage 2 sees 9,600 instruct records (600 steps of 16: the bench loop's accuracy climbs until about
-    600 steps and then levels off, bench/RESULTS_learnability.md). Each stage trains on one Ray worker,
+    Sized by what the tiny model needs to answer far above chance and a demo of ~12 minutes on 2 cores:
+    the two stage-0 tasks (tower ~6 min, LLM ~4 min) side by side, then stage 2 on 9,600 instruct
+    records (600 steps of 16, ~5 min; bench/RESULTS_learnability.md, round 8). Each stage trains on one Ray worker,
     so the two stage-2 variants (DPN and the uncompressed baseline) run side by side, one core each: on
     this machine that is faster than one after the other on two DeepSpeed workers each (measured with
     the 8-layer LLM: 0.77-0.83 core-s per step against 0.9-0.96, and the start-up overlaps).
