@@ -71,7 +71,6 @@ def bare_sample(tokenizer, scene: str, question: str, answer: str | None = None)
 def _samples(rng: random.Random, tokenizer, bare: bool) -> list[tuple[list[int], list[int]]]:
     """One freshly drawn instruct record: in the bare form, one sample per short-answer turn (records of
     sentences or a caption only give none); else the whole record in the template, scene for `<image>`."""
-    from dpn.constants import IMAGE_TOKEN
     from dpn.conversation import tokenize_conversation
     from pipelines import synth
 
@@ -84,7 +83,6 @@ def _samples(rng: random.Random, tokenizer, bare: bool) -> list[tuple[list[int],
     for i, (human, gpt) in enumerate(pairs):
         turns.append({"from": "human", "value": f"{text}\n{human}" if i == 0 else human})
         turns.append({"from": "gpt", "value": gpt})
-    assert IMAGE_TOKEN not in turns[0]["value"]
     sample = tokenize_conversation(turns, tokenizer, TEMPLATE, 1, False, False)
     return [] if sample.mismatch else [(list(sample.input_ids), list(sample.labels))]
 
@@ -134,6 +132,7 @@ def pretrain_llm(spec: LLMPretrainSpec, preset: str, tokenizer_dir: str | Path, 
     from transformers import AutoModelForCausalLM
 
     from dpn.conversation import encode_prompt
+    from dpn.presets import get_preset
     from dpn.tokenizer import load_tokenizer
     from pipelines import synth
     from pipelines.train import lr_factor, random_vocab_size
@@ -145,8 +144,6 @@ def pretrain_llm(spec: LLMPretrainSpec, preset: str, tokenizer_dir: str | Path, 
                          f"{vocab} embedding rows; stage 0's object tokens need rows past the tokenizer's last id")
     tokenizer.add_tokens(object_tokens())  # appended: the corpus' ids are unchanged
     torch.manual_seed(spec.seed)
-    from dpn.presets import get_preset
-
     config = get_preset(preset, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id).text_config
     config.initializer_range = spec.init_std
     model = AutoModelForCausalLM.from_config(config)
@@ -251,5 +248,5 @@ def run_llm_pretrain(cfg: TrainConfig, tokenizer_dir: str | Path, out_root: str 
                    {"preset": preset, "spec": dataclasses.asdict(spec), "tokenizer": str(tokenizer_dir)})
 
 
-__all__ = ["RESULT_FILE", "bare_sample", "object_token", "object_tokens", "pretrain_llm", "pretrain_llm_on_ray", "run_llm_pretrain",
+__all__ = ["GROUPED_BATCHES", "RESULT_FILE", "bare_sample", "length_grouped_batches", "object_token", "object_tokens", "pretrain_llm", "pretrain_llm_on_ray", "run_llm_pretrain",
            "scene_text", "spec_fingerprint"]

@@ -917,25 +917,31 @@ def stage_tokenizer(cfg: TrainConfig) -> Path:
 
 def resolve_stage0(cfg: TrainConfig, parent_run_id: str | None = None) -> TrainConfig:
     """Run stage 0 (cached) for each of stage 1's `model.vision_path` / `model.llm_path` that is "<stage0>"
-    and point it at the trained tower / LLM; any other config is returned unchanged. A fresh stage 0 is
-    logged as its own MLflow run. The two run one after the other here (the pipeline's DAG runs them
-    side by side)."""
+    and point it at the trained tower / LLM; any other config is returned unchanged. The two are
+    independent one-CPU Ray tasks and run side by side; a fresh one is logged as its own MLflow run."""
+    from concurrent.futures import ThreadPoolExecutor
     from dataclasses import replace
 
     from pipelines.llm_pretrain import run_llm_pretrain
     from pipelines.vision_pretrain import run_vision_pretrain
 
+    parts = {}  # field -> (part, run key prefix, the stage's runner)
+    if cfg.model.vision_path == STAGE0_OUTPUT:
+        parts["vision_path"] = ("vision", "stage0", lambda: run_vision_pretrain(cfg))
+    if cfg.model.llm_path == STAGE0_OUTPUT:
+        tokenizer = stage_tokenizer(cfg)
+        parts["llm_path"] = ("llm", "stage0-llm", lambda: run_llm_pretrain(cfg, tokenizer))
+    if not parts:
+        return cfg
+    with ThreadPoolExecutor(max_workers=len(parts)) as pool:  # threads only wait on the Ray tasks
+        futures = {name: pool.submit(run) for name, (_, _, run) in parts.items()}
+        done = {name: future.result() for name, future in futures.items()}
     model = cfg.model
-    if model.vision_path == STAGE0_OUTPUT:
-        tower, summary, cached = run_vision_pretrain(cfg)
+    for name, (out, summary, cached) in done.items():
+        part, key, _ = parts[name]
         if not cached:
-            log_stage0("vision", summary, cfg, run_key=f"{cfg.recipe}-stage0-{tower.name}", parent_run_id=parent_run_id)
-        model = replace(model, vision_path=str(tower))
-    if model.llm_path == STAGE0_OUTPUT:
-        llm, summary, cached = run_llm_pretrain(cfg, stage_tokenizer(cfg))
-        if not cached:
-            log_stage0("llm", summary, cfg, run_key=f"{cfg.recipe}-stage0-llm-{llm.name}", parent_run_id=parent_run_id)
-        model = replace(model, llm_path=str(llm))
+            log_stage0(part, summary, cfg, run_key=f"{cfg.recipe}-{key}-{out.name}", parent_run_id=parent_run_id)
+        model = replace(model, **{name: str(out)})
     return replace(cfg, model=model)
 
 
