@@ -331,11 +331,11 @@ def step_stage1(cfg: PipelineConfig, ctx: StepContext) -> dict[str, Any]:
     from pipelines.train import run_stage
 
     data = ctx.inputs["preprocess_pretrain"]
-    tower = [f"model.vision_path={_input_path(ctx, 'stage0_vision', 'vision_tower')}"] if "stage0_vision" in ctx.inputs else []
+    stage0 = [f"model.vision_path={_input_path(ctx, 'stage0_vision', 'vision_tower')}"] if "stage0_vision" in ctx.inputs else []
     if "stage0_llm" in ctx.inputs:
-        tower.append(f"model.llm_path={_input_path(ctx, 'stage0_llm', 'llm')}")
+        stage0.append(f"model.llm_path={_input_path(ctx, 'stage0_llm', 'llm')}")
     stage = _stage_config(cfg, 1, [f"data.shards={_input_path(ctx, 'preprocess_pretrain', 'shards')}",
-                                   f"data.tokenizer={data.outputs['tokenizer']}", "data.synthetic=false", *tower])
+                                   f"data.tokenizer={data.outputs['tokenizer']}", "data.synthetic=false", *stage0])
     res = run_stage(stage, run_id=ctx.run_id, parent_run_id=ctx.parent_run_id, out_dir=ctx.out_dir / "stage1",
                     storage_dir=ctx.scratch_dir / "ray")
     return {"model_dir": _rel(ctx, res.model_dir), "projector_dir": _rel(ctx, res.projector_dir),
@@ -484,7 +484,8 @@ def build_pipeline(cfg: PipelineConfig, trigger: str = "manual", hooks: RunHooks
         # Keyed by what it trains and the tokenizer: the synth step's output (an input) or the given one.
         stage0 = {"llm_pretrain": dataclasses.asdict(stage1_cfg.llm_pretrain), "preset": stage1_cfg.model.preset,
                   "tokenizer": None if cfg.corpus.synthetic else cfg.corpus.tokenizer}
-        # The longest step before stage 1: it takes the CPU that synth frees before the preprocess steps.
+        # A few minutes on stage 1's path that can only start after synth: it takes the CPU synth frees
+        # before the (seconds-long) preprocessing steps do.
         steps.append(Step(name="stage0_llm", inputs=prep_inputs, config=stage0, cpus=1, priority=1,
                           fn=lambda ctx: step_stage0_llm(cfg, ctx)))
         stage1_inputs.append("stage0_llm")
