@@ -108,9 +108,9 @@ def test_the_llm_learns_stops_at_the_target_and_loads_into_the_model(tokenizer_d
     summary = pretrain_llm(spec, "tiny", tokenizer_dir, tmp_path / "llm", on_eval=rows.append)
     # Target 0 is met at the first evaluation once the bare phase is over: step 200, not 300.
     assert [r["step"] for r in rows] == [100, 200] and summary["steps"] == 200 and summary["reached_target"]
-    assert rows[-1]["loss"] < rows[0]["loss"]
-    # Held-out chance is ~33% (a uniform guess per question); seeds 0 / 1 reach 48 / 47% in the bare form
-    # after 200 steps (30-33% after 100).
+    # Held-out chance is ~33% (a uniform guess per question); seeds 0 / 1 / 2 reach 52 / 43 / 47% in the
+    # bare form after 200 steps (37 / 42 / 37% after 100). (The loss of one length-grouped batch is no
+    # measure of learning: short and long batches differ more than 100 steps change.)
     assert rows[-1]["bare_accuracy_pct"] > 40.0, rows
 
     model = DPNForConditionalGeneration(get_preset("tiny", vocab_size=len(tok), pad_token_id=tok.pad_token_id))
