@@ -210,6 +210,18 @@ class OptimSpec:
         _check_number("optim.eps", self.eps, float, 0.0, low_open=True)
 
 
+def _check_stage0_loop(section: str, spec: Any) -> None:
+    """The training-loop fields both stage-0 specs have (steps, batch, optimizer, seed, evaluation)."""
+    _check_number(f"{section}.steps", spec.steps, int, 1)
+    _check_number(f"{section}.batch_size", spec.batch_size, int, 1)
+    _check_number(f"{section}.lr", spec.lr, float, 0.0, 1.0, low_open=True)
+    _check_number(f"{section}.warmup_ratio", spec.warmup_ratio, float, 0.0, 1.0)
+    _check_choice(f"{section}.schedule", spec.schedule, SCHEDULES)
+    _check_number(f"{section}.grad_clip", spec.grad_clip, float, 0.0)
+    _check_number(f"{section}.seed", spec.seed, int, 0)
+    _check_number(f"{section}.eval_every", spec.eval_every, int, 1)
+
+
 @dataclass(kw_only=True)
 class VisionPretrainSpec:
     """Stage 0 (embedded default only): pre-train the random vision tower to name the colour and shape of
@@ -235,15 +247,8 @@ class VisionPretrainSpec:
     eval_every: int = 250
 
     def __post_init__(self) -> None:
-        _check_number("vision_pretrain.steps", self.steps, int, 1)
-        _check_number("vision_pretrain.batch_size", self.batch_size, int, 1)
-        _check_number("vision_pretrain.lr", self.lr, float, 0.0, 1.0, low_open=True)
-        _check_number("vision_pretrain.warmup_ratio", self.warmup_ratio, float, 0.0, 1.0)
-        _check_choice("vision_pretrain.schedule", self.schedule, SCHEDULES)
-        _check_number("vision_pretrain.grad_clip", self.grad_clip, float, 0.0)
-        _check_number("vision_pretrain.seed", self.seed, int, 0)
+        _check_stage0_loop("vision_pretrain", self)
         _check_number("vision_pretrain.eval_images", self.eval_images, int, 1)
-        _check_number("vision_pretrain.eval_every", self.eval_every, int, 1)
 
 
 @dataclass(kw_only=True)
@@ -281,19 +286,12 @@ class LLMPretrainSpec:
     eval_every: int = 250
 
     def __post_init__(self) -> None:
-        _check_number("llm_pretrain.steps", self.steps, int, 1)
+        _check_stage0_loop("llm_pretrain", self)
         _check_number("llm_pretrain.bare_steps", self.bare_steps, int, 0, self.steps)
         _check_number("llm_pretrain.bare_mix", self.bare_mix, float, 0.0, 1.0)
         _check_number("llm_pretrain.target_accuracy_pct", self.target_accuracy_pct, float, 0.0, 100.0)
-        _check_number("llm_pretrain.batch_size", self.batch_size, int, 1)
-        _check_number("llm_pretrain.lr", self.lr, float, 0.0, 1.0, low_open=True)
-        _check_number("llm_pretrain.warmup_ratio", self.warmup_ratio, float, 0.0, 1.0)
-        _check_choice("llm_pretrain.schedule", self.schedule, SCHEDULES)
-        _check_number("llm_pretrain.grad_clip", self.grad_clip, float, 0.0)
         _check_number("llm_pretrain.init_std", self.init_std, float, 0.0, 1.0, low_open=True)
-        _check_number("llm_pretrain.seed", self.seed, int, 0)
         _check_number("llm_pretrain.eval_questions", self.eval_questions, int, 1)
-        _check_number("llm_pretrain.eval_every", self.eval_every, int, 1)
 
 
 @dataclass(kw_only=True)
