@@ -2,7 +2,8 @@
 
 Each decoder layer keeps its own KV cache length (shallow layers the full visual K/V, deep layers the
 pooled or pruned K/V) and each decode step continues each stage's own RoPE positions; nothing is pooled
-or pruned during decode. Batches use left padding; every sample gets exactly the tokens it would get alone.
+or pruned during decode. Batches run left-padded (right-padded prompts are left-aligned first); every
+sample gets exactly the tokens it would get alone.
 """
 
 from __future__ import annotations
@@ -14,11 +15,36 @@ import torch
 
 @dataclass
 class GenerationOutput:
-    sequences: torch.Tensor  # (B, T) new tokens only, `pad_token_id` after a sample's EOS
-    num_new_tokens: torch.Tensor  # (B,) tokens up to and including EOS
+    """What `generate(..., return_dict_in_generate=True)` returns (transformers' convention: `sequences`
+    holds the prompt and the new tokens), plus the prefill's routing and token counts."""
+
+    sequences: torch.Tensor  # (B, L + T): the left-padded prompts, then the new tokens (`pad_token_id` after EOS)
+    num_new_tokens: torch.Tensor  # (B,) new tokens up to and including EOS
     routing_paths: torch.Tensor  # (B, n_dpe) expert index per DPE of the prefill, -1 = not pooled
     visual_tokens_per_layer: torch.Tensor  # (B, n_layers) at prefill
     text_tokens_per_layer: torch.Tensor  # (B, n_layers) at prefill
+    prompt_length: int = 0  # L: `sequences[:, L:]` are the new tokens
+
+    @property
+    def new_tokens(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_length :]  # (B, T)
+
+
+def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad: int, *rows_of: torch.Tensor):
+    """Right-padded (or unpadded) rows -> left-padded ones: each row's real tokens moved to its end.
+    Positions are counted over real tokens only, so this changes no logit."""
+    from dpn.modeling_dpn import padding_side
+
+    if padding_side(attention_mask) != "right":
+        return (input_ids, attention_mask, *rows_of)
+    n = attention_mask.long().sum(-1)  # (B,)
+    L = input_ids.shape[1]
+    shift = (L - n)[:, None]  # (B, 1)
+    idx = (torch.arange(L, device=input_ids.device)[None] - shift) % L  # source index of each target slot
+    take = lambda t: t.gather(1, idx)  # noqa: E731
+    new_mask = (torch.arange(L, device=input_ids.device)[None] >= shift).to(attention_mask.dtype)
+    new_ids = take(input_ids).masked_fill(new_mask == 0, pad)
+    return (new_ids, new_mask, *[take(t) for t in rows_of])
 
 
 def _next_token(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float, generator) -> torch.Tensor:
@@ -55,11 +81,17 @@ def generate(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
-) -> GenerationOutput:
+    force_path: torch.Tensor | None = None,
+    return_dict_in_generate: bool = False,
+) -> torch.Tensor | GenerationOutput:
     """Generate up to `max_new_tokens` per prompt.
 
-    Prompts must be left-padded when their lengths differ. With `use_cache=False` every step re-runs the
-    whole (compressed) prefix — the reference the cached path is tested against.
+    Prompts may be padded on either side (right-padded ones are left-aligned first). Returns, as
+    transformers does, a (B, L + T) tensor of the (left-padded) prompts followed by the new tokens, or with
+    `return_dict_in_generate=True` a `GenerationOutput` that also carries the prefill's routing paths and
+    token counts. `force_path` (B, n_dpe) fixes each sample's expert per DPE, as in `forward`. With
+    `use_cache=False` every step re-runs the whole (compressed) prefix — the reference the cached path is
+    tested against.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -73,17 +105,16 @@ def generate(
     pad = 0 if pad is None else pad
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if bool((attention_mask[:, -1] == 0).any()):
-        raise ValueError("generation needs left padding: the last position of every prompt must be a real token")
-    B = input_ids.shape[0]
+    input_ids, attention_mask = left_align(input_ids, attention_mask, pad)
+    B, L = input_ids.shape
     device = input_ids.device
     # The router of a prompt without <ROUTER> reads its last prompt token, and FastV / PDrop rank visual
     # tokens by its attention; pin that position so the uncached reference (which appends tokens) routes
     # and prunes exactly as the cached prefill did.
-    route_index = torch.full((B,), input_ids.shape[1] - 1, dtype=torch.long, device=device)
+    route_index = torch.full((B,), L - 1, dtype=torch.long, device=device)
+    common = dict(pixel_values=pixel_values, logits_to_keep=1, route_index=route_index, force_path=force_path)
 
-    out = model(input_ids, pixel_values=pixel_values, attention_mask=attention_mask, use_cache=use_cache,
-                logits_to_keep=1, route_index=route_index)
+    out = model(input_ids, attention_mask=attention_mask, use_cache=use_cache, **common)
     prefill = out
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
@@ -104,11 +135,15 @@ def generate(
             # Finished samples keep being fed (their outputs are discarded) so every row stays real.
             seq = torch.cat([seq, nxt[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones_like(nxt[:, None])], dim=1)
-            out = model(seq, pixel_values=pixel_values, attention_mask=mask, logits_to_keep=1, route_index=route_index)
+            out = model(seq, attention_mask=mask, **common)
+    sequences = torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)  # (B, L + T)
+    if not return_dict_in_generate:
+        return sequences
     return GenerationOutput(
-        sequences=torch.stack(tokens, dim=1),
+        sequences=sequences,
         num_new_tokens=lengths,
         routing_paths=prefill.routing_paths,
         visual_tokens_per_layer=prefill.visual_tokens_per_layer,
         text_tokens_per_layer=prefill.text_tokens_per_layer,
+        prompt_length=L,
     )

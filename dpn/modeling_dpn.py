@@ -203,6 +203,54 @@ def build_attention_mask(kv_mask: torch.Tensor, q_len: int, dtype: torch.dtype) 
     return mask[:, None]
 
 
+def padding_side(attention_mask: torch.Tensor) -> str:
+    """"none", "left" or "right": where a batch's padding sits. Each row's real tokens must be contiguous
+    and every padded row padded on the same side; anything else is refused, naming the row.
+
+    Why it matters: after pooling, samples of one batch have different lengths and are padded again. An
+    unpadded batch is re-padded on the left, so that the last position of every row stays its last real
+    token (what generation reads) whatever path each sample took; a right-padded one on the right.
+    """
+    mask = attention_mask.bool()
+    n = mask.sum(-1)  # (B,)
+    first = mask.long().argmax(-1)  # (B,) first real position (0 for an empty row)
+    L = mask.shape[1]
+    sides = set()
+    for b in range(mask.shape[0]):
+        nb, fb = int(n[b]), int(first[b])
+        if nb == 0:
+            raise ValueError(f"row {b} of attention_mask has no real token")
+        if not bool(mask[b, fb : fb + nb].all()):
+            raise ValueError(f"row {b} of attention_mask has padding between real tokens; pad on one side only")
+        if nb == L:
+            continue
+        if fb + nb == L:
+            sides.add("left")
+        elif fb == 0:
+            sides.add("right")
+        else:
+            raise ValueError(f"row {b} of attention_mask is padded on both sides; pad on one side only")
+    if len(sides) > 1:
+        raise ValueError("attention_mask mixes left- and right-padded rows; pad every row on the same side")
+    return sides.pop() if sides else "none"
+
+
+def last_real_positions(hidden: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, d), (B, L) -> the last `k` positions of each row that are real tokens or, in a row with fewer
+    than k, its padding before them: (B, k, d) and their mask (B, k). Under left or no padding that is
+    `hidden[:, -k:]`, as transformers' `logits_to_keep`; under right padding it skips each row's padding,
+    so a batch keeps the positions each sample alone would keep."""
+    L = hidden.shape[1]
+    k = min(k, L)
+    if bool(mask[:, -1].all()):
+        return hidden[:, -k:], mask[:, -k:]
+    ends = mask.long().sum(-1)  # (B,) right padding: real tokens are [0, n_b)
+    pos = ends[:, None] - k + torch.arange(k, device=mask.device)[None]  # (B, k), < 0 before a short row
+    idx = pos.clamp(min=0)
+    rows = torch.arange(hidden.shape[0], device=mask.device)[:, None]
+    return hidden[rows, idx], mask[rows, idx] & (pos >= 0)
+
+
 class DPNPreTrainedModel(PreTrainedModel):
     config_class = DPNConfig
     config: DPNConfig
@@ -430,7 +478,8 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
                 samples without a `<ROUTER>` token, and FastV / PDrop rank visual tokens by its attention
                 (without it: the token before each supervised span if `labels`, else the last real token;
                 see `dpn.pruning.query_weights`).
-            logits_to_keep: if > 0, only the last that many positions get logits (generation).
+            logits_to_keep: if > 0, only the last that many positions get logits (generation): the last
+                real tokens of each sample, whatever the padding (`last_real_positions`).
         """
         if cache is not None and cache.stage_masks:
             return self._decode_step(input_ids, cache, attention_mask, logits_to_keep)
@@ -442,7 +491,7 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
         attention_mask = attention_mask.bool()
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} differs from input_ids shape {tuple(input_ids.shape)}")
-        left_pad = bool(attention_mask[:, -1].all()) and not bool(attention_mask[:, 0].all())
+        left_pad = padding_side(attention_mask) != "right"
 
         embeds, vis_start, grid = self._embed_inputs(input_ids, pixel_values, attention_mask)
         targets = None
@@ -503,8 +552,9 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
                 stage_inputs = None
 
         hidden = self.decoder.norm(state.hidden)
+        out_mask = state.mask
         if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+            hidden, out_mask = last_real_positions(hidden, state.mask, logits_to_keep)
         logits = self.language_model.lm_head(hidden)  # (B, L_last, V)
 
         loss = lm_loss = route_loss = n_sup = None
@@ -529,7 +579,7 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
             route_loss=route_loss,
             logits=logits,
             cache=cache,
-            attention_mask=state.mask,
+            attention_mask=out_mask,
             routing_paths=paths.to(device),
             routing_probs=probs_out.to(device),
             visual_tokens_per_layer=vis_counts.to(device),
@@ -598,4 +648,12 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
         return DPNOutput(logits=self.language_model.lm_head(hidden), cache=cache, attention_mask=cache.stage_masks[-1])
 
 
-__all__ = ["DPNForConditionalGeneration", "DPNPreTrainedModel", "DPNCache", "DPNOutput", "build_attention_mask"]
+__all__ = [
+    "DPNForConditionalGeneration",
+    "DPNPreTrainedModel",
+    "DPNCache",
+    "DPNOutput",
+    "build_attention_mask",
+    "last_real_positions",
+    "padding_side",
+]

@@ -486,8 +486,9 @@ def predict(
             max_new_tokens=max_new_tokens,
             eos_token_id=eos,
             pad_token_id=pad,
+            return_dict_in_generate=True,
         )
-        sequences = out.sequences.cpu()
+        sequences = out.new_tokens.cpu()
         n_new = out.num_new_tokens.cpu().tolist()
         paths = out.routing_paths.cpu().tolist()
         vis = out.visual_tokens_per_layer.cpu().tolist()

@@ -405,3 +405,49 @@ def test_injection_seam_rejects_unknown_shard_keys(assets, tmp_path, ray_cluster
     cfg = _config(assets, tmp_path, inject_failures={"tiny/dpn/synthetic/99": 1})
     with pytest.raises(ValueError, match="inject_failures names no shard.*synthetic/99"):
         ev.run_evaluation(cfg, log=lambda m: None)
+
+
+def test_predictions_at_batch_8_equal_batch_1_with_routes_that_differ(assets):
+    """Evaluation batches of 8 (equal-length prompts among them, samples on different routing paths) answer
+    exactly as one question at a time."""
+    import torch
+
+    from dpn.conversation import encode_prompt
+    from dpn.image_processing import build_image_processor
+    from dpn.tokenizer import load_tokenizer
+
+    class SensitiveRouter(torch.nn.Module):
+        # A random tiny LLM's router inputs differ little between questions; this router turns small input
+        # differences into different experts, so that one batch holds samples on different paths.
+        def __init__(self, d, n_experts):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(d)
+            self.register_buffer("v", torch.randn(d, n_experts, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, x):
+            return 100.0 * torch.sin(50.0 * self.norm(x) @ self.v).float()
+
+    model = ev.load_model(assets["model"], "dpn")
+    for name in list(model.routers):
+        model.routers[name] = SensitiveRouter(model.config.text_config.hidden_size, len(model.config.experts))
+    tok = load_tokenizer(assets["model"])
+    proc = build_image_processor(model.config.vision_config.image_size)
+    import dataclasses
+
+    items = ev.load_benchmark("synthetic", assets["data_root"]).items
+    # Eight questions of one text on eight images (one prompt length: no padding at all), then the benchmark.
+    same = [dataclasses.replace(items[0], question_id=1000 + i, image=it.image) for i, it in enumerate(items[:8])]
+    items = same + items
+    n_img = model.config.num_image_tokens
+    length = {it.question_id: len(encode_prompt(it.text, tok, "vicuna_v1", n_img, it.has_image, True)) for it in items}
+    kw = dict(compressor="dpn", benchmark="synthetic", model_id="m", max_new_tokens=4)
+    one = ev.predict(model, tok, proc, items, batch_size=1, **kw)
+    eight = ev.predict(model, tok, proc, items, batch_size=8, **kw)
+    paths = [r["metadata"]["routing_path"] for r in one]
+    # The case that used to go wrong: a batch whose prompts all have one length, on different paths.
+    assert any(
+        len({length[it.question_id] for it in items[s : s + 8]}) == 1 and len(set(paths[s : s + 8])) > 1
+        for s in range(0, len(items), 8)
+    ), ([length[it.question_id] for it in items], paths)
+    assert [r["text"] for r in eight] == [r["text"] for r in one]
+    assert [r["metadata"]["routing_path"] for r in eight] == paths

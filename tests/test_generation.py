@@ -42,14 +42,14 @@ def test_cached_equals_uncached_and_batched_equals_alone(compressor):
     model = make_model(compressor)
     px = torch.randn(3, 3, 16, 16)
     ids, mask = left_pad(PROMPTS)
-    kw = dict(max_new_tokens=10, eos_token_id=-1)
+    kw = dict(max_new_tokens=10, eos_token_id=-1, return_dict_in_generate=True)
     cached = model.generate(ids, pixel_values=px, attention_mask=mask, **kw)
     uncached = model.generate(ids, pixel_values=px, attention_mask=mask, use_cache=False, **kw)
     assert cached.sequences.tolist() == uncached.sequences.tolist()
     for b, p in enumerate(PROMPTS):
         px_b = px[IMAGE_OF[b] : IMAGE_OF[b] + 1] if b in IMAGE_OF else None
         alone = model.generate(torch.tensor([p]), pixel_values=px_b, **kw)
-        assert alone.sequences[0].tolist() == cached.sequences[b].tolist(), b
+        assert alone.new_tokens[0].tolist() == cached.new_tokens[b].tolist(), b
         assert alone.routing_paths[0].tolist() == cached.routing_paths[b].tolist()
         assert alone.visual_tokens_per_layer[0].tolist() == cached.visual_tokens_per_layer[b].tolist()
     if compressor != "none":
@@ -85,18 +85,55 @@ def test_sampling_is_reproducible_and_matches_uncached(compressor):
     a = model.generate(ids, pixel_values=px, attention_mask=mask, generator=torch.Generator().manual_seed(7), **kw)
     b = model.generate(ids, pixel_values=px, attention_mask=mask, generator=torch.Generator().manual_seed(7),
                        use_cache=False, **kw)
-    assert a.sequences.tolist() == b.sequences.tolist()
+    assert a.tolist() == b.tolist()
 
 
 def test_eos_stops_and_pads():
     model = make_model("none")
     ids = torch.tensor([PROMPTS[2]])
-    first = model.generate(ids, max_new_tokens=3, eos_token_id=-1).sequences[0, 0].item()
-    out = model.generate(ids, max_new_tokens=5, eos_token_id=first, pad_token_id=PAD)
-    assert out.sequences.tolist() == [[first]] and out.num_new_tokens.tolist() == [1]
+    first = model.generate(ids, max_new_tokens=3, eos_token_id=-1)[0, ids.shape[1]].item()
+    out = model.generate(ids, max_new_tokens=5, eos_token_id=first, pad_token_id=PAD, return_dict_in_generate=True)
+    assert out.new_tokens.tolist() == [[first]] and out.num_new_tokens.tolist() == [1]
 
 
-def test_right_padding_is_rejected():
-    model = make_model("none")
-    with pytest.raises(ValueError, match="left padding"):
-        model.generate(torch.tensor([[1, 5, 0]]), attention_mask=torch.tensor([[1, 1, 0]]))
+def test_default_output_is_prompt_plus_new_tokens_as_in_transformers():
+    model = make_model("dpn")
+    ids, mask = left_pad(PROMPTS[:2])
+    px = torch.randn(2, 3, 16, 16)
+    seq = model.generate(ids, pixel_values=px, attention_mask=mask, max_new_tokens=4, eos_token_id=-1)
+    rich = model.generate(ids, pixel_values=px, attention_mask=mask, max_new_tokens=4, eos_token_id=-1,
+                          return_dict_in_generate=True)
+    assert isinstance(seq, torch.Tensor) and seq.shape == (2, ids.shape[1] + 4)
+    assert seq[:, : ids.shape[1]].tolist() == ids.tolist()
+    assert seq.tolist() == rich.sequences.tolist() and rich.prompt_length == ids.shape[1]
+
+
+def test_right_padded_prompts_give_the_tokens_of_left_padded_ones():
+    model = make_model("dpn")
+    px = torch.randn(3, 3, 16, 16)
+    ids, mask = left_pad(PROMPTS)
+    L = ids.shape[1]
+    r_ids = torch.tensor([p + [PAD] * (L - len(p)) for p in PROMPTS])
+    r_mask = torch.tensor([[1] * len(p) + [0] * (L - len(p)) for p in PROMPTS])
+    kw = dict(max_new_tokens=6, eos_token_id=-1, return_dict_in_generate=True)
+    left = model.generate(ids, pixel_values=px, attention_mask=mask, **kw)
+    right = model.generate(r_ids, pixel_values=px, attention_mask=r_mask, **kw)
+    assert right.new_tokens.tolist() == left.new_tokens.tolist()
+    assert right.routing_paths.tolist() == left.routing_paths.tolist()
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_equal_length_prompts_on_different_forced_paths_equal_each_alone(use_cache):
+    """No padding at all, different routes per sample: the bug where the re-padded batch was padded on the
+    right and the next token was read from a padding position."""
+    model = make_model("dpn")
+    prompts = [[1, 5, 6] + [IMG] * N_IMG + [7, 8, ROUTER], [1, 9, 4] + [IMG] * N_IMG + [17, 18, ROUTER]]
+    px = torch.randn(2, 3, 16, 16)
+    paths = torch.tensor([[2, 1, 0], [0, 0, 0]])  # 64 -> 16 -> 8 -> 8 against 64 everywhere
+    kw = dict(max_new_tokens=6, eos_token_id=-1, return_dict_in_generate=True, use_cache=use_cache)
+    batch = model.generate(torch.tensor(prompts), pixel_values=px, force_path=paths, **kw)
+    assert batch.visual_tokens_per_layer[:, -1].tolist() == [8, 64]
+    for b, p in enumerate(prompts):
+        alone = model.generate(torch.tensor([p]), pixel_values=px[b : b + 1], force_path=paths[b : b + 1], **kw)
+        assert alone.new_tokens[0].tolist() == batch.new_tokens[b].tolist(), b
+        assert alone.routing_paths[0].tolist() == batch.routing_paths[b].tolist()

@@ -169,6 +169,49 @@ def test_mixed_batch_equals_each_sample_alone(left):
         assert torch.allclose(batch.routing_probs[b], alone.routing_probs[0], atol=1e-6)
 
 
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+@pytest.mark.parametrize("keep", [0, 1, 3])
+def test_batch_on_different_paths_equals_each_alone_for_every_padding(padding, keep):
+    """Samples on different forced paths (and a text-only one), with no padding, left or right padding:
+    each sample's real-token logits -- all of them, or the last `keep` (`logits_to_keep`) -- equal its run
+    alone. With no padding the re-padded batch used to be padded on the right, so the last position of a
+    pooled sample was padding."""
+    torch.manual_seed(0)
+    model = DPNForConditionalGeneration(test_tiny(compressor="dpn", router_token_id=ROUTER)).eval()
+    seqs = [image_prompt([1, 5, 6], [7, 8, ROUTER]), image_prompt([1, 9, 4], [17, 18, ROUTER]), [1, 4, 5, 6, 7]]
+    if padding == "none":
+        seqs = seqs[:2]
+    else:
+        seqs[1] = seqs[1] + [19, 20]  # longer than the others: padding on `padding`'s side
+    paths = torch.tensor([[2, 1, 0], [0, 0, 0], [0, 0, 0]])[: len(seqs)]
+    px = torch.randn(2, 3, 16, 16)
+    ids, mask = pad_batch(seqs, left=padding == "left")
+    with torch.no_grad():
+        batch = model(ids, pixel_values=px, attention_mask=mask, force_path=paths, logits_to_keep=keep)
+        for b, s in enumerate(seqs):
+            px_b = px[b : b + 1] if b < 2 else None
+            alone = model(torch.tensor([s]), pixel_values=px_b, force_path=paths[b : b + 1], logits_to_keep=keep)
+            want = alone.logits[0]
+            got = batch.logits[b][batch.attention_mask[b]]
+            assert got.shape == want.shape, (b, got.shape, want.shape)
+            assert torch.allclose(got, want, atol=1e-5), b
+            if keep:
+                assert torch.allclose(batch.logits[b, -1], want[-1], atol=1e-5), b  # what generation reads
+    assert batch.visual_tokens_per_layer[0, -1] < batch.visual_tokens_per_layer[1, -1]
+
+
+def test_padding_that_is_not_on_one_side_is_refused():
+    model = DPNForConditionalGeneration(test_tiny(compressor="none")).eval()
+    ids = torch.tensor([[1, 5, 6, 7], [1, 5, 6, 7]])
+    for mask, match in (
+        ([[1, 0, 1, 1], [1, 1, 1, 1]], "between real tokens"),
+        ([[0, 1, 1, 0], [1, 1, 1, 1]], "both sides"),
+        ([[0, 1, 1, 1], [1, 1, 1, 0]], "mixes"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            model(ids, attention_mask=torch.tensor(mask))
+
+
 def test_router_choice_per_sample_matches_alone():
     """Without forced paths, each sample's own router decides, independent of its batch mates."""
     torch.manual_seed(3)

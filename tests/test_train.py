@@ -368,8 +368,8 @@ def test_stage2_model_from_mlflow_loads_and_generates(stages, tmp_path):
                         add_router_token=True)
     image = Image.new("RGB", (64, 64), (220, 36, 36))
     pixels = preprocess_images([image], build_image_processor(cfg.vision_config.image_size))
-    out = model.generate(torch.tensor([ids]), pixel_values=pixels, max_new_tokens=5)
-    assert out.sequences.shape[0] == 1 and 1 <= out.sequences.shape[1] <= 5
+    out = model.generate(torch.tensor([ids]), pixel_values=pixels, max_new_tokens=5, return_dict_in_generate=True)
+    assert out.new_tokens.shape[0] == 1 and 1 <= out.new_tokens.shape[1] <= 5
     assert int(out.routing_paths[0, 0]) >= 0  # the image was routed at the first DPE
     n_img = cfg.num_image_tokens
     assert int(out.visual_tokens_per_layer[0, 0]) == n_img
