@@ -7,6 +7,7 @@ in `__post_init__`: a bad value fails at construction, naming the field and what
 
 from __future__ import annotations
 
+import bisect
 import math
 from typing import Any
 
@@ -14,9 +15,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-# Compressors implemented by the model. `fastv` and `pdrop` join with the inference work; they plug in
-# at the same seam (`dpn.pyramid.Compressor`) and report token counts the same way.
-COMPRESSORS = ("dpn", "static", "none", "fastv", "pdrop")
+from dpn.compressors import COMPRESSORS, POOLING, ROUTER_OBJECTIVES, format_path, parse_path
+
 POOL_FUNCTIONS = ("max", "avg", "conv")
 LOCATIONS = ("post", "pre")
 ROUTER_VERSIONS = ("mlp", "linear")
@@ -60,6 +60,20 @@ class DPNConfig(PreTrainedConfig):
         constrain_argmax: also apply `min_tokens_after_pool` to the argmax at inference (the reference
             does not; off by default to follow it).
         static_path: compression factor at each DPE for `compressor="static"` (1 keep, 2 = (1,2), 4 = (2,2)).
+        router_objective: how the routers learn (`dpn.compressors.ROUTER_OBJECTIVES`): "reference" (the
+            paper's p[chosen] scaling + routing loss) or "counterfactual" (the LLM trains on uniformly
+            sampled paths, the routers are fitted afterwards to each calibration sample's loss under
+            every path, `dpn.routing`). Pooled tokens are scaled by p[chosen] under "reference" only.
+        route_bias: added to the router's log-probabilities as `route_bias * s_j` at inference (s_j = log2
+            of expert j's compression factor): > 0 compresses more, < 0 less. Used when `budget` is None.
+        budget: target mean LLM prefill FLOPs as a fraction of the uncompressed model; needs
+            `budget_curve`, from which the bias is interpolated (`effective_route_bias`).
+        budget_curve: {"bias": [...], "flops_fraction": [...]}: mean prefill FLOPs fraction measured on
+            held-out data at each route_bias (`dpn.routing.measure_budget_curve`), increasing bias.
+        random_path_shares: compressor "random": {path label ("4-2-1"): share}, the joint distribution each
+            sample's path is drawn from (e.g. a dpn model's measured path shares); None: each DPE's expert
+            uniformly. The draw is a function of the sample's tokens and pixels, so a batch routes each
+            sample as it would alone.
         router_token_id: id of the `<ROUTER>` token; None = route every sample from its last prompt token.
         fastv_layer / fastv_ratio: FastV (K, R): layers 0..K-1 see every visual token; the attention of
             layer K-1 ranks them and layers K onwards keep floor(n * (1 - R)) (FastV's code). K >= 1.
@@ -114,6 +128,11 @@ class DPNConfig(PreTrainedConfig):
     fastv_ratio: float = 0.5
     pdrop_layers: list[int] | None = None
     pdrop_ratio: float = 0.5
+    router_objective: str = "reference"
+    route_bias: float = 0.0
+    budget: float | None = None
+    budget_curve: dict | None = None
+    random_path_shares: dict | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -130,7 +149,7 @@ class DPNConfig(PreTrainedConfig):
             raise ValueError(
                 f"vision_feature_select_strategy must be 'default' or 'full', got {self.vision_feature_select_strategy!r}"
             )
-        if self.compressor in ("dpn", "static") and self.vision_feature_select_strategy != "default":
+        if self.compressor in POOLING and self.vision_feature_select_strategy != "default":
             raise ValueError(
                 "the pyramid pools the visual patch grid, which needs vision_feature_select_strategy='default' "
                 f"(CLS dropped), got {self.vision_feature_select_strategy!r}"
@@ -185,11 +204,82 @@ class DPNConfig(PreTrainedConfig):
             raise ValueError(f"pdrop_layers must be increasing in [1, {n_layers - 1}], got {self.pdrop_layers}")
         if not 0.0 < self.pdrop_ratio <= 1.0:
             raise ValueError(f"pdrop_ratio (share of visual tokens kept) must be in (0, 1], got {self.pdrop_ratio}")
+        if self.router_objective not in ROUTER_OBJECTIVES:
+            raise ValueError(f"router_objective must be one of {ROUTER_OBJECTIVES}, got {self.router_objective!r}")
+        if not math.isfinite(self.route_bias):
+            raise ValueError(f"route_bias must be a finite number, got {self.route_bias}")
+        if self.random_path_shares is not None:
+            self.random_path_shares = self._checked_shares(self.random_path_shares)
+        if self.budget_curve is not None:
+            self._check_budget_curve()
+        if self.budget is not None:
+            self.bias_for_budget(self.budget)  # refuses a budget the curve does not reach, naming the range
         if self.vision_feature_layer >= 0 and self.vision_feature_layer > self.vision_config.num_hidden_layers:
             raise ValueError(
                 f"vision_feature_layer {self.vision_feature_layer} exceeds the vision tower's "
                 f"{self.vision_config.num_hidden_layers} layers"
             )
+
+    def _checked_shares(self, shares: dict) -> dict[str, float]:
+        factors = self.expert_factors
+        out = {}
+        for label, share in shares.items():
+            path = parse_path(label)
+            if len(path) != len(self.dpe_layers) or any(f not in factors for f in path):
+                raise ValueError(
+                    f"random_path_shares: path {label!r} needs one factor of {factors} per DPE layer "
+                    f"({len(self.dpe_layers)})"
+                )
+            if isinstance(share, bool) or not isinstance(share, int | float) or not share >= 0 or not math.isfinite(share):
+                raise ValueError(f"random_path_shares[{label!r}] must be a finite number >= 0, got {share!r}")
+            out[format_path(path)] = float(share)
+        if not sum(out.values()) > 0:
+            raise ValueError(f"random_path_shares must have a positive total, got {shares}")
+        return out
+
+    def _check_budget_curve(self) -> None:
+        c = self.budget_curve
+        if not isinstance(c, dict) or set(c) - {"bias", "flops_fraction", "samples"} or not {"bias", "flops_fraction"} <= set(c):
+            raise ValueError(f"budget_curve must be {{'bias': [...], 'flops_fraction': [...]}}, got {c!r}")
+        bias, frac = [float(b) for b in c["bias"]], [float(f) for f in c["flops_fraction"]]
+        if len(bias) < 2 or len(bias) != len(frac) or bias != sorted(bias) or len(set(bias)) != len(bias):
+            raise ValueError(f"budget_curve: bias must be >= 2 increasing values, one flops_fraction each, got {c!r}")
+        if not all(math.isfinite(x) for x in bias + frac):
+            raise ValueError(f"budget_curve: values must be finite, got {c!r}")
+        c["bias"], c["flops_fraction"] = bias, frac
+
+    def effective_route_bias(self) -> float:
+        """The bias the routers apply at inference: the budget's, else `route_bias`."""
+        return self.route_bias if self.budget is None else self.bias_for_budget(self.budget)
+
+    def budget_range(self) -> tuple[float, float]:
+        """(least, most) mean prefill FLOPs fraction the routers reach on the calibration data."""
+        if self.budget_curve is None:
+            raise ValueError("no budget_curve: calibrate the routers' budget first (dpn.routing.measure_budget_curve)")
+        frac = self.budget_curve["flops_fraction"]
+        return min(frac), max(frac)
+
+    def bias_for_budget(self, budget: float) -> float:
+        """route_bias whose measured mean FLOPs fraction is `budget` (linear interpolation of the curve,
+        which falls as the bias rises). Raises ValueError naming the reachable range otherwise."""
+        if isinstance(budget, bool) or not isinstance(budget, int | float) or not math.isfinite(budget):
+            raise ValueError(f"budget must be a finite number (a fraction of the uncompressed FLOPs), got {budget!r}")
+        lo, hi = self.budget_range()
+        if not lo - 1e-9 <= budget <= hi + 1e-9:
+            raise ValueError(
+                f"budget {budget:g} is outside what the routing paths reach on the calibration data: "
+                f"[{lo:.3f}, {hi:.3f}] of the uncompressed model's prefill FLOPs"
+            )
+        bias, frac = self.budget_curve["bias"], self.budget_curve["flops_fraction"]
+        # The fraction is non-increasing in the bias up to measurement noise: walk the curve from the
+        # gentlest end and interpolate in the first segment that brackets the target.
+        pts = sorted(zip(frac, bias, strict=True), key=lambda p: (-p[0], p[1]))
+        fr = [-p[0] for p in pts]
+        i = min(max(bisect.bisect_left(fr, -budget), 1), len(pts) - 1)
+        (f0, b0), (f1, b1) = pts[i - 1], pts[i]
+        if f0 == f1:
+            return b0
+        return b0 + (budget - f0) * (b1 - b0) / (f1 - f0)
 
     # ----- derived geometry -------------------------------------------------------------------
     @property

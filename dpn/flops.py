@@ -38,10 +38,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from dpn.compressors import COMPRESSORS, POOLING
 from dpn.geometry import kept_count, pooled_grid
 
 CONVENTIONS = ("fastv", "exact")
-ANALYTIC_COMPRESSORS = ("none", "static", "dpn", "fastv", "pdrop")
+ANALYTIC_COMPRESSORS = COMPRESSORS
 TERA = 1e12
 
 
@@ -176,7 +177,7 @@ def analytic_token_counts(
         n_text: text tokens of the sample (never compressed by any method here).
         path: compression factor at each DPE layer (1 keep, 2 = (1,2), 4 = (2,2)); required for "dpn",
             overrides `config.static_path` for "static", must be None otherwise.
-        compressor: one of "none", "static", "dpn", "fastv", "pdrop"; None = `config.compressor`.
+        compressor: one of `dpn.compressors.COMPRESSORS`; None = `config.compressor`.
         grid: the sample's starting (h, w) visual grid; None = the config's (24 x 24 at 7B); (0, 0) for a
             text-only sample.
 
@@ -196,10 +197,10 @@ def analytic_token_counts(
         raise ValueError(f"compressor must be one of {ANALYTIC_COMPRESSORS}, got {compressor!r}")
     if n_text < 0:
         raise ValueError(f"n_text must be >= 0, got {n_text}")
-    if compressor == "dpn" and path is None:
-        raise ValueError("compressor 'dpn' needs a path: one compression factor per DPE layer, e.g. 4,2,1")
-    if compressor in ("none", "fastv", "pdrop") and path is not None:
-        raise ValueError(f"a path only applies to compressors 'dpn' and 'static', got compressor {compressor!r}")
+    if compressor in ("dpn", "random") and path is None:
+        raise ValueError(f"compressor {compressor!r} needs a path: one compression factor per DPE layer, e.g. 4-2-1")
+    if compressor not in POOLING and path is not None:
+        raise ValueError(f"a path only applies to compressors {POOLING}, got compressor {compressor!r}")
     if compressor == "static" and path is None:
         path = config.static_path
     if path is not None:
@@ -209,7 +210,7 @@ def analytic_token_counts(
     h, w = _start_grid(config) if grid is None else (int(grid[0]), int(grid[1]))
     n_vis = h * w
     visual: list[int] = []
-    if compressor in ("dpn", "static"):
+    if compressor in POOLING:
         dpe = {layer: k for k, layer in enumerate(config.dpe_layers)}
 
         def pool(h: int, w: int, layer: int) -> tuple[int, int]:

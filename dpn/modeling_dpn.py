@@ -30,11 +30,12 @@ from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, PreTrain
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
+from dpn.compressors import POOLING, PRUNING, parse_path
 from dpn.configuration_dpn import DPNConfig
 from dpn.constants import IGNORE_INDEX
 from dpn.geometry import kept_count
 from dpn.pruning import query_attention, query_weights, top_visual
-from dpn.pyramid import DPNRouter, PoolingExperts, choose_experts, routing_loss, valid_experts
+from dpn.pyramid import DPNRouter, PoolingExperts, choose_experts, routing_loss, sample_seeds, valid_experts
 
 
 class DPNMultiModalProjector(nn.Module):
@@ -86,6 +87,19 @@ class DPNOutput(ModelOutput):
     visual_tokens_per_layer: torch.Tensor | None = None  # (B, n_layers) long: input tokens of each layer
     text_tokens_per_layer: torch.Tensor | None = None  # (B, n_layers) long
     num_label_tokens: torch.Tensor | None = None  # () long: supervised tokens behind lm_loss
+    sample_loss: torch.Tensor | None = None  # (B,) mean CE over each sample's supervised tokens (0: none)
+    router_inputs: torch.Tensor | None = None  # (B, n_dpe, d) what each router read (0 where not routed)
+
+
+@dataclass
+class _Routing:
+    """Per-forward routing record, filled DPE by DPE by `_apply_dpe`."""
+
+    paths: torch.Tensor  # (B, n_dpe) long, -1 = not pooled
+    probs: torch.Tensor  # (B, n_dpe, E) gate p, 0 where not routed
+    routed_probs: list  # the (n, E) gate p of every DPE, with their graph (routing loss)
+    force_path: torch.Tensor | None  # (B, n_dpe) expert indices imposed on every sample
+    inputs: torch.Tensor | None = None  # (B, n_dpe, d) when the forward was asked for router inputs
 
 
 class _SequenceState:
@@ -261,6 +275,9 @@ class DPNPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["LlamaDecoderLayer", "CLIPEncoderLayer"]
     _supports_sdpa = True
     _supports_attention_backend = True
+    # The routers' input standardisation is identity until fitted (`dpn.routing`); checkpoints written before
+    # it existed load with the identity.
+    _keys_to_ignore_on_load_missing = [r"routers\.\d+\.input_(shift|scale)"]
 
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config.text_config, "initializer_range", 0.02)
@@ -271,6 +288,8 @@ class DPNPreTrainedModel(PreTrainedModel):
         if isinstance(module, DPNRouter):
             nn.init.ones_(module.norm.weight)
             nn.init.zeros_(module.norm.bias)
+            module.input_shift.zero_()
+            module.input_scale.fill_(1.0)
             for lin in (module.fc1, module.fc2) if module.version == "mlp" else (module.fc,):
                 nn.init.normal_(lin.weight, mean=0.0, std=std)
             return
@@ -282,12 +301,15 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
 
     def __init__(self, config: DPNConfig):
         super().__init__(config)
+        if config.budget is not None:
+            # from_pretrained(..., budget=x) sets the field after the config's own checks: check it here.
+            config.bias_for_budget(config.budget)
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = DPNMultiModalProjector(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         d = config.text_config.hidden_size
         n_exp = len(config.experts)
-        if config.compressor in ("dpn", "static"):
+        if config.compressor in POOLING:
             self.pool_experts = nn.ModuleDict(
                 {str(i): PoolingExperts(d, config.experts, config.pool) for i in config.dpe_layers}
             )
@@ -392,8 +414,9 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
         return w
 
     # ----- the pyramid ------------------------------------------------------------------------
-    def _apply_dpe(self, state: _SequenceState, layer: int, force_path, paths, probs_out, routed_probs, dpe_idx) -> None:
-        """Pool each sample's visual grid at DPE `layer` with its expert (routed, static or forced)."""
+    def _apply_dpe(self, state: _SequenceState, layer: int, dpe_idx: int, routing: _Routing) -> None:
+        """Pool each sample's visual grid at DPE `layer` with its expert: routed (dpn), fixed (static),
+        drawn per sample (random) or imposed (`force_path`)."""
         cfg = self.config
         B = state.hidden.shape[0]
         poolable = [v >= cfg.min_tokens_to_pool for v in state.visual_counts()]
@@ -404,15 +427,25 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
         experts = torch.zeros(len(rows), dtype=torch.long)
         probs = None
         if cfg.compressor == "dpn":
-            logits = self.routers[str(layer)](state.router_inputs()[rows])  # (n, E)
+            x = state.router_inputs()[rows]  # (n, d)
+            if routing.inputs is not None:
+                routing.inputs[rows, dpe_idx] = x.detach().float().cpu()
+            logits = self.routers[str(layer)](x)  # (n, E)
             probs = torch.softmax(logits / cfg.gate_temperature, dim=-1)  # (n, E) fp32
             valid = valid_experts(grids, cfg.experts, cfg.min_tokens_after_pool)
-            experts = choose_experts(probs, valid, sample=self.training, constrain_argmax=cfg.constrain_argmax).cpu()
-        else:  # static: the fixed path
+            if self.training and cfg.router_objective == "counterfactual":
+                # The LLM learns every path equally; the routers are fitted afterwards (`dpn.routing`).
+                experts = torch.multinomial(valid.float(), 1).squeeze(-1)
+            else:
+                bias = None if self.training else cfg.effective_route_bias() * torch.tensor(cfg.expert_scores)
+                experts = choose_experts(probs, valid, sample=self.training, constrain_argmax=cfg.constrain_argmax,
+                                         bias=bias).cpu()
+        elif cfg.compressor == "static":
             experts[:] = cfg.expert_index(cfg.static_path[dpe_idx])
-        if force_path is not None:
-            experts = force_path[rows, dpe_idx].cpu().long()
+        if routing.force_path is not None:
+            experts = routing.force_path[rows, dpe_idx].cpu().long()
         pool = self.pool_experts[str(layer)]
+        scale = probs is not None and cfg.router_objective == "reference"
         new_visual: list = [None] * B
         for r, b in enumerate(rows):
             j = int(experts[r])
@@ -420,15 +453,35 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
             h, w = state.grid[b]
             real = state.hidden[b][state.mask[b]]
             tokens, nh, nw = pool(real[s : s + h * w], h, w, j)  # (h'*w', d)
-            if probs is not None:
+            if scale:
                 # Scale by p[chosen] (also for keep): the only path by which the LM loss trains the router.
                 tokens = tokens * probs[r, j].to(tokens.dtype)
             new_visual[b] = (tokens, nh, nw)
-            paths[b, dpe_idx] = j
+            routing.paths[b, dpe_idx] = j
         if probs is not None:
-            probs_out[rows, dpe_idx] = probs.detach().to(probs_out.dtype)
-            routed_probs.append(probs)
+            routing.probs[rows, dpe_idx] = probs.detach().to(routing.probs.dtype)
+            routing.routed_probs.append(probs)
         state.replace_visual(new_visual)
+
+    def _random_paths(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values) -> torch.Tensor:
+        """(B, n_dpe) expert indices of compressor "random": drawn from `random_path_shares` (or uniformly
+        per DPE) with a generator seeded by the sample's own tokens and pixels, so that a batch routes each
+        sample as it would alone; fresh draws in training."""
+        cfg = self.config
+        B, n_dpe, E = input_ids.shape[0], len(cfg.dpe_layers), len(cfg.experts)
+        shares = cfg.random_path_shares
+        labels = list(shares) if shares else None
+        weights = torch.tensor([shares[k] for k in labels]) if shares else None
+        seeds = None if self.training else sample_seeds(input_ids, attention_mask, pixel_values, cfg.image_token_id)
+        out = torch.zeros(B, n_dpe, dtype=torch.long)
+        for b in range(B):
+            gen = None if seeds is None else torch.Generator().manual_seed(seeds[b])
+            if labels is None:
+                out[b] = torch.randint(0, E, (n_dpe,), generator=gen)
+            else:
+                path = parse_path(labels[int(torch.multinomial(weights, 1, generator=gen))])
+                out[b] = torch.tensor([cfg.expert_index(f) for f in path])
+        return out
 
     # ----- FastV / PyramidDrop ------------------------------------------------------------------
     def _prune_visual(self, state: _SequenceState, layer: nn.Module, rank_hidden, position_embeddings, keep_ratio) -> bool:
@@ -463,6 +516,7 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
         logits_to_keep: int = 0,
         force_path: torch.Tensor | None = None,
         route_index: torch.Tensor | None = None,
+        output_router_inputs: bool = False,
         **kwargs,
     ) -> DPNOutput:
         """Prefill (no cache, or an empty one) runs the pyramid; a call with a filled `cache` is a decode
@@ -473,7 +527,10 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
             pixel_values: (N, 3, H, W), one image per sample holding image tokens, in sample order.
             attention_mask: (B, L) 1 = real token; left or right padding.
             labels: (B, L) in the input layout (IGNORE_INDEX where not supervised); shifted internally.
-            force_path: (B, n_dpe) expert indices to use instead of the router (ablations, tests).
+            force_path: (B, n_dpe) expert indices to use instead of the router (ablations, tests, the
+                fixed paths of a dpn model's own weights).
+            output_router_inputs: also return what each router read (`DPNOutput.router_inputs`), for
+                fitting routers (`dpn.routing`).
             route_index: (B,) input position of each sample's last prompt token: the router reads it in
                 samples without a `<ROUTER>` token, and FastV / PDrop rank visual tokens by its attention
                 (without it: the token before each supervised span if `labels`, else the last real token;
@@ -501,20 +558,24 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
             targets[:, :-1] = labels[:, 1:]
             targets = targets.masked_fill(~attention_mask, IGNORE_INDEX)
         route_w = self._route_weights(input_ids, attention_mask, labels, cfg.router_token_id, route_index)
-        query_w = query_weights(attention_mask, labels, route_index) if cfg.compressor in ("fastv", "pdrop") else None
+        query_w = query_weights(attention_mask, labels, route_index) if cfg.compressor in PRUNING else None
         state = _SequenceState(embeds, attention_mask, vis_start, list(grid), targets, route_w, left_pad, query_w)
 
         layers = self.decoder.layers
         n_layers = len(layers)
-        dpe = {layer: k for k, layer in enumerate(cfg.dpe_layers)} if cfg.compressor in ("dpn", "static") else {}
+        dpe = {layer: k for k, layer in enumerate(cfg.dpe_layers)} if cfg.compressor in POOLING else {}
         # FastV ranks by the attention of the last layer that sees every visual token (K-1) and prunes on
         # entering layer K, as its code does; PDrop ranks by each of its layers' own attention, before it.
         fastv_rank_layer = cfg.fastv_layer - 1 if cfg.compressor == "fastv" else -1
         pdrop_layers = set(cfg.pdrop_layers) if cfg.compressor == "pdrop" else set()
         n_dpe = len(cfg.dpe_layers)
-        paths = torch.full((B, n_dpe), -1, dtype=torch.long)
-        probs_out = torch.zeros(B, n_dpe, len(cfg.experts))
-        routed_probs: list[torch.Tensor] = []
+        if force_path is None and cfg.compressor == "random":
+            force_path = self._random_paths(input_ids, attention_mask, pixel_values)
+        routing = _Routing(
+            paths=torch.full((B, n_dpe), -1, dtype=torch.long), probs=torch.zeros(B, n_dpe, len(cfg.experts)),
+            routed_probs=[], force_path=force_path,
+            inputs=torch.zeros(B, n_dpe, cfg.text_config.hidden_size) if output_router_inputs else None,
+        )
         vis_counts = torch.zeros(B, n_layers, dtype=torch.long)
         txt_counts = torch.zeros(B, n_layers, dtype=torch.long)
         if use_cache and cache is None:
@@ -523,7 +584,7 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
         stage_inputs = None  # (attention mask, rotary embeddings, position ids) of the current stage
         for i, layer in enumerate(layers):
             if i in dpe and cfg.location == "pre":
-                self._apply_dpe(state, i, force_path, paths, probs_out, routed_probs, dpe[i])
+                self._apply_dpe(state, i, dpe[i], routing)
                 stage_inputs = None
             if i in pdrop_layers:
                 rope = stage_inputs[1] if stage_inputs is not None else self._rotary(state)
@@ -546,7 +607,7 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
                 use_cache=use_cache,
             )
             if i in dpe and cfg.location == "post":
-                self._apply_dpe(state, i, force_path, paths, probs_out, routed_probs, dpe[i])
+                self._apply_dpe(state, i, dpe[i], routing)
                 stage_inputs = None
             if i == fastv_rank_layer and self._prune_visual(state, layer, layer_input, pos_emb, 1.0 - cfg.fastv_ratio):
                 stage_inputs = None
@@ -557,20 +618,24 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
             hidden, out_mask = last_real_positions(hidden, state.mask, logits_to_keep)
         logits = self.language_model.lm_head(hidden)  # (B, L_last, V)
 
-        loss = lm_loss = route_loss = n_sup = None
+        loss = lm_loss = route_loss = n_sup = sample_loss = None
         if targets is not None:
-            n_sup = (state.targets != IGNORE_INDEX).sum()
             if logits_to_keep:
                 raise ValueError("labels cannot be combined with logits_to_keep")
+            sup = state.targets != IGNORE_INDEX  # (B, L_last)
+            n_sup = sup.sum()
+            token_ce = F.cross_entropy(
+                logits.float().transpose(1, 2), state.targets, ignore_index=IGNORE_INDEX, reduction="none"
+            )  # (B, L_last), 0 where not supervised
+            per_sample = sup.sum(-1)  # (B,)
+            sample_loss = (token_ce.sum(-1) / per_sample.clamp(min=1)).detach()
             if int(n_sup) > 0:
-                lm_loss = F.cross_entropy(
-                    logits.float().reshape(-1, logits.shape[-1]), state.targets.reshape(-1), ignore_index=IGNORE_INDEX
-                )
+                lm_loss = token_ce.sum() / n_sup
             else:  # every sample masked (e.g. tokenization mismatches): zero loss that keeps the graph
                 lm_loss = logits.sum() * 0.0
             loss = lm_loss
-            if cfg.compressor == "dpn":
-                probs = torch.cat(routed_probs) if routed_probs else logits.new_zeros(0, len(cfg.experts))
+            if cfg.compressor == "dpn" and cfg.router_objective == "reference":
+                probs = torch.cat(routing.routed_probs) if routing.routed_probs else logits.new_zeros(0, len(cfg.experts))
                 route_loss = routing_loss(probs, torch.tensor(cfg.expert_scores), cfg.route_loss_target)
                 loss = lm_loss + cfg.route_loss_coef * route_loss
         return DPNOutput(
@@ -580,11 +645,13 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
             logits=logits,
             cache=cache,
             attention_mask=out_mask,
-            routing_paths=paths.to(device),
-            routing_probs=probs_out.to(device),
+            routing_paths=routing.paths.to(device),
+            routing_probs=routing.probs.to(device),
             visual_tokens_per_layer=vis_counts.to(device),
             text_tokens_per_layer=txt_counts.to(device),
             num_label_tokens=n_sup,
+            sample_loss=sample_loss,
+            router_inputs=None if routing.inputs is None else routing.inputs.to(device),
         )
 
     def generate(self, input_ids: torch.Tensor, **kwargs):

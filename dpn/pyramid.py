@@ -20,6 +20,12 @@ class DPNRouter(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int, version: str = "mlp"):
         super().__init__()
         self.version = version
+        # (x - input_shift) * input_scale before the LayerNorm: identity unless set from calibration data
+        # (`dpn.routing.fit_routers`). Why: the hidden state at <ROUTER> is mostly a part every sample
+        # shares; what tells samples apart is a small deviation from it, which a per-sample LayerNorm
+        # alone does not bring out.
+        self.register_buffer("input_shift", torch.zeros(hidden_size))
+        self.register_buffer("input_scale", torch.ones(hidden_size))
         self.norm = nn.LayerNorm(hidden_size)
         if version == "mlp":
             self.fc1 = nn.Linear(hidden_size, hidden_size // 4, bias=False)
@@ -32,7 +38,7 @@ class DPNRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (n, d) -> logits (n, E), returned in fp32 so the gate softmax(logits / T) is taken in fp32.
-        x = self.norm(x)
+        x = self.norm((x - self.input_shift.to(x.dtype)) * self.input_scale.to(x.dtype))
         logits = self.fc2(self.act(self.fc1(x))) if self.version == "mlp" else self.fc(x)
         return logits.float()
 
@@ -89,21 +95,47 @@ def valid_experts(grids: list[tuple[int, int]], experts: list[list[int]], min_to
 
 
 def choose_experts(
-    probs: torch.Tensor, valid: torch.Tensor, sample: bool, constrain_argmax: bool, generator: torch.Generator | None = None
+    probs: torch.Tensor,
+    valid: torch.Tensor,
+    sample: bool,
+    constrain_argmax: bool,
+    generator: torch.Generator | None = None,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pick one expert per sample from the gate probabilities p: (n, E).
 
     Training samples j ~ p restricted to the valid experts. The reference resamples until the choice is
     valid; sampling from p renormalised over the valid set is the same distribution, without a loop.
-    Inference takes argmax p (over the valid set only if `constrain_argmax`).
+    Inference takes argmax (log p + bias) (over the valid set only if `constrain_argmax`); `bias` (E,) is
+    the compute-budget knob (`DPNConfig.route_bias` times each expert's compression score).
     """
     valid = valid.to(probs.device)
     if sample:
         masked = probs.detach().masked_fill(~valid, 0.0)
         return torch.multinomial(masked, 1, generator=generator).squeeze(-1)
+    scores = probs.detach().clamp(min=1e-30).log()
+    if bias is not None:
+        scores = scores + bias.to(scores.device, scores.dtype)
     if constrain_argmax:
-        return probs.detach().masked_fill(~valid, -1.0).argmax(-1)
-    return probs.detach().argmax(-1)
+        scores = scores.masked_fill(~valid, float("-inf"))
+    return scores.argmax(-1)
+
+
+def sample_seeds(input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values, image_token_id: int) -> list[int]:
+    """A 63-bit seed per sample from its real tokens and, for image samples, its pixels (images are given
+    in the order of the samples holding image tokens): the same sample gets the same seed alone or in any
+    batch, under any padding."""
+    import hashlib
+
+    seeds, k = [], 0
+    for b in range(input_ids.shape[0]):
+        ids = input_ids[b][attention_mask[b].bool()]
+        h = hashlib.blake2b(ids.cpu().numpy().tobytes(), digest_size=8)
+        if pixel_values is not None and bool((ids == image_token_id).any()):
+            h.update(pixel_values[k].detach().float().cpu().numpy().tobytes())
+            k += 1
+        seeds.append(int.from_bytes(h.digest(), "little") >> 1)
+    return seeds
 
 
 def routing_loss(probs: torch.Tensor, scores: torch.Tensor, target: float) -> torch.Tensor:

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpn.compressors import COMPRESSORS, NOT_POOLED, format_path
 from dpn.eval.benchmarks import (
     BENCHMARKS,
     EvalItem,
@@ -53,12 +54,10 @@ from dpn.eval.benchmarks import (
 )
 from dpn.eval.scoring import EvalDataError, load_jsonl, primary_metric, score
 
-# Compressors a checkpoint can be evaluated with (`dpn.configuration_dpn.COMPRESSORS`; not imported here so
-# the module imports without transformers).
-EVAL_COMPRESSORS = ("dpn", "static", "none", "fastv", "pdrop")
+# Compressors a checkpoint can be evaluated with.
+EVAL_COMPRESSORS = COMPRESSORS
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "gpu", "cpu")
-NOT_POOLED = "n"  # routing-path label of a DPE that did not pool the sample (text-only, too few tokens)
 _DIFFICULTY_ORDER = ("easy", "medium", "hard")  # the synthetic benchmark's; others sort after, by name
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _METRIC_KEY_BAD = re.compile(r"[^A-Za-z0-9_\-. /:]")
@@ -429,7 +428,7 @@ def load_model(model_dir: str | os.PathLike, compressor: str, dtype: str = "floa
 def path_label(experts: Sequence[int], factors: Sequence[int]) -> str:
     """Routing path as compression factors per DPE, e.g. [2, 1, 0] with factors [1, 2, 4] -> "4-2-1";
     a DPE that did not pool the sample (-1) shows as "n"."""
-    return "-".join(NOT_POOLED if int(j) < 0 else str(factors[int(j)]) for j in experts)
+    return format_path([None if int(j) < 0 else factors[int(j)] for j in experts])
 
 
 def predict(
@@ -445,14 +444,19 @@ def predict(
     batch_size: int = 8,
     max_new_tokens: int = 16,
     answer_salt: str = "",
+    path: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Answer `items` with greedy batched generation; returns LLaVA answer records in item order.
 
     Prompts are LLaVA-1.5's (`dpn.conversation.build_prompt`) with `<ROUTER>` appended for the dpn
     compressor, left padded. `metadata` of each record holds the per-sample measurements (routing path,
     tokens per layer, prefill TFLOPs, category, difficulty). `answer_id` is derived from `answer_salt`
-    and the question id, so a re-run writes identical files.
+    and the question id, so a re-run writes identical files. `path` (compression factor per DPE, e.g.
+    [4, 2, 1]) sends every sample down that path instead of its router's choice (the fixed paths of a
+    dpn model's own weights).
     """
+    import torch
+
     from dpn.collate import collate
     from dpn.conversation import encode_prompt
     from dpn.flops import flops_report
@@ -463,6 +467,7 @@ def predict(
     dtype = next(model.parameters()).dtype
     factors = config.expert_factors
     add_router = compressor == "dpn"
+    forced = None if path is None else torch.tensor([config.expert_index(int(f)) for f in path])
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if pad is None:
         raise ValueError("the tokenizer has no pad token; left padding needs one (dpn.tokenizer.ensure_special_tokens)")
@@ -487,6 +492,7 @@ def predict(
             eos_token_id=eos,
             pad_token_id=pad,
             return_dict_in_generate=True,
+            force_path=None if forced is None else forced.expand(len(batch), -1).to(device),
         )
         sequences = out.new_tokens.cpu()
         n_new = out.num_new_tokens.cpu().tolist()

@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpn.compressors import COMPRESSORS, ROUTER_OBJECTIVES
+
 STAGES = (1, 2)
 TEMPLATES = ("plain", "vicuna_v1")
 INITS = ("random", "pretrained", "llava_hf", "components")
-COMPRESSORS = ("dpn", "static", "none", "fastv", "pdrop")  # as `dpn.configuration_dpn.COMPRESSORS`
 PRECISIONS = ("fp32", "bf16")  # fp16 is not offered: DeepSpeed on CPU lacks it and bf16 needs no loss scaling
 SCHEDULES = ("cosine", "linear", "constant")
 ZERO_STAGES = (0, 1, 2, 3)
@@ -88,6 +89,10 @@ class ModelSpec:
     "static" / "none" ablations)."""
     route_loss_coef: float | None = None
     """Weight of the routing loss; None keeps the model config's (0.001, the paper's)."""
+    router_objective: str = "reference"
+    """How the routers learn (`dpn.compressors.ROUTER_OBJECTIVES`): "reference" (the paper's), or
+    "counterfactual" (stage 2 trains the LLM on uniformly sampled paths; the pipeline's `route_calibrate`
+    step then fits the routers to held-out per-path losses, `dpn.routing`)."""
     train_vision_tower: bool = False
     """Stage 2 only: also train the vision tower (the reference does; the paper's 7B recipe does not)."""
     gradient_checkpointing: bool = False
@@ -99,6 +104,7 @@ class ModelSpec:
         _check_choice("model.preset", self.preset, MODEL_PRESETS)
         _check_choice("model.init", self.init, INITS)
         _check_choice("model.compressor", self.compressor, COMPRESSORS)
+        _check_choice("model.router_objective", self.router_objective, ROUTER_OBJECTIVES)
         if self.init in ("pretrained", "llava_hf") and not self.path:
             _fail("model.path", self.path, f"is required with model.init={self.init!r} (a checkpoint directory)")
         if self.init == "components" and not (self.llm_path and self.vision_path):

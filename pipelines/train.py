@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpn.compressors import POOLING
 from pipelines.recipes import STAGE0_OUTPUT, STAGE1_OUTPUT, TrainConfig, config_from_dict, get_recipe
 
 STATE_FILE = "train_state.json"  # in every checkpoint: step, epoch, micro-batches consumed, done
@@ -88,7 +89,8 @@ def _token_ids(tokenizer) -> dict[str, int]:
 
 
 def _dpn_overrides(cfg: TrainConfig, tokenizer) -> dict[str, Any]:
-    kw: dict[str, Any] = {"compressor": cfg.model.compressor, **_token_ids(tokenizer)}
+    kw: dict[str, Any] = {"compressor": cfg.model.compressor, "router_objective": cfg.model.router_objective,
+                          **_token_ids(tokenizer)}
     if cfg.model.route_loss_coef is not None:
         kw["route_loss_coef"] = cfg.model.route_loss_coef
     return kw
@@ -232,7 +234,7 @@ def check_zero3(cfg: TrainConfig, model_cfg) -> None:
     left is that every image sample must reach every router, i.e. stay poolable at every DPE even after
     the strongest compression at each earlier one, and no expert may own parameters (conv pooling calls
     only the chosen expert). Raises ValueError naming the field otherwise (before any worker starts)."""
-    if cfg.scaling.zero_stage != 3 or model_cfg.compressor not in ("dpn", "static"):
+    if cfg.scaling.zero_stage != 3 or model_cfg.compressor not in POOLING:
         return
     if model_cfg.pool == "conv":
         raise ValueError("scaling.zero_stage: 3 cannot train conv pooling experts (a rank calls only the chosen "

@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpn.compressors import COMPRESSORS
 from pipelines import tracking
 from pipelines.dag import Pipeline, RunHooks, Step, StepContext, StepResult
 from pipelines.recipes import STAGE0_OUTPUT
 
-VARIANTS = ("dpn", "static", "none", "fastv", "pdrop")
+VARIANTS = COMPRESSORS
 TRIGGERS = ("manual", "scheduled")
 
 
