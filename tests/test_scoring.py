@@ -294,6 +294,35 @@ def test_scienceqa():
         score("scienceqa", preds(("1", "C")), [{**gt[0], "answer": "C"}])
 
 
+@pytest.mark.parametrize("num_choices", [2, 3, 4, 5])
+def test_scienceqa_answer_space_follows_num_choices(num_choices):
+    """ScienceQA questions have 2 to 5 choices: the last valid letter scores right, in every answer form
+    LLaVA's parser accepts; the first letter past the choices is wrong even when the model writes it."""
+    last, beyond = "ABCDE"[num_choices - 1], "ABCDEF"[num_choices]
+    gt = [{"question_id": str(i), "answer": last, "num_choices": num_choices, "has_image": True} for i in range(4)]
+    p = preds(("0", last), ("1", f"{last}. the last one"), ("2", f"The answer is {last}."), ("3", beyond))
+    assert score("scienceqa", p, gt) == pytest.approx({"accuracy": 75.0, "img_accuracy": 75.0})
+
+
+def test_scienceqa_five_choices_answered_e():
+    """The real ScienceQA-IMG test split has 5-choice questions whose answer is E (problems.json answer 4)."""
+    gt = [{"question_id": "7", "answer": "E", "num_choices": 5, "has_image": True},
+          {"question_id": "8", "answer": "D", "num_choices": 4, "has_image": True}]
+    assert score("scienceqa", preds(("7", "E"), ("8", "E")), gt) == pytest.approx(
+        {"accuracy": 50.0, "img_accuracy": 50.0})  # E right on the 5-choice question, beyond D on the other
+
+
+def test_scienceqa_ground_truth_outside_the_answer_space():
+    # A ground truth saying E on a 4-choice question is a broken file: refused, with what would fix it.
+    with pytest.raises(EvalDataError, match=r"question_id '8': answer 'E' not in \('A', 'B', 'C', 'D'\).*"
+                                            r"dpn eval convert --benchmark scienceqa"):
+        score("scienceqa", preds(("8", "E")), [{"question_id": "8", "answer": "E", "num_choices": 4, "has_image": True}])
+    for bad in (1, 6):
+        with pytest.raises(EvalDataError, match=rf"num_choices {bad} not in 2..5"):
+            score("scienceqa", preds(("8", "A")), [{"question_id": "8", "answer": "A", "num_choices": bad,
+                                                    "has_image": False}])
+
+
 @pytest.mark.parametrize(
     ("text", "options", "parsed"),
     [
@@ -335,6 +364,20 @@ def test_mmbench_circular_needs_every_rotation_right():
     assert primary_metric("mmbench", out) == pytest.approx(50.0)
 
 
+def test_mmbench_answer_space_is_the_options():
+    """Options are whatever letter columns a row has: D is right on a 4-option question and E on a
+    5-option one; E on a 4-option question is wrong (opencompass parses it, then it matches nothing)."""
+    four = {"A": "w", "B": "x", "C": "y", "D": "z"}
+    gt = [{"question_id": 0, "answer": "D", "options": four},
+          {"question_id": 1, "answer": "E", "options": {**four, "E": "v"}},
+          {"question_id": 2, "answer": "A", "options": four},
+          {"question_id": 3, "answer": "F", "options": {**four, "E": "v", "F": "u"}}]
+    out = score("mmbench", preds((0, "D"), (1, "E"), (2, "E"), (3, "F.")), gt)
+    assert out == pytest.approx({"circular_accuracy": 75.0, "single_accuracy": 75.0})
+    with pytest.raises(EvalDataError, match=r"question_id 0: answer 'E' is not one of its options \['A', 'B', 'C', 'D'\]"):
+        score("mmbench", preds((0, "E")), [{"question_id": 0, "answer": "E", "options": four}])
+
+
 def test_mmbench_rejects_orphans_and_string_ids():
     options = {"A": "x", "B": "y"}
     with pytest.raises(EvalDataError, match=r"without their original question.*5"):
@@ -355,6 +398,53 @@ def test_seed_exact_match_per_type():
     assert out["accuracy"] == pytest.approx(50.0)
     assert out["per_type"] == pytest.approx({"1": 50.0, "2": 100.0, "10": 0.0})
     assert list(out["per_type"]) == ["1", "2", "10"]  # numeric order, string keys
+    assert "per_category" not in out and "per_data_type" not in out
+
+
+def test_seed_answer_space_and_breakdowns():
+    """SEED-Bench answers are A-D; a prediction "E" is just wrong, a ground truth "E" is refused. With the
+    type names and data types SEED-Bench.json carries, the per-name and image / video accuracies follow."""
+    gt = [
+        {"question_id": 101669, "answer": "D", "question_type_id": 5, "category": "Instances Counting",
+         "data_type": "image"},
+        {"question_id": 101670, "answer": "A", "question_type_id": 1, "category": "Scene Understanding",
+         "data_type": "image"},
+        {"question_id": "v1738", "answer": "B", "question_type_id": 10, "category": "Action Recognition",
+         "data_type": "video"},
+    ]
+    out = score("seed", preds((101669, "D"), (101670, "E"), ("v1738", "B")), gt)
+    assert out["accuracy"] == pytest.approx(200 / 3)
+    assert out["per_category"] == pytest.approx(
+        {"Action Recognition": 100.0, "Instances Counting": 100.0, "Scene Understanding": 0.0})
+    assert out["per_data_type"] == pytest.approx({"image": 50.0, "video": 100.0})
+    with pytest.raises(EvalDataError, match=r"question_id 1: SEED answer 'E'; expected one of \('A', 'B', 'C', 'D'\)"):
+        score("seed", preds((1, "E")), [{"question_id": 1, "answer": "E", "question_type_id": 1}])
+    # A breakdown field on some records but not others is a broken file, not a silently smaller breakdown.
+    untyped = {k: v for k, v in gt[2].items() if k != "data_type"}
+    with pytest.raises(EvalDataError, match=r"question_id 'v1738' has no 'data_type'"):
+        score("seed", preds((101669, "D"), ("v1738", "B")), [gt[0], untyped])
+
+
+def test_vizwiz_unanswerable_and_answer_types():
+    """VizWiz's answer space includes "unanswerable" (annotators write it, LLaVA-1.5's prompt asks for
+    "Unanswerable"): the EvalAI processor lower-cases the prediction, so it matches."""
+    gt = [
+        {"question_id": 0, "answers": ["unanswerable"] * 10, "answer_type": "unanswerable", "answerable": 0},
+        {"question_id": 1, "answers": ["unanswerable"] * 7 + ["cat"] * 3, "answer_type": "unanswerable",
+         "answerable": 0},
+        {"question_id": 2, "answers": ["yes"] * 10, "answer_type": "yes/no", "answerable": 1},
+        {"question_id": 3, "answers": ["2"] * 10, "answer_type": "number", "answerable": 1},
+    ]
+    # q0 1.0; q1 "cat" matches 3 annotators: min(1, 3/3) for the 7 leave-outs of an "unanswerable" and
+    # min(1, 2/3) for the 3 of a "cat" -> (7 + 2) / 10 = 0.9; q2 1.0; q3 "Two." -> "2": 1.0.
+    out = score("vizwiz", preds((0, "Unanswerable"), (1, "Cat"), (2, "Yes"), (3, "Two.")), gt)
+    assert out["accuracy"] == pytest.approx(97.5)
+    assert out["per_answer_type"] == pytest.approx({"yes/no": 100.0, "number": 100.0, "unanswerable": 95.0})
+    assert list(out["per_answer_type"]) == ["yes/no", "number", "unanswerable"]  # the server's order
+    plain = score("vizwiz", preds((0, "unanswerable")), [{"question_id": 0, "answers": ["unanswerable"] * 10}])
+    assert plain == {"accuracy": 100.0}
+    with pytest.raises(EvalDataError, match=r"question_id 0: VizWiz answer_type 'colour'"):
+        score("vizwiz", preds((0, "red")), [{"question_id": 0, "answers": ["red"] * 10, "answer_type": "colour"}])
 
 
 def test_synthetic_per_difficulty_and_category():
