@@ -188,21 +188,53 @@ def test_pope():
     # f1 = 2 * 0.5 * 2/3 / (0.5 + 2/3) = 4/7, yes_ratio 4/6.
     # adversarial: TP 1, TN 1: acc, precision, recall, f1 all 1; yes_ratio 1/2.
     out = score("pope", p, gt)
-    assert list(out) == ["adversarial", "random"]
+    assert list(out) == ["adversarial", "random", "overall"]
     assert out["random"] == pytest.approx(
         {"accuracy": 50.0, "precision": 50.0, "recall": 200 / 3, "f1": 400 / 7, "yes_ratio": 200 / 3}
     )
     assert out["adversarial"] == pytest.approx(
         {"accuracy": 100.0, "precision": 100.0, "recall": 100.0, "f1": 100.0, "yes_ratio": 50.0}
     )
-    # Headline: mean F1 over the categories = (400/7 + 100) / 2.
+    # overall: each metric's mean over the two categories present.
+    assert out["overall"] == pytest.approx({
+        "accuracy": 75.0, "precision": 75.0, "recall": (200 / 3 + 100) / 2, "f1": (400 / 7 + 100) / 2,
+        "yes_ratio": (200 / 3 + 50) / 2,
+    })
+    # Headline: the overall F1 = (400/7 + 100) / 2.
     assert primary_metric("pope", out) == pytest.approx((400 / 7 + 100) / 2)
+
+
+def test_pope_overall_is_the_unweighted_mean_of_the_three_splits():
+    """Papers report POPE as the mean over adversarial / popular / random: each split weighs the same,
+    whatever its size (pooling the counts would give 8/12 = 66.67 accuracy here, not 62.5)."""
+    gt, p = [], []
+    # adversarial: 2 questions, both right (acc 100). popular: 2, both wrong (acc 0). random: 8, 7 right.
+    layout = {"adversarial": [("yes", "Yes"), ("no", "No")], "popular": [("yes", "No"), ("no", "Yes")],
+              "random": [("yes", "Yes")] * 4 + [("no", "No")] * 3 + [("no", "Yes")]}
+    for category, rows in layout.items():
+        for label, text in rows:
+            qid = len(gt) + 1
+            gt.append({"question_id": qid, "answer": label, "category": category})
+            p.append({"question_id": qid, "text": text})
+    out = score("pope", p, gt)
+    # random: TP 4, TN 3, FP 1: acc 7/8, precision 4/5, recall 1, f1 8/9, yes ratio 5/8.
+    # popular: TP 0, FN 1, FP 1: precision = recall = f1 = 0, yes ratio 1/2.
+    assert out["random"] == pytest.approx(
+        {"accuracy": 87.5, "precision": 80.0, "recall": 100.0, "f1": 800 / 9, "yes_ratio": 62.5})
+    assert out["overall"] == pytest.approx({
+        "accuracy": (100 + 0 + 87.5) / 3, "precision": (100 + 0 + 80) / 3, "recall": (100 + 0 + 100) / 3,
+        "f1": (100 + 0 + 800 / 9) / 3, "yes_ratio": (50 + 50 + 62.5) / 3,
+    })
+    assert primary_metric("pope", out) == pytest.approx(out["overall"]["f1"])
+    with pytest.raises(EvalDataError, match=r"question_id 1: POPE category 'overall' is reserved"):
+        score("pope", preds((1, "yes")), [{"question_id": 1, "answer": "yes", "category": "overall"}])
 
 
 def test_pope_no_predicted_yes_and_bad_label():
     # No predicted yes and no actual yes: precision/recall/F1 are 0 (LLaVA's script divides by zero).
     out = score("pope", preds((1, "No")), [{"question_id": 1, "answer": "no", "category": "popular"}])
-    assert out == {"popular": {"accuracy": 100.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0}}
+    only = {"accuracy": 100.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0}
+    assert out == {"popular": only, "overall": only}
     with pytest.raises(EvalDataError, match=r"question_id 1.*'Yes'.*'yes' or 'no'"):
         score("pope", preds((1, "No")), [{"question_id": 1, "answer": "Yes", "category": "popular"}])
 
@@ -584,3 +616,23 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     _write_jsonl(p, [{"question_id": 1, "text": "Yes."}, {"question_id": 2, "text": "yes"}])
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"accuracy": 50.0}
+
+
+def test_cli_score_pope_prints_the_overall(tmp_path, capsys):
+    from jobs.cli import main
+
+    g = _write_jsonl(tmp_path / "gt.jsonl", [
+        {"question_id": 1, "answer": "yes", "category": "adversarial"},
+        {"question_id": 10000001, "answer": "no", "category": "random"},
+        {"question_id": 20000001, "answer": "yes", "category": "popular"},
+    ])
+    p = _write_jsonl(tmp_path / "pred.jsonl", [
+        {"question_id": 1, "text": "Yes"}, {"question_id": 10000001, "text": "Yes"},
+        {"question_id": 20000001, "text": "Yes"},
+    ])
+    assert main(["eval", "score", "--benchmark", "pope", "--predictions", str(p), "--ground-truth", str(g)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(printed) == ["adversarial", "popular", "random", "overall"]
+    # adversarial and popular: one TP each (all 100, yes ratio 100); random: one FP (all 0, yes ratio 100).
+    assert printed["overall"] == pytest.approx(
+        {"accuracy": 200 / 3, "precision": 200 / 3, "recall": 200 / 3, "f1": 200 / 3, "yes_ratio": 100.0})

@@ -11,7 +11,7 @@ official tools they call); where this module deliberately differs, the docstring
 | vizwiz | answers (annotator strings, 10; "unanswerable" is one), optional answer_type, answerable | accuracy, per_answer_type (with answer_type) | EvalAI processor, then official VizWiz accuracy (raw annotator answers) |
 | textvqa | answers (exactly 10) | accuracy | m4c TextVQA evaluator (EvalAI processing on both sides) |
 | gqa | answer (testdev-balanced) | accuracy | `text.rstrip('.').lower() == answer` (convert_gqa_for_eval + GQA eval.py) |
-| pope | answer (yes/no), category (adversarial / popular / random) | per category: accuracy, precision, recall, f1, yes_ratio | LLaVA eval_pope.py parsing |
+| pope | answer (yes/no), category (adversarial / popular / random) | per category: accuracy, precision, recall, f1, yes_ratio; overall: their mean over the categories | LLaVA eval_pope.py parsing |
 | mme | image, category (subtask), answer (Yes/No) | perception, cognition, subtasks, missing_subtasks | MME calculation.py |
 | scienceqa | answer (letter A-E), num_choices (2-5), has_image | accuracy, img_accuracy | LLaVA eval_science_qa.py parsing |
 | mmbench | answer (letter), options {letter: text} (A-D in dev_20230712; the format allows E) | circular_accuracy, single_accuracy | opencompass eval_mmbench.py matching, no GPT |
@@ -282,10 +282,16 @@ def pope_parse(text: str) -> str:
     return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
 
 
+POPE_OVERALL = "overall"
+_POPE_METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+
+
 def score_pope(pairs: Sequence[Pair]) -> dict[str, dict[str, float]]:
     """Per category (adversarial / popular / random): accuracy, precision, recall, F1 of the "yes"
-    class, and yes_ratio = share of *predicted* yes. Divergence: where LLaVA's script divides by zero
-    (no predicted or no actual "yes"), precision / recall / F1 are 0 here."""
+    class, and yes_ratio = share of *predicted* yes. `overall`: each of those five averaged over the
+    categories present (the unweighted mean of the splits, which is what papers report as POPE's F1 /
+    accuracy; not a pooled count). Divergence: where LLaVA's script divides by zero (no predicted or no
+    actual "yes"), precision / recall / F1 are 0 here."""
     counts: dict[str, dict[str, int]] = defaultdict(lambda: {"tp": 0, "fp": 0, "tn": 0, "fn": 0})
     for g, text in pairs:
         label = _field(g, "answer", str)
@@ -294,6 +300,11 @@ def score_pope(pairs: Sequence[Pair]) -> dict[str, dict[str, float]]:
                 f"ground truth for question_id {g['question_id']!r}: POPE answer {label!r}; expected 'yes' or 'no'"
             )
         category = _field(g, "category", str)
+        if category == POPE_OVERALL:
+            raise EvalDataError(
+                f"ground truth for question_id {g['question_id']!r}: POPE category {category!r} is reserved for "
+                "the mean over the splits; expected adversarial, popular or random"
+            )
         pred_yes = pope_parse(text) == "yes"
         c = counts[category]
         if label == "yes":
@@ -314,6 +325,7 @@ def score_pope(pairs: Sequence[Pair]) -> dict[str, dict[str, float]]:
             "f1": 100.0 * f1,
             "yes_ratio": _percent(c["tp"] + c["fp"], n),
         }
+    out[POPE_OVERALL] = {m: sum(split[m] for split in out.values()) / len(out) for m in _POPE_METRICS}
     return out
 
 
@@ -674,13 +686,14 @@ def score_files(
 
 def primary_metric(benchmark: str, metrics: Mapping[str, Any]) -> float | None:
     """The single number LLaVA-1.5's results table reports for a benchmark, from `score`'s output:
-    accuracy; ScienceQA: img_accuracy (SQA-IMG); POPE: F1 averaged over the categories present;
-    MME: perception; MMBench: circular_accuracy."""
+    accuracy; ScienceQA: img_accuracy (SQA-IMG); POPE: the overall F1 (averaged over the categories
+    present); MME: perception; MMBench: circular_accuracy; SEED: accuracy over every ground-truth question
+    (LLaVA's script also prints image and video accuracy: `per_data_type`)."""
     _scorer(benchmark)
     if benchmark == "scienceqa":
         return metrics["img_accuracy"]
     if benchmark == "pope":
-        return sum(m["f1"] for m in metrics.values()) / len(metrics)
+        return metrics[POPE_OVERALL]["f1"]
     if benchmark == "mme":
         return metrics["perception"]
     if benchmark == "mmbench":
