@@ -103,6 +103,14 @@ def _png_b64(size=(5, 3)) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _tsv(path, header, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
 def _mmbench_tsv(path):
     header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "split", "image"]
     rows = [
@@ -113,11 +121,7 @@ def _mmbench_tsv(path):
          "dev", "0"],
         [1, "Which colour?", "nan", "red", "blue", "green", "yellow", "D", "color", "l2", "dev", _png_b64((2, 2))],
     ]
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, delimiter="\t")
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
+    return _tsv(path, header, rows)
 
 
 def test_mmbench_tsv(tmp_path):
@@ -146,14 +150,6 @@ def test_mmbench_tsv(tmp_path):
     texts = {0: "A", 1_000_000: "It is a fish", 1: "A"}
     write_answers(answers, (answer_record(i, texts[i.question_id], model_id="m") for i in (first, rotated, colour)))
     assert score("mmbench", load_jsonl(answers), gt) == {"circular_accuracy": 50.0, "single_accuracy": 50.0}
-
-
-def _tsv(path, header, rows):
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, delimiter="\t")
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
 
 
 def test_mmbench_tsv_with_an_e_column(tmp_path):

@@ -282,6 +282,16 @@ def test_mme_rejects_odd_images_and_unknown_subtasks():
         score("mme", preds((1, "yes")), [{"question_id": 1, **row, "category": "Count"}])
 
 
+def test_mme_answer_space_is_yes_no_in_any_case():
+    """MME's answer files say Yes / No; calculation.py lower-cases both sides, so "yes" ground truth is the
+    same answer, while anything else is a broken file."""
+    gt = [{"question_id": 1, "image": "count/1.png", "category": "count", "answer": "Yes"},
+          {"question_id": 2, "image": "count/1.png", "category": "count", "answer": "no"}]
+    assert score("mme", preds((1, "YES"), (2, "No.")), gt)["subtasks"] == {"count": 200.0}
+    with pytest.raises(EvalDataError, match=r"question_id 2: MME answer 'Maybe'; expected Yes or No"):
+        score("mme", preds((1, "yes"), (2, "no")), [gt[0], {**gt[1], "answer": "Maybe"}])
+
+
 @pytest.mark.parametrize(
     ("text", "parsed"),
     [

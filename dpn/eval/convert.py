@@ -150,6 +150,24 @@ def _truth_part(record: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k != "question_id"}
 
 
+def _asked_truth(
+    truth: list[dict[str, Any]], asked: list[tuple[str, Any]], annotations: str | PathLike[str], hint: str
+) -> list[dict[str, Any]]:
+    """The ground truth of exactly the asked questions ([(where, question_id)]), in their order. Ids are matched
+    with their JSON type (1 is not "1"); a repeated or unannotated id is an error naming where it is asked."""
+    by_id = {(type(r["question_id"]), r["question_id"]): r for r in truth}
+    kept, seen = [], set()
+    for where, qid in asked:
+        key = (type(qid), qid)
+        if key in seen:
+            raise EvalDataError(f"{where}: question_id {qid!r} occurs twice")
+        seen.add(key)
+        if key not in by_id:
+            raise EvalDataError(f"{where}: question_id {qid!r} has no annotation in {annotations} ({hint})")
+        kept.append(by_id[key])
+    return kept
+
+
 def _dedupe(rows: list[tuple[str, dict[str, Any]]], path: str | PathLike[str]) -> tuple[list[dict[str, Any]], int]:
     """Drop repeats of a question id whose record is identical; raise on a repeat that differs."""
     first: dict[Any, tuple[str, dict[str, Any]]] = {}
@@ -625,23 +643,15 @@ def _seed_convert(annotations: str | PathLike[str], questions: str | PathLike[st
     if questions is None:
         return Conversion(benchmark="seed", ground_truth=truth, questions=None, duplicates_merged=merged,
                           unmatched_annotations=0)
-    by_id = {(type(r["question_id"]), r["question_id"]): r for r in truth}
-    kept, seen = [], set()
+    asked = []
     for position, rec in enumerate(load_jsonl(questions), start=1):
         where = f"{questions}: record {position}"
         qid = rec.get("question_id")
         if isinstance(qid, bool) or not isinstance(qid, int | str):
             raise EvalDataError(f"{where}: question_id {qid!r} is not an int or str")
-        key = (type(qid), qid)
-        if key in seen:
-            raise EvalDataError(f"{where}: question_id {qid!r} occurs twice")
-        seen.add(key)
-        if key not in by_id:
-            raise EvalDataError(
-                f"{where}: question_id {qid!r} ({type(qid).__name__}) has no annotation in {annotations} (its "
-                "string ids are matched as LLaVA casts them: digits as int, others as str)"
-            )
-        kept.append(by_id[key])
+        asked.append((where, qid))
+    kept = _asked_truth(truth, asked, annotations,
+                        "its string ids are matched as LLaVA casts them: digits as int, others as str")
     if not kept:
         raise EvalDataError(f"{questions}: no questions")
     return Conversion(benchmark="seed", ground_truth=kept, questions=None, duplicates_merged=merged,
@@ -798,20 +808,8 @@ def convert(
         question_records = _vqav2_questions(questions)
     else:
         question_records = _textvqa_questions(questions, doc, annotations)
-    by_id: Mapping[Any, dict[str, Any]] = {r["question_id"]: r for r in truth}
-    kept: list[dict[str, Any]] = []
-    seen: set[Any] = set()
-    for position, q in enumerate(question_records, start=1):
-        qid = q["question_id"]
-        if qid in seen:
-            raise EvalDataError(f"{questions}: question {position}: question_id {qid!r} occurs twice")
-        seen.add(qid)
-        if qid not in by_id:
-            raise EvalDataError(
-                f"{questions}: question {position}: question_id {qid!r} has no annotation in {annotations} "
-                "(are both files of the same split?)"
-            )
-        kept.append(by_id[qid])
+    asked = [(f"{questions}: question {position}", q["question_id"]) for position, q in enumerate(question_records, 1)]
+    kept = _asked_truth(truth, asked, annotations, "are both files of the same split?")
     return Conversion(benchmark=benchmark, ground_truth=kept, questions=question_records, duplicates_merged=merged,
                       unmatched_annotations=len(truth) - len(kept))
 
