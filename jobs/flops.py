@@ -10,9 +10,9 @@ tokens; dpn without --path takes the config's default pyramid path (`static_path
 DPEs: strongest pooling first), the path the method notes quote, since a routed path is chosen per sample.
 
 Prints a one-line summary, then one JSON object as the last stdout line (see `dpn.flops.flops_report`):
-config, compressor, path, path_source ("given" | "default"), text_tokens, baseline_compressor ("none"),
-the report's tflops* / baseline_tflops* / saving* and per-layer token counts. Bad arguments exit 2 with
-the value named.
+config, compressor, path, path_source ("given" | "default" | null: no path), text_tokens,
+baseline_compressor ("none"), the report's tflops* / baseline_tflops* / saving* and per-layer token counts.
+Bad arguments exit 2 with the value named.
 """
 
 from __future__ import annotations
