@@ -6,10 +6,11 @@ prints the benchmark's metrics as one JSON object on the last stdout line; bad i
 benchmark, malformed line, missing or duplicate ids, unreadable file) exits with code 2 and a message
 on stderr naming the file/line, id or name.
 
-    dpn eval convert --benchmark vqav2|gqa|textvqa|mme --annotations FILE --out DIR/ground_truth.jsonl [--questions FILE]
+    dpn eval convert --benchmark vqav2|gqa|vizwiz|scienceqa|textvqa|pope|mme|mmbench|seed
+                     --annotations FILE --out DIR/ground_truth.jsonl [--questions FILE]
 
-writes the scorer's ground truth from a benchmark's official annotation file (dpn/eval/convert.py; with
---questions also DIR/questions.jsonl) and prints a JSON summary; bad input exits with code 2.
+writes the scorer's ground truth from a benchmark's official annotation file (dpn/eval/convert.py; where a
+question file is needed also DIR/questions.jsonl) and prints a JSON summary; bad input exits with code 2.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def _register_convert(commands: argparse._SubParsersAction) -> None:
 
     p = commands.add_parser(
         "convert",
-        help="write ground_truth.jsonl from official VQAv2 / GQA / TextVQA / MME annotation files",
+        help="write ground_truth.jsonl from a benchmark's official annotation files (all 9 of the LLaVA-1.5 suite)",
         description="Convert a benchmark's official annotation file into the scorer's ground_truth.jsonl "
         "(written atomically). VQAv2: v2_mscoco_val2014_annotations.json (test-dev answers are not public); "
         "GQA: testdev_balanced_questions.json; TextVQA: TextVQA_0.5.1_val.json. --questions also writes "
@@ -77,13 +78,21 @@ def _register_convert(commands: argparse._SubParsersAction) -> None:
         "v2_OpenEnded_mscoco_val2014_questions.json, TextVQA LLaVA's llava_textvqa_val_v051_ocr.jsonl "
         "(whose question_id is the image id, re-keyed here to TextVQA's question ids). MME: --annotations is "
         "the MME_Benchmark_release_version directory and --questions LLaVA's llava_mme.jsonl (required: its "
-        "two questions per image share the image path as question_id; re-keyed here to '<path>#0' / '#1').",
+        "two questions per image share the image path as question_id; re-keyed here to '<path>#0' / '#1'). "
+        "VizWiz: val.json (test answers are not public); writes questions.jsonl too. POPE: a "
+        "coco_pope_<split>.json or their directory; --questions LLaVA's llava_pope_test.jsonl, else that file is "
+        "written as questions.jsonl. ScienceQA: problems.json with --questions LLaVA's llava_test_CQM-A.json, "
+        "or pid_splits.json beside it (test split). MMBench: the TSV. SEED: SEED-Bench.json, --questions "
+        "LLaVA's llava-seed-bench.jsonl to keep exactly its questions.",
     )
     p.add_argument("--benchmark", required=True, choices=CONVERTIBLE)
-    p.add_argument("--annotations", required=True, help="the official annotation file (MME: its release directory)")
+    p.add_argument("--annotations", required=True, help="the official annotation file (MME: its release "
+                   "directory; POPE: a coco_pope_<split>.json or their directory)")
     p.add_argument("--out", required=True, help="ground truth to write: DATA_ROOT/<benchmark folder>/ground_truth.jsonl")
     p.add_argument("--questions", default=None, help="vqav2: official questions JSON; textvqa: LLaVA's "
-                   "llava_textvqa_val_v051_ocr.jsonl; mme (required): LLaVA's llava_mme.jsonl (not for gqa)")
+                   "llava_textvqa_val_v051_ocr.jsonl; mme (required): LLaVA's llava_mme.jsonl; pope: "
+                   "llava_pope_test.jsonl; scienceqa: llava_test_CQM-A.json; seed: llava-seed-bench.jsonl "
+                   "(not for gqa, vizwiz, mmbench)")
     p.add_argument("--questions-out", default=None, help="where to write the question file (default: "
                    "questions.jsonl beside --out)")
     p.set_defaults(handler=_convert)

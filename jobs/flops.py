@@ -1,9 +1,18 @@
 """`dpn flops`: price a compressor / routing path on a model geometry, without weights.
 
+    dpn flops                 # llava-1.5-7b, its compressor (dpn) on the default path, vs the baseline
     dpn flops --preset llava-1.5-7b --compressor dpn --path 4,2,1 --text-tokens 64
     dpn flops --config runs/x/checkpoint --compressor static
 
-Prints a one-line summary, then one JSON object as the last stdout line (see `dpn.flops.flops_report`).
+Every run prices two things on the same sample: the chosen compressor and path, and the uncompressed
+LLaVA-1.5 baseline (compressor none). Defaults: preset llava-1.5-7b, the config's compressor, 64 text
+tokens; dpn without --path takes the config's default pyramid path (`static_path`, (4, 2, 1) for three
+DPEs: strongest pooling first), the path the method notes quote, since a routed path is chosen per sample.
+
+Prints a one-line summary, then one JSON object as the last stdout line (see `dpn.flops.flops_report`):
+config, compressor, path, path_source ("given" | "default" | null: no path), text_tokens,
+baseline_compressor ("none"), the report's tflops* / baseline_tflops* / saving* and per-layer token counts.
+Bad arguments exit 2 with the value named.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--path",
         default=None,
         help="compression factor at each DPE layer, comma-separated (1 keep, 2 = (1,2), 4 = (2,2)), e.g. 4,2,1; "
-        "required for dpn, overrides the static path for static",
+        "dpn and static default to the config's static_path (4,2,1 at 7B)",
     )
     p.add_argument("--text-tokens", type=int, default=64, help="text tokens of the sample (default 64)")
     p.set_defaults(handler=run)
@@ -50,7 +59,11 @@ def _load_config(args: argparse.Namespace):
             path = path / "config.json"
         if not path.is_file():
             raise ValueError(f"--config {args.config}: no such config file (give a config.json or a directory with one)")
-        return DPNConfig.from_json_file(str(path)), str(path)
+        try:
+            return DPNConfig.from_json_file(str(path)), str(path)
+        except (ValueError, TypeError, AttributeError, KeyError) as e:
+            # Malformed JSON, a non-object, or fields DPNConfig refuses: name the file, no traceback.
+            raise ValueError(f"--config {path}: not a valid DPNConfig config.json ({type(e).__name__}: {e})") from None
     from dpn.presets import PRESETS, get_preset
 
     name = args.preset or DEFAULT_PRESET
@@ -77,6 +90,10 @@ def run(args: argparse.Namespace) -> int:
         if compressor not in ANALYTIC_COMPRESSORS:
             raise ValueError(f"--compressor {compressor!r} is unknown; choose one of {list(ANALYTIC_COMPRESSORS)}")
         path = _parse_path(args.path)
+        path_source = "given" if path is not None else None
+        if path is None and compressor in ("dpn", "static"):
+            # A routed path is chosen per sample; without one, price the config's default pyramid.
+            path, path_source = list(config.static_path), "default"
         if args.text_tokens < 0:
             raise ValueError(f"--text-tokens must be >= 0, got {args.text_tokens}")
         visual, text = analytic_token_counts(config, args.text_tokens, path, compressor)
@@ -84,19 +101,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"dpn flops: error: {e}", file=sys.stderr)
         return 2
 
+    # The report carries the uncompressed baseline (every layer sees the whole image: compressor none).
     report = flops_report(config, visual, text)
-    if compressor == "static" and path is None:
-        path = list(config.static_path)
     result = {
         "config": source,
         "compressor": compressor,
         "path": path,
+        "path_source": path_source,
         "text_tokens": args.text_tokens,
+        "baseline_compressor": "none",
         "convention": "fastv (4nd^2 + 2n^2d + 2ndm per layer); *_exact = real matmul FLOPs",
         **report,
     }
+    shown_path = f"path={path}" + (" (default)" if path_source == "default" else "")
     print(
-        f"{compressor} path={path}: LLM prefill {report['tflops']:.4g} TFLOPs vs baseline "
+        f"{compressor} {shown_path}: LLM prefill {report['tflops']:.4g} TFLOPs vs baseline (none) "
         f"{report['baseline_tflops']:.4g} (saving {100 * report['saving']:.1f}%); exact "
         f"{report['tflops_exact']:.4g} vs {report['baseline_tflops_exact']:.4g}"
     )

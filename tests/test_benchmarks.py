@@ -103,6 +103,14 @@ def _png_b64(size=(5, 3)) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _tsv(path, header, rows):
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
 def _mmbench_tsv(path):
     header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "category", "l2-category", "split", "image"]
     rows = [
@@ -113,11 +121,7 @@ def _mmbench_tsv(path):
          "dev", "0"],
         [1, "Which colour?", "nan", "red", "blue", "green", "yellow", "D", "color", "l2", "dev", _png_b64((2, 2))],
     ]
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, delimiter="\t")
-        writer.writerow(header)
-        writer.writerows(rows)
-    return path
+    return _tsv(path, header, rows)
 
 
 def test_mmbench_tsv(tmp_path):
@@ -146,6 +150,35 @@ def test_mmbench_tsv(tmp_path):
     texts = {0: "A", 1_000_000: "It is a fish", 1: "A"}
     write_answers(answers, (answer_record(i, texts[i.question_id], model_id="m") for i in (first, rotated, colour)))
     assert score("mmbench", load_jsonl(answers), gt) == {"circular_accuracy": 50.0, "single_accuracy": 50.0}
+
+
+def test_mmbench_tsv_with_an_e_column(tmp_path):
+    """The MMBench TSV format allows a fifth option (the official loader reads A-E): an E column is read,
+    so a question answered E is in the prompt, the ground truth and the scorer's reach; an empty E cell
+    (a 4-option row of the same file) ends the options as before."""
+    header = ["index", "question", "hint", "A", "B", "C", "D", "E", "answer", "category", "image"]
+    path = _tsv(tmp_path / "five.tsv", header, [
+        [0, "Which planet?", "nan", "Mercury", "Venus", "Earth", "Mars", "Jupiter", "E", "astro", _png_b64()],
+        [1, "Which colour?", "nan", "red", "blue", "green", "yellow", "", "D", "color", _png_b64()],
+    ])
+    five, four = get_benchmark("mmbench").read(path)
+    assert five.text.endswith(f"D. Mars\nE. Jupiter\n{MULTIPLE_CHOICE}")
+    assert five.extra["options"] == {"A": "Mercury", "B": "Venus", "C": "Earth", "D": "Mars", "E": "Jupiter"}
+    assert list(four.extra["options"]) == ["A", "B", "C", "D"]
+    gt = get_benchmark("mmbench").ground_truth(path)
+    assert [g["answer"] for g in gt] == ["E", "D"]
+    assert score("mmbench", [{"question_id": 0, "text": "E"}, {"question_id": 1, "text": "E"}], gt) == {
+        "circular_accuracy": 50.0, "single_accuracy": 50.0}  # E right on the 5-option row, wrong on the other
+
+
+def test_mmbench_ground_truth_refuses_an_answer_outside_the_options(tmp_path):
+    header = ["index", "question", "hint", "A", "B", "C", "D", "answer", "image"]
+    path = _tsv(tmp_path / "bad.tsv", header, [
+        [0, "Which?", "nan", "x", "y", "z", "w", "A", _png_b64()],
+        [7, "Which?", "nan", "x", "y", "", "", "C", _png_b64()],  # C is empty: only A and B exist
+    ])
+    with pytest.raises(EvalDataError, match=rf"{path}: row 3 \(index 7\): answer 'C' is not one of its options"):
+        get_benchmark("mmbench").ground_truth(path)
 
 
 def test_answer_writer_round_trip(tmp_path):

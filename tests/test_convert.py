@@ -1,15 +1,28 @@
 """Ground truth from the official VQAv2 / GQA / TextVQA / MME annotation files (dpn/eval/convert.py, `dpn eval
 convert`): small hand-made files in the official schemas, converted, then read by the benchmark loader
-and scored against answer files whose accuracy is computed by hand."""
+and scored against answer files whose accuracy is computed by hand; then the other five benchmarks of the
+suite (VizWiz, POPE, ScienceQA, MMBench, SEED), converted from their official layouts the same way. Broken
+inputs are refused with the file and record named."""
 
 from __future__ import annotations
 
+import base64
+import csv
+import io
 import json
 
 import pytest
+from PIL import Image
 
-from dpn.eval.benchmarks import SHORT_ANSWER, answer_record, write_answers
-from dpn.eval.convert import convert, convert_files
+from dpn.eval.benchmarks import (
+    MULTIPLE_CHOICE,
+    SHORT_ANSWER,
+    VIZWIZ_UNANSWERABLE,
+    answer_record,
+    scienceqa_question_text,
+    write_answers,
+)
+from dpn.eval.convert import CONVERTIBLE, POPE_ID_OFFSETS, convert, convert_files, seed_question_id
 from dpn.eval.scoring import EvalDataError, load_jsonl, score_files
 from pipelines.evaluate import load_benchmark
 
@@ -124,8 +137,8 @@ def test_vqav2_bad_inputs_name_the_problem(tmp_path):
     (tmp_path / "broken.json").write_text('{"annotations": [')
     with pytest.raises(EvalDataError, match=r"broken.json:1: malformed JSON"):
         convert("vqav2", tmp_path / "broken.json")
-    with pytest.raises(EvalDataError, match=r"no ground-truth converter for benchmark 'pope'"):
-        convert("pope", tmp_path / "broken.json")
+    with pytest.raises(EvalDataError, match=r"no ground-truth converter for benchmark 'synthetic'"):
+        convert("synthetic", tmp_path / "broken.json")
 
 
 # ----- GQA ---------------------------------------------------------------------------------------------
@@ -420,12 +433,378 @@ def test_cli_convert_writes_atomically_and_exits_2_on_bad_input(tmp_path, capsys
 def test_cli_convert_offers_exactly_the_converters(tmp_path, capsys):
     """The CLI's --benchmark choices are the converter's list: an unconvertible benchmark is refused by name
     with every convertible one listed, before any file is read."""
-    from dpn.eval.convert import CONVERTIBLE
     from jobs.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["eval", "convert", "--benchmark", "scienceqa", "--annotations", str(tmp_path / "missing.json"),
+        main(["eval", "convert", "--benchmark", "synthetic", "--annotations", str(tmp_path / "missing.json"),
               "--out", str(tmp_path / "ground_truth.jsonl")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "'scienceqa'" in err and all(f"'{name}'" in err for name in CONVERTIBLE)
+    assert "'synthetic'" in err and all(f"'{name}'" in err for name in CONVERTIBLE)
+
+def test_every_benchmark_of_the_suite_converts():
+    assert sorted(CONVERTIBLE) == sorted(["vqav2", "gqa", "vizwiz", "scienceqa", "textvqa", "pope", "mme", "mmbench",
+                                          "seed"])
+
+
+# ----- VizWiz ------------------------------------------------------------------------------------------
+def _vizwiz_answers(*answers):
+    return [{"answer": a, "answer_confidence": "yes"} for a in answers]
+
+
+VIZWIZ_VAL = [
+    {"image": "VizWiz_val_00000000.jpg", "question": "What is this? ", "answer_type": "other", "answerable": 1,
+     "answers": _vizwiz_answers(*["basil"] * 7, *["basil leaves"] * 3)},
+    {"image": "VizWiz_val_00000001.jpg", "question": "What colour is my shirt?", "answer_type": "unanswerable",
+     "answerable": 0, "answers": _vizwiz_answers(*["unanswerable"] * 10)},
+    {"image": "VizWiz_val_00000002.jpg", "question": "Is the light on?", "answer_type": "yes/no", "answerable": 1,
+     "answers": _vizwiz_answers(*["yes"] * 10)},
+]
+
+
+def test_vizwiz_val_questions_ground_truth_and_score(tmp_path):
+    root = tmp_path / "eval"
+    val = _json(tmp_path / "val.json", VIZWIZ_VAL)
+    summary = convert_files("vizwiz", val, root / "vizwiz" / "ground_truth.jsonl")
+    assert summary["records"] == 3 and summary["questions"] == str(root / "vizwiz" / "questions.jsonl")
+    # LLaVA's layout: question_id = position in the file, the question as asked, both instruction lines.
+    questions = load_jsonl(root / "vizwiz" / "questions.jsonl")
+    assert questions[0] == {"question_id": 0, "image": "VizWiz_val_00000000.jpg",
+                            "text": f"What is this? \n{VIZWIZ_UNANSWERABLE}\n{SHORT_ANSWER}", "category": "default"}
+    assert load_jsonl(root / "vizwiz" / "ground_truth.jsonl")[1] == {
+        "question_id": 1, "answers": ["unanswerable"] * 10, "answer_type": "unanswerable", "answerable": 0}
+
+    # q0 "Basil" matches 7 annotators -> 1.0; q1 "Unanswerable" -> 1.0; q2 "No" -> 0.
+    data, metrics = _answer_and_score("vizwiz", root, tmp_path, {0: "Basil", 1: "Unanswerable", 2: "No"})
+    assert data.items[1].text.startswith("What colour is my shirt?\n")
+    assert metrics["accuracy"] == pytest.approx(200 / 3)
+    assert metrics["per_answer_type"] == {"other": 100.0, "yes/no": 0.0, "unanswerable": 100.0}
+
+
+def test_vizwiz_bad_inputs_name_the_problem(tmp_path):
+    test = _json(tmp_path / "test.json", [{"image": "VizWiz_test_00000000.jpg", "question": "What is this?"}])
+    with pytest.raises(EvalDataError, match=r"test.json: record 0 \(VizWiz_test_00000000.jpg\) has no 'answers'.*"
+                                            r"not public.*--annotations val.json"):
+        convert("vizwiz", test)
+    val = _json(tmp_path / "val.json", VIZWIZ_VAL)
+    with pytest.raises(EvalDataError, match=r"vizwiz takes no question file"):
+        convert("vizwiz", val, questions=test)
+    broken = _json(tmp_path / "broken.json", [VIZWIZ_VAL[0], {**VIZWIZ_VAL[1], "answerable": True}])
+    with pytest.raises(EvalDataError, match=r"broken.json: record 1 \(VizWiz_val_00000001.jpg\): answerable True"):
+        convert("vizwiz", broken)
+    _json(broken, [{**VIZWIZ_VAL[0], "answer_type": "colour"}])
+    with pytest.raises(EvalDataError, match=r"record 0 .*answer_type 'colour' is not one of"):
+        convert("vizwiz", broken)
+    with pytest.raises(EvalDataError, match=r"a JSON dict; expected VizWiz's <split>.json"):
+        convert("vizwiz", _json(tmp_path / "obj.json", {"annotations": VIZWIZ_VAL}))
+
+
+# ----- POPE --------------------------------------------------------------------------------------------
+POPE = {  # split -> [(image, question, label)], POPE's own ids 1.. per file
+    "adversarial": [("COCO_val2014_000000310196.jpg", "Is there a snowboard in the image?", "yes"),
+                    ("COCO_val2014_000000310196.jpg", "Is there a backpack in the image?", "no")],
+    "popular": [("COCO_val2014_000000310196.jpg", "Is there a dining table in the image?", "no"),
+                ("COCO_val2014_000000210789.jpg", "Is there an umbrella in the imange?", "yes")],
+    "random": [("COCO_val2014_000000310196.jpg", "Is there a car in the image?", "no"),
+               ("COCO_val2014_000000210789.jpg", "Is there a truck in the image?", "yes")],
+}
+
+
+def _pope_dir(root, splits=POPE):
+    for split, rows in splits.items():
+        _jsonl(root / f"coco_pope_{split}.json", [
+            {"question_id": i, "image": image, "text": text, "label": label}
+            for i, (image, text, label) in enumerate(rows, start=1)
+        ])
+    return root
+
+
+def _llava_pope(path, order=("adversarial", "random", "popular")):
+    """LLaVA's llava_pope_test.jsonl layout: splits in its order, ids offset per split, instruction appended."""
+    return _jsonl(path, [
+        {"question_id": POPE_ID_OFFSETS[split] + i, "image": image, "text": f"{text}\n{SHORT_ANSWER}", "category": split}
+        for split in order for i, (image, text, _) in enumerate(POPE[split], start=1)
+    ])
+
+
+def test_pope_writes_llavas_question_file_and_scores_with_overall(tmp_path):
+    root = tmp_path / "eval"
+    annotations = _pope_dir(tmp_path / "coco")
+    summary = convert_files("pope", annotations, root / "pope" / "ground_truth.jsonl")
+    assert summary["records"] == 6
+    written = load_jsonl(root / "pope" / "questions.jsonl")
+    # The file written is LLaVA's own: same ids, order, text and split.
+    assert written == load_jsonl(_llava_pope(tmp_path / "llava_pope_test.jsonl"))
+    assert [q["question_id"] for q in written] == [1, 2, 10000001, 10000002, 20000001, 20000002]
+    truth = load_jsonl(root / "pope" / "ground_truth.jsonl")
+    assert truth[5] == {"question_id": 20000002, "answer": "yes", "category": "popular"}
+
+    # adversarial: both right; random: "yes" on a "no" (FP) and on a "yes" (TP); popular: both wrong.
+    texts = {1: "Yes", 2: "No", 10000001: "Yes", 10000002: "Yes, a truck.", 20000001: "Yes", 20000002: "No"}
+    _, metrics = _answer_and_score("pope", root, tmp_path, texts)
+    assert metrics["random"] == pytest.approx(
+        {"accuracy": 50.0, "precision": 50.0, "recall": 100.0, "f1": 200 / 3, "yes_ratio": 100.0})
+    assert metrics["overall"]["accuracy"] == pytest.approx((100 + 50 + 0) / 3)
+    assert metrics["overall"]["f1"] == pytest.approx((100 + 200 / 3 + 0) / 3)
+
+
+def test_pope_with_llavas_question_file_keeps_its_ids(tmp_path):
+    annotations = _pope_dir(tmp_path / "coco")
+    llava = _llava_pope(tmp_path / "llava_pope_test.jsonl")
+    result = convert("pope", annotations, questions=llava)
+    assert result.questions is None  # LLaVA's file is used as it is
+    assert result.ground_truth == convert("pope", annotations).ground_truth
+    # One split's file alone: that split's questions of LLaVA's file are paired, the others refused by name.
+    single = convert("pope", annotations / "coco_pope_random.json")
+    assert [g["question_id"] for g in single.ground_truth] == [10000001, 10000002]
+    with pytest.raises(EvalDataError, match=r"record 1: category 'adversarial' has no annotation file "
+                                            r"coco_pope_adversarial.json.*annotated: random"):
+        convert("pope", annotations / "coco_pope_random.json", questions=llava)
+
+
+def test_pope_bad_inputs_name_the_problem(tmp_path):
+    annotations = _pope_dir(tmp_path / "coco")
+    # LLaVA's eval_pope.py pairs by position: a reordered split is caught by its image / question.
+    swapped = _llava_pope(tmp_path / "swapped.jsonl")
+    rows = load_jsonl(swapped)
+    rows[0], rows[1] = rows[1], rows[0]
+    _jsonl(swapped, rows)
+    with pytest.raises(EvalDataError, match=r"swapped.jsonl: record 1: adversarial question 1 .*backpack.* is not "
+                                            r"question 1 of coco_pope_adversarial.json .*snowboard"):
+        convert("pope", annotations, questions=swapped)
+    extra = _jsonl(tmp_path / "extra.jsonl", [*load_jsonl(_llava_pope(tmp_path / "l.jsonl")),
+                                              {"question_id": 3, "image": "x.jpg", "text": "Is there a cat?",
+                                               "category": "adversarial"}])
+    with pytest.raises(EvalDataError, match=r"extra.jsonl: record 7: more adversarial questions than"):
+        convert("pope", annotations, questions=extra)
+    bad = _pope_dir(tmp_path / "bad", {"random": [("a.jpg", "Is there a cat?", "maybe")]})
+    with pytest.raises(EvalDataError, match=r"coco_pope_random.json: record 1 \(question_id 1\): label 'maybe'"):
+        convert("pope", bad)
+    (bad / "coco_pope_random.json").rename(bad / "coco_pope_hard.json")
+    with pytest.raises(EvalDataError, match=r"coco_pope_hard.json: not a COCO POPE split file.*adversarial, random, "
+                                            r"popular"):
+        convert("pope", bad)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvalDataError, match=r"empty: no coco_pope_<split>.json files"):
+        convert("pope", tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=r"missing"):
+        convert("pope", tmp_path / "missing")
+
+
+# ----- ScienceQA ---------------------------------------------------------------------------------------
+SQA_PROBLEMS = {
+    "1": {"question": "Which is a mammal?", "choices": ["frog", "whale"], "answer": 1, "hint": "",
+          "image": "image.png", "split": "test", "subject": "natural science"},
+    "2": {"question": "Which planet is largest?", "choices": ["Mercury", "Venus", "Earth", "Mars", "Jupiter"],
+          "answer": 4, "hint": "Look at the chart.", "image": "image.png", "split": "test"},
+    "3": {"question": "Which word is a noun?", "choices": ["run", "dog", "quickly"], "answer": 1, "hint": "",
+          "image": None, "split": "test"},
+    "4": {"question": "Which is hot?", "choices": ["ice", "fire"], "answer": 1, "hint": "", "image": None,
+          "split": "train"},
+}
+
+
+def _sqa_files(folder, problems=SQA_PROBLEMS, test=("1", "2", "3")):
+    _json(folder / "problems.json", problems)
+    _json(folder / "pid_splits.json", {"train": ["4"], "val": [], "test": list(test)})
+    return folder / "problems.json"
+
+
+def _llava_sqa(path, pids=("1", "2", "3"), problems=SQA_PROBLEMS):
+    """LLaVA's llava_test_CQM-A.json: the CQM question, "<image>" after it and an image path for image problems."""
+    records = []
+    for pid in pids:
+        problem, cqm = problems[pid], scienceqa_question_text(problems[pid])
+        answer = f"The answer is {'ABCDE'[problem['answer']]}."
+        if problem["image"] is None:
+            records.append({"id": pid, "conversations": [{"from": "human", "value": cqm},
+                                                         {"from": "gpt", "value": answer}]})
+        else:
+            records.append({"id": pid, "image": f"{pid}/{problem['image']}",
+                            "conversations": [{"from": "human", "value": f"{cqm}\n<image>"},
+                                              {"from": "gpt", "value": answer}]})
+    return _json(path, records)
+
+
+def test_scienceqa_ground_truth_five_choices_and_score(tmp_path):
+    root = tmp_path / "eval"
+    problems = _sqa_files(tmp_path / "scienceqa-data")
+    llava = _llava_sqa(root / "scienceqa" / "llava_test_CQM-A.json")
+    summary = convert_files("scienceqa", problems, root / "scienceqa" / "ground_truth.jsonl", questions=llava)
+    assert summary["questions"] is None and summary["unmatched_annotations"] == 1  # the train problem
+    truth = load_jsonl(root / "scienceqa" / "ground_truth.jsonl")
+    assert truth == [
+        {"question_id": "1", "answer": "B", "num_choices": 2, "has_image": True},
+        {"question_id": "2", "answer": "E", "num_choices": 5, "has_image": True},
+        {"question_id": "3", "answer": "B", "num_choices": 3, "has_image": False},
+    ]
+    # Without LLaVA's file, pid_splits.json's test split gives the same ground truth.
+    assert convert("scienceqa", problems).ground_truth == truth
+
+    # "E" on the five-choice problem is right (the reported bug: a ground truth assuming four choices
+    # refused it); "The answer is C." on a two-choice one is past its choices: wrong. IMG: 2 image problems.
+    data, metrics = _answer_and_score("scienceqa", root, tmp_path, {"1": "The answer is C.", "2": "E", "3": "B"})
+    assert data.items[1].text.endswith(f"(E) Jupiter\n{MULTIPLE_CHOICE}")
+    assert metrics == pytest.approx({"accuracy": 200 / 3, "img_accuracy": 50.0})
+
+
+def test_scienceqa_bad_inputs_name_the_problem(tmp_path):
+    problems = _sqa_files(tmp_path / "ok")
+    six = {**SQA_PROBLEMS, "3": {**SQA_PROBLEMS["3"], "choices": list("abcdef")}}
+    with pytest.raises(EvalDataError, match=r"problem '3': choices .* is not a list of 2 to 5 strings"):
+        convert("scienceqa", _sqa_files(tmp_path / "six", six))
+    past = {**SQA_PROBLEMS, "2": {**SQA_PROBLEMS["2"], "answer": 5}}
+    with pytest.raises(EvalDataError, match=r"problem '2': answer 5 is not an index into its 5 choices"):
+        convert("scienceqa", _sqa_files(tmp_path / "past", past))
+    no_image = {**SQA_PROBLEMS, "1": {**SQA_PROBLEMS["1"], "image": None}}
+    with pytest.raises(EvalDataError, match=r"record 1: problem '1' has image in the question file but has no image"):
+        convert("scienceqa", _sqa_files(tmp_path / "noimg", no_image), questions=_llava_sqa(tmp_path / "l.json"))
+    with pytest.raises(EvalDataError, match=r"pid_splits.json: test\[1\]: problem '9' is not in"):
+        convert("scienceqa", _sqa_files(tmp_path / "nine", test=("1", "9")))
+    alone = _json(tmp_path / "alone" / "problems.json", SQA_PROBLEMS)
+    with pytest.raises(EvalDataError, match=r"pid_splits.json not found: pass LLaVA's llava_test_CQM-A.json"):
+        convert("scienceqa", alone)
+    with pytest.raises(EvalDataError, match=r"expected LLaVA's llava_test_CQM-A.json \(a JSON array\)"):
+        convert("scienceqa", problems, questions=tmp_path / "ok" / "pid_splits.json")
+    (tmp_path / "rep.json").write_text('{"1": ' + json.dumps(SQA_PROBLEMS["1"]) + ', "1": '
+                                       + json.dumps(SQA_PROBLEMS["3"]) + "}")
+    with pytest.raises(EvalDataError, match=r"rep.json: problem id '1' occurs more than once"):
+        convert("scienceqa", tmp_path / "rep.json", questions=_llava_sqa(tmp_path / "one.json", ("1",)))
+
+
+# ----- MMBench -----------------------------------------------------------------------------------------
+def _png_b64() -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (3, 3), (0, 90, 200)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _mmbench_tsv(path, rows):
+    header = ["index", "question", "hint", "A", "B", "C", "D", "E", "answer", "category", "l2-category", "split",
+              "image"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+MMBENCH_ROWS = [
+    [0, "What animal?", "nan", "cat", "dog", "", "", "", "B", "attr", "l2", "dev", _png_b64()],
+    [1000000, "What animal?", "nan", "dog", "cat", "", "", "", "A", "attr", "l2", "dev", "0"],
+    [1, "Which planet?", "nan", "Mercury", "Venus", "Earth", "Mars", "Jupiter", "E", "astro", "l2", "dev",
+     _png_b64()],
+]
+
+
+def test_mmbench_ground_truth_from_the_tsv_and_score(tmp_path):
+    root = tmp_path / "eval"
+    tsv = _mmbench_tsv(root / "mmbench" / "mmbench_dev_20230712.tsv", MMBENCH_ROWS)
+    summary = convert_files("mmbench", tsv, root / "mmbench" / "ground_truth.jsonl")
+    assert summary["records"] == 3 and summary["questions"] is None
+    truth = load_jsonl(root / "mmbench" / "ground_truth.jsonl")
+    assert truth[2] == {"question_id": 1, "answer": "E",
+                        "options": {"A": "Mercury", "B": "Venus", "C": "Earth", "D": "Mars", "E": "Jupiter"}}
+    # q0 and its rotation right, q1 (answer E of five) right -> circular 2/2.
+    _, metrics = _answer_and_score("mmbench", root, tmp_path, {0: "B", 1_000_000: "A. dog", 1: "E"})
+    assert metrics == {"circular_accuracy": 100.0, "single_accuracy": 100.0}
+    _, metrics = _answer_and_score("mmbench", root, tmp_path, {0: "B", 1_000_000: "B", 1: "D"})
+    assert metrics == {"circular_accuracy": 0.0, "single_accuracy": 50.0}
+
+
+def test_mmbench_bad_inputs_name_the_problem(tmp_path):
+    tsv = _mmbench_tsv(tmp_path / "dev.tsv", MMBENCH_ROWS)
+    with pytest.raises(EvalDataError, match=r"mmbench takes no question file"):
+        convert("mmbench", tsv, questions=tsv)
+    test_split = _mmbench_tsv(tmp_path / "test.tsv", [[*MMBENCH_ROWS[0][:8], "", *MMBENCH_ROWS[0][9:]]])
+    with pytest.raises(EvalDataError, match=r"test.tsv: row 2 \(index 0\) has no answer \(a test split\?\)"):
+        convert("mmbench", test_split)
+    past = _mmbench_tsv(tmp_path / "past.tsv", [[*MMBENCH_ROWS[0][:8], "C", *MMBENCH_ROWS[0][9:]]])
+    with pytest.raises(EvalDataError, match=r"past.tsv: row 2 \(index 0\): answer 'C' is not one of its options"):
+        convert("mmbench", past)
+    clash = _mmbench_tsv(tmp_path / "clash.tsv", [MMBENCH_ROWS[0], [*MMBENCH_ROWS[0][:8], "A", *MMBENCH_ROWS[0][9:]]])
+    with pytest.raises(EvalDataError, match=r"clash.tsv: question_id 0 occurs twice with different ground truth"):
+        convert("mmbench", clash)
+
+
+# ----- SEED-Bench --------------------------------------------------------------------------------------
+def _seed_question(qid, answer, type_id, data_type="image", data_id="1454426_2591111986"):
+    return {"answer": answer, "choice_a": "One", "choice_b": "Two", "choice_c": "Three", "choice_d": "Four",
+            "data_id": data_id, "data_type": data_type, "question": "How many towels are in the image?",
+            "question_id": qid, "question_type_id": type_id}
+
+
+SEED = {
+    "questions": [
+        _seed_question("101669", "A", 5),
+        _seed_question("101670", "D", 1),
+        _seed_question("v1738", "B", 10, data_type="video", data_id="94328.webm"),
+    ],
+    "question_type": {"Scene Understanding": 1, "Instances Counting": 5, "Action Recognition": 10},
+}
+
+
+def test_seed_ground_truth_ids_as_llava_casts_them_and_score(tmp_path):
+    root = tmp_path / "eval"
+    annotations = _json(tmp_path / "SEED-Bench.json", SEED)
+    assert [seed_question_id(q["question_id"]) for q in SEED["questions"]] == [101669, 101670, "v1738"]
+    everything = convert("seed", annotations)
+    assert everything.ground_truth[2] == {"question_id": "v1738", "answer": "B", "question_type_id": 10,
+                                          "category": "Action Recognition", "data_type": "video"}
+    # LLaVA's llava-seed-bench.jsonl (here without the video question): exactly its questions are kept.
+    llava = _jsonl(root / "seed_bench" / "llava-seed-bench.jsonl", [
+        {"question_id": 101670, "image": "SEED-Bench-image/1454426_2591111986.jpg", "category": "Scene Understanding",
+         "text": f"How many?\nA. One\nB. Two\nC. Three\nD. Four\n{MULTIPLE_CHOICE}"},
+        {"question_id": 101669, "image": "SEED-Bench-image/1454426_2591111986.jpg", "category": "Instances Counting",
+         "text": f"How many?\nA. One\nB. Two\nC. Three\nD. Four\n{MULTIPLE_CHOICE}"},
+    ])
+    summary = convert_files("seed", annotations, root / "seed_bench" / "ground_truth.jsonl", questions=llava)
+    assert summary["records"] == 2 and summary["unmatched_annotations"] == 1
+    assert [g["question_id"] for g in load_jsonl(root / "seed_bench" / "ground_truth.jsonl")] == [101670, 101669]
+    _, metrics = _answer_and_score("seed", root, tmp_path, {101670: "D", 101669: "E"})
+    assert metrics["accuracy"] == 50.0
+    assert metrics["per_category"] == {"Instances Counting": 0.0, "Scene Understanding": 100.0}
+    assert metrics["per_data_type"] == {"image": 50.0}
+
+
+def test_seed_bad_inputs_name_the_problem(tmp_path):
+    def seed_with(question):
+        return _json(tmp_path / "SEED-Bench.json", {**SEED, "questions": [*SEED["questions"], question]})
+
+    with pytest.raises(EvalDataError, match=r"questions\[3\] \(question_id '7'\): answer 'E' is not one of"):
+        convert("seed", seed_with(_seed_question("7", "E", 1)))
+    with pytest.raises(EvalDataError, match=r"questions\[3\] \(question_id '7'\): question_type_id 13 is not one of"):
+        convert("seed", seed_with(_seed_question("7", "A", 13)))
+    with pytest.raises(EvalDataError, match=r"question_id 101669 occurs twice with different ground truth"):
+        convert("seed", seed_with(_seed_question("101669", "C", 5)))
+    annotations = _json(tmp_path / "SEED-Bench.json", SEED)
+    string_ids = _jsonl(tmp_path / "llava.jsonl", [{"question_id": "101669", "text": "q"}])
+    with pytest.raises(EvalDataError, match=r"llava.jsonl: record 1: question_id '101669' has no annotation .*"
+                                            r"digits as int"):
+        convert("seed", annotations, questions=string_ids)
+    with pytest.raises(EvalDataError, match=r"no 'questions' list and 'question_type' object"):
+        convert("seed", _json(tmp_path / "other.json", {"questions": []}))
+
+
+# ----- the CLI, continued -----------------------------------------------------------------------------------------
+def test_cli_convert_then_score_pope(tmp_path, capsys):
+    """`dpn eval convert --benchmark pope` on the annotation folder, then `dpn eval score`: the overall prints."""
+    from jobs.cli import main
+
+    out = tmp_path / "pope" / "ground_truth.jsonl"
+    assert main(["eval", "convert", "--benchmark", "pope", "--annotations", str(_pope_dir(tmp_path / "coco")),
+                 "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["records"] == 6 and summary["questions"] == str(tmp_path / "pope" / "questions.jsonl")
+    answers = _jsonl(tmp_path / "answers.jsonl", [{"question_id": q["question_id"], "text": "Yes"}
+                                                  for q in load_jsonl(tmp_path / "pope" / "questions.jsonl")])
+    assert main(["eval", "score", "--benchmark", "pope", "--predictions", str(answers), "--ground-truth",
+                 str(out)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # "Yes" to everything: each split half right, precision 50, recall 100, F1 2/3, yes ratio 100.
+    assert printed["overall"] == pytest.approx(
+        {"accuracy": 50.0, "precision": 50.0, "recall": 100.0, "f1": 200 / 3, "yes_ratio": 100.0})
+    assert main(["eval", "convert", "--benchmark", "pope", "--annotations", str(tmp_path / "nowhere"),
+                 "--out", str(out)]) == 2
+    assert "nowhere" in capsys.readouterr().err

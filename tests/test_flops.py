@@ -332,3 +332,54 @@ def test_cli_bad_path_exits_2(capsys, path, needle):
 def test_cli_bad_config_exits_2(capsys, tmp_path):
     rc, _, err = _cli(capsys, "--config", str(tmp_path / "missing"))
     assert rc == 2 and "missing" in err
+
+
+def test_cli_no_arguments_prices_the_default_path_and_the_baseline(capsys):
+    """`dpn flops` alone: preset llava-1.5-7b, its compressor (dpn) on the default pyramid path (4, 2, 1),
+    and the uncompressed baseline, which is exactly what `--compressor none` prices."""
+    rc, out, _ = _cli(capsys)
+    assert rc == 0
+    assert out["config"] == "llava-1.5-7b" and out["compressor"] == "dpn" and out["text_tokens"] == 64
+    assert out["path"] == [4, 2, 1] and out["path_source"] == "default"
+    assert out["visual_tokens_per_layer"] == [576] * 8 + [144] * 8 + [72] * 16
+    # Same numbers as the explicit path (test_cli_dpn_path): ~57% saving, the method notes' figure.
+    assert out["tflops"] == pytest.approx(1.441389346816) and out["saving"] == pytest.approx(0.56697, abs=1e-5)
+    assert out["baseline_compressor"] == "none"
+    rc, none, _ = _cli(capsys, "--compressor", "none")
+    assert rc == 0 and none["path"] is None and none["path_source"] is None
+    assert out["baseline_tflops"] == pytest.approx(none["tflops"]) == pytest.approx(3.3285996544)
+    assert out["baseline_tflops_exact"] == pytest.approx(none["tflops_exact"])
+    assert out["baseline_visual_tokens_per_layer"] == none["visual_tokens_per_layer"] == [576] * 32
+    rc, given, _ = _cli(capsys, "--path", "2,2,2")
+    assert rc == 0 and given["path"] == [2, 2, 2] and given["path_source"] == "given"
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--preset", "llava-9b"], "'llava-9b'"),
+        (["--compressor", "zip"], "'zip'"),
+        (["--text-tokens", "-5"], "-5"),
+        (["--compressor", "fastv", "--path", "4,2,1"], "'fastv'"),
+        (["--path", "4,2,1,1"], "[4, 2, 1, 1]"),
+    ],
+)
+def test_cli_bad_arguments_exit_2_naming_the_value(capsys, argv, needle):
+    rc, _, err = _cli(capsys, *argv)
+    assert rc == 2
+    assert err.startswith("dpn flops: error: ") and needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,needle", [(["--text-tokens", "abc"], "'abc'"), (["--preset", "x", "--config", "y"],
+                                                                                  "not allowed with")])
+def test_cli_unparseable_arguments_exit_2(capsys, argv, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["flops", *argv])
+    assert exit_info.value.code == 2 and needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{bad json", '{"compressor": "zip"}', '{"text_config": 5}'])
+def test_cli_broken_config_file_exits_2_naming_it(capsys, tmp_path, content):
+    (tmp_path / "config.json").write_text(content)
+    rc, _, err = _cli(capsys, "--config", str(tmp_path))
+    assert rc == 2 and f"--config {tmp_path / 'config.json'}: not a valid DPNConfig config.json" in err

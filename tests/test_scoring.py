@@ -188,21 +188,53 @@ def test_pope():
     # f1 = 2 * 0.5 * 2/3 / (0.5 + 2/3) = 4/7, yes_ratio 4/6.
     # adversarial: TP 1, TN 1: acc, precision, recall, f1 all 1; yes_ratio 1/2.
     out = score("pope", p, gt)
-    assert list(out) == ["adversarial", "random"]
+    assert list(out) == ["adversarial", "random", "overall"]
     assert out["random"] == pytest.approx(
         {"accuracy": 50.0, "precision": 50.0, "recall": 200 / 3, "f1": 400 / 7, "yes_ratio": 200 / 3}
     )
     assert out["adversarial"] == pytest.approx(
         {"accuracy": 100.0, "precision": 100.0, "recall": 100.0, "f1": 100.0, "yes_ratio": 50.0}
     )
-    # Headline: mean F1 over the categories = (400/7 + 100) / 2.
+    # overall: each metric's mean over the two categories present.
+    assert out["overall"] == pytest.approx({
+        "accuracy": 75.0, "precision": 75.0, "recall": (200 / 3 + 100) / 2, "f1": (400 / 7 + 100) / 2,
+        "yes_ratio": (200 / 3 + 50) / 2,
+    })
+    # Headline: the overall F1 = (400/7 + 100) / 2.
     assert primary_metric("pope", out) == pytest.approx((400 / 7 + 100) / 2)
+
+
+def test_pope_overall_is_the_unweighted_mean_of_the_three_splits():
+    """Papers report POPE as the mean over adversarial / popular / random: each split weighs the same,
+    whatever its size (pooling the counts would give 8/12 = 66.67 accuracy here, not 62.5)."""
+    gt, p = [], []
+    # adversarial: 2 questions, both right (acc 100). popular: 2, both wrong (acc 0). random: 8, 7 right.
+    layout = {"adversarial": [("yes", "Yes"), ("no", "No")], "popular": [("yes", "No"), ("no", "Yes")],
+              "random": [("yes", "Yes")] * 4 + [("no", "No")] * 3 + [("no", "Yes")]}
+    for category, rows in layout.items():
+        for label, text in rows:
+            qid = len(gt) + 1
+            gt.append({"question_id": qid, "answer": label, "category": category})
+            p.append({"question_id": qid, "text": text})
+    out = score("pope", p, gt)
+    # random: TP 4, TN 3, FP 1: acc 7/8, precision 4/5, recall 1, f1 8/9, yes ratio 5/8.
+    # popular: TP 0, FN 1, FP 1: precision = recall = f1 = 0, yes ratio 1/2.
+    assert out["random"] == pytest.approx(
+        {"accuracy": 87.5, "precision": 80.0, "recall": 100.0, "f1": 800 / 9, "yes_ratio": 62.5})
+    assert out["overall"] == pytest.approx({
+        "accuracy": (100 + 0 + 87.5) / 3, "precision": (100 + 0 + 80) / 3, "recall": (100 + 0 + 100) / 3,
+        "f1": (100 + 0 + 800 / 9) / 3, "yes_ratio": (50 + 50 + 62.5) / 3,
+    })
+    assert primary_metric("pope", out) == pytest.approx(out["overall"]["f1"])
+    with pytest.raises(EvalDataError, match=r"question_id 1: POPE category 'overall' is reserved"):
+        score("pope", preds((1, "yes")), [{"question_id": 1, "answer": "yes", "category": "overall"}])
 
 
 def test_pope_no_predicted_yes_and_bad_label():
     # No predicted yes and no actual yes: precision/recall/F1 are 0 (LLaVA's script divides by zero).
     out = score("pope", preds((1, "No")), [{"question_id": 1, "answer": "no", "category": "popular"}])
-    assert out == {"popular": {"accuracy": 100.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0}}
+    only = {"accuracy": 100.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0}
+    assert out == {"popular": only, "overall": only}
     with pytest.raises(EvalDataError, match=r"question_id 1.*'Yes'.*'yes' or 'no'"):
         score("pope", preds((1, "No")), [{"question_id": 1, "answer": "Yes", "category": "popular"}])
 
@@ -250,6 +282,16 @@ def test_mme_rejects_odd_images_and_unknown_subtasks():
         score("mme", preds((1, "yes")), [{"question_id": 1, **row, "category": "Count"}])
 
 
+def test_mme_answer_space_is_yes_no_in_any_case():
+    """MME's answer files say Yes / No; calculation.py lower-cases both sides, so "yes" ground truth is the
+    same answer, while anything else is a broken file."""
+    gt = [{"question_id": 1, "image": "count/1.png", "category": "count", "answer": "Yes"},
+          {"question_id": 2, "image": "count/1.png", "category": "count", "answer": "no"}]
+    assert score("mme", preds((1, "YES"), (2, "No.")), gt)["subtasks"] == {"count": 200.0}
+    with pytest.raises(EvalDataError, match=r"question_id 2: MME answer 'Maybe'; expected Yes or No"):
+        score("mme", preds((1, "yes"), (2, "no")), [gt[0], {**gt[1], "answer": "Maybe"}])
+
+
 @pytest.mark.parametrize(
     ("text", "parsed"),
     [
@@ -294,6 +336,35 @@ def test_scienceqa():
         score("scienceqa", preds(("1", "C")), [{**gt[0], "answer": "C"}])
 
 
+@pytest.mark.parametrize("num_choices", [2, 3, 4, 5])
+def test_scienceqa_answer_space_follows_num_choices(num_choices):
+    """ScienceQA questions have 2 to 5 choices: the last valid letter scores right, in every answer form
+    LLaVA's parser accepts; the first letter past the choices is wrong even when the model writes it."""
+    last, beyond = "ABCDE"[num_choices - 1], "ABCDEF"[num_choices]
+    gt = [{"question_id": str(i), "answer": last, "num_choices": num_choices, "has_image": True} for i in range(4)]
+    p = preds(("0", last), ("1", f"{last}. the last one"), ("2", f"The answer is {last}."), ("3", beyond))
+    assert score("scienceqa", p, gt) == pytest.approx({"accuracy": 75.0, "img_accuracy": 75.0})
+
+
+def test_scienceqa_five_choices_answered_e():
+    """The real ScienceQA-IMG test split has 5-choice questions whose answer is E (problems.json answer 4)."""
+    gt = [{"question_id": "7", "answer": "E", "num_choices": 5, "has_image": True},
+          {"question_id": "8", "answer": "D", "num_choices": 4, "has_image": True}]
+    assert score("scienceqa", preds(("7", "E"), ("8", "E")), gt) == pytest.approx(
+        {"accuracy": 50.0, "img_accuracy": 50.0})  # E right on the 5-choice question, beyond D on the other
+
+
+def test_scienceqa_ground_truth_outside_the_answer_space():
+    # A ground truth saying E on a 4-choice question is a broken file: refused, with what would fix it.
+    with pytest.raises(EvalDataError, match=r"question_id '8': answer 'E' not in \('A', 'B', 'C', 'D'\).*"
+                                            r"dpn eval convert --benchmark scienceqa"):
+        score("scienceqa", preds(("8", "E")), [{"question_id": "8", "answer": "E", "num_choices": 4, "has_image": True}])
+    for bad in (1, 6):
+        with pytest.raises(EvalDataError, match=rf"num_choices {bad} not in 2..5"):
+            score("scienceqa", preds(("8", "A")), [{"question_id": "8", "answer": "A", "num_choices": bad,
+                                                    "has_image": False}])
+
+
 @pytest.mark.parametrize(
     ("text", "options", "parsed"),
     [
@@ -335,6 +406,20 @@ def test_mmbench_circular_needs_every_rotation_right():
     assert primary_metric("mmbench", out) == pytest.approx(50.0)
 
 
+def test_mmbench_answer_space_is_the_options():
+    """Options are whatever letter columns a row has: D is right on a 4-option question and E on a
+    5-option one; E on a 4-option question is wrong (opencompass parses it, then it matches nothing)."""
+    four = {"A": "w", "B": "x", "C": "y", "D": "z"}
+    gt = [{"question_id": 0, "answer": "D", "options": four},
+          {"question_id": 1, "answer": "E", "options": {**four, "E": "v"}},
+          {"question_id": 2, "answer": "A", "options": four},
+          {"question_id": 3, "answer": "F", "options": {**four, "E": "v", "F": "u"}}]
+    out = score("mmbench", preds((0, "D"), (1, "E"), (2, "E"), (3, "F.")), gt)
+    assert out == pytest.approx({"circular_accuracy": 75.0, "single_accuracy": 75.0})
+    with pytest.raises(EvalDataError, match=r"question_id 0: answer 'E' is not one of its options \['A', 'B', 'C', 'D'\]"):
+        score("mmbench", preds((0, "E")), [{"question_id": 0, "answer": "E", "options": four}])
+
+
 def test_mmbench_rejects_orphans_and_string_ids():
     options = {"A": "x", "B": "y"}
     with pytest.raises(EvalDataError, match=r"without their original question.*5"):
@@ -355,6 +440,53 @@ def test_seed_exact_match_per_type():
     assert out["accuracy"] == pytest.approx(50.0)
     assert out["per_type"] == pytest.approx({"1": 50.0, "2": 100.0, "10": 0.0})
     assert list(out["per_type"]) == ["1", "2", "10"]  # numeric order, string keys
+    assert "per_category" not in out and "per_data_type" not in out
+
+
+def test_seed_answer_space_and_breakdowns():
+    """SEED-Bench answers are A-D; a prediction "E" is just wrong, a ground truth "E" is refused. With the
+    type names and data types SEED-Bench.json carries, the per-name and image / video accuracies follow."""
+    gt = [
+        {"question_id": 101669, "answer": "D", "question_type_id": 5, "category": "Instances Counting",
+         "data_type": "image"},
+        {"question_id": 101670, "answer": "A", "question_type_id": 1, "category": "Scene Understanding",
+         "data_type": "image"},
+        {"question_id": "v1738", "answer": "B", "question_type_id": 10, "category": "Action Recognition",
+         "data_type": "video"},
+    ]
+    out = score("seed", preds((101669, "D"), (101670, "E"), ("v1738", "B")), gt)
+    assert out["accuracy"] == pytest.approx(200 / 3)
+    assert out["per_category"] == pytest.approx(
+        {"Action Recognition": 100.0, "Instances Counting": 100.0, "Scene Understanding": 0.0})
+    assert out["per_data_type"] == pytest.approx({"image": 50.0, "video": 100.0})
+    with pytest.raises(EvalDataError, match=r"question_id 1: SEED answer 'E'; expected one of \('A', 'B', 'C', 'D'\)"):
+        score("seed", preds((1, "E")), [{"question_id": 1, "answer": "E", "question_type_id": 1}])
+    # A breakdown field on some records but not others is a broken file, not a silently smaller breakdown.
+    untyped = {k: v for k, v in gt[2].items() if k != "data_type"}
+    with pytest.raises(EvalDataError, match=r"question_id 'v1738' has no 'data_type'"):
+        score("seed", preds((101669, "D"), ("v1738", "B")), [gt[0], untyped])
+
+
+def test_vizwiz_unanswerable_and_answer_types():
+    """VizWiz's answer space includes "unanswerable" (annotators write it, LLaVA-1.5's prompt asks for
+    "Unanswerable"): the EvalAI processor lower-cases the prediction, so it matches."""
+    gt = [
+        {"question_id": 0, "answers": ["unanswerable"] * 10, "answer_type": "unanswerable", "answerable": 0},
+        {"question_id": 1, "answers": ["unanswerable"] * 7 + ["cat"] * 3, "answer_type": "unanswerable",
+         "answerable": 0},
+        {"question_id": 2, "answers": ["yes"] * 10, "answer_type": "yes/no", "answerable": 1},
+        {"question_id": 3, "answers": ["2"] * 10, "answer_type": "number", "answerable": 1},
+    ]
+    # q0 1.0; q1 "cat" matches 3 annotators: min(1, 3/3) for the 7 leave-outs of an "unanswerable" and
+    # min(1, 2/3) for the 3 of a "cat" -> (7 + 2) / 10 = 0.9; q2 1.0; q3 "Two." -> "2": 1.0.
+    out = score("vizwiz", preds((0, "Unanswerable"), (1, "Cat"), (2, "Yes"), (3, "Two.")), gt)
+    assert out["accuracy"] == pytest.approx(97.5)
+    assert out["per_answer_type"] == pytest.approx({"yes/no": 100.0, "number": 100.0, "unanswerable": 95.0})
+    assert list(out["per_answer_type"]) == ["yes/no", "number", "unanswerable"]  # the server's order
+    plain = score("vizwiz", preds((0, "unanswerable")), [{"question_id": 0, "answers": ["unanswerable"] * 10}])
+    assert plain == {"accuracy": 100.0}
+    with pytest.raises(EvalDataError, match=r"question_id 0: VizWiz answer_type 'colour'"):
+        score("vizwiz", preds((0, "red")), [{"question_id": 0, "answers": ["red"] * 10, "answer_type": "colour"}])
 
 
 def test_synthetic_per_difficulty_and_category():
@@ -494,3 +626,23 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     _write_jsonl(p, [{"question_id": 1, "text": "Yes."}, {"question_id": 2, "text": "yes"}])
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"accuracy": 50.0}
+
+
+def test_cli_score_pope_prints_the_overall(tmp_path, capsys):
+    from jobs.cli import main
+
+    g = _write_jsonl(tmp_path / "gt.jsonl", [
+        {"question_id": 1, "answer": "yes", "category": "adversarial"},
+        {"question_id": 10000001, "answer": "no", "category": "random"},
+        {"question_id": 20000001, "answer": "yes", "category": "popular"},
+    ])
+    p = _write_jsonl(tmp_path / "pred.jsonl", [
+        {"question_id": 1, "text": "Yes"}, {"question_id": 10000001, "text": "Yes"},
+        {"question_id": 20000001, "text": "Yes"},
+    ])
+    assert main(["eval", "score", "--benchmark", "pope", "--predictions", str(p), "--ground-truth", str(g)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(printed) == ["adversarial", "popular", "random", "overall"]
+    # adversarial and popular: one TP each (all 100, yes ratio 100); random: one FP (all 0, yes ratio 100).
+    assert printed["overall"] == pytest.approx(
+        {"accuracy": 200 / 3, "precision": 200 / 3, "recall": 200 / 3, "f1": 200 / 3, "yes_ratio": 100.0})

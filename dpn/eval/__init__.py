@@ -1,6 +1,6 @@
 """Evaluation: benchmark adapters (`benchmarks`), official-equivalent scoring (`scoring`), the VQA
-answer normalisation it rests on (`vqa_normalize`) and ground truth from the official VQAv2 / GQA /
-TextVQA annotation files (`convert`). Standard library only; nothing runs at import."""
+answer normalisation it rests on (`vqa_normalize`) and ground truth from the official annotation files
+of the nine LLaVA-1.5 benchmarks (`convert`). Standard library only; nothing runs at import."""
 
 from dpn.eval.benchmarks import (
     BENCHMARKS,

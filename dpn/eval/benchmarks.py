@@ -18,7 +18,7 @@ and the jsonl adapters pass `text` through unchanged, as `model_vqa_loader.py` d
 | mme | llava_mme.jsonl (re-keyed by `dpn eval convert --benchmark mme`: its question_id is the image path, shared by the image's two questions) | MME question + "\\n" + SHORT_ANSWER (LLaVA's MME converter strips that line and restores " Please answer yes or no." to look answers up); `category` = subtask |
 | seed | llava-seed-bench.jsonl | question + "\\nA. ..\\nB. ..\\nC. ..\\nD. .." + "\\n" + MULTIPLE_CHOICE |
 | scienceqa | llava_test_CQM-A.json (JSON array of conversations) | "Context: ..\\nQuestion: ..\\nOptions: (A) .. (B) .." + "\\n" + MULTIPLE_CHOICE, built here (`model_vqa_science.py --single-pred-prompt`) |
-| mmbench | mmbench_dev_20230712.tsv | [hint + "\\n"] + question + "\\nA. ..\\nB. .." (options A-D up to the first empty one) + "\\n" + MULTIPLE_CHOICE, built here (`model_vqa_mmbench.py --single-pred-prompt`); image inline (base64) |
+| mmbench | mmbench_dev_20230712.tsv | [hint + "\\n"] + question + "\\nA. ..\\nB. .." (the TSV's letter columns A, B, .. up to the first empty one: A-D in MMBench, E where a TSV has it) + "\\n" + MULTIPLE_CHOICE, built here (`model_vqa_mmbench.py --single-pred-prompt`); image inline (base64) |
 | synthetic | `dpn synth`'s DIR/eval/*.jsonl | as written by `dpn synth` (LLaVA's instructions); `difficulty` etc. land in `extra` |
 
 `append_suffix=True` appends the benchmark's instruction to question files that hold bare questions
@@ -34,6 +34,7 @@ import csv
 import io
 import json
 import os
+import string
 import sys
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -240,14 +241,20 @@ class MMBenchQuestions:
 
     name: str = "mmbench"
     suffix: str | None = MULTIPLE_CHOICE
-    option_letters: str = "ABCD"
+    option_letters: str = string.ascii_uppercase
+    """Option columns, read in order up to the first absent or empty one. MMBench has A-D, but its official
+    loader also reads an E column and other TSVs in this format carry one; LLaVA's script reads A-D only,
+    which would make an answer E unreachable."""
 
     def _rows(self, path: str | PathLike[str]) -> list[dict[str, str]]:
         # Inline base64 images exceed csv's default 128 KiB field limit.
         csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f, delimiter="\t")
-            rows = list(reader)
+            try:
+                rows = list(reader)
+            except csv.Error as e:
+                raise EvalDataError(f"{path}: line {reader.line_num}: malformed TSV ({e})") from None
             for column in ("index", "question"):
                 if column not in (reader.fieldnames or []):
                     raise EvalDataError(f"{path}: no '{column}' column (columns: {reader.fieldnames})")
@@ -260,7 +267,7 @@ class MMBenchQuestions:
             raise EvalDataError(f"{path}: row {line}: index {row['index']!r} is not an integer") from None
 
     def options(self, row: Mapping[str, str]) -> dict[str, str]:
-        """Options A-D up to the first empty one (LLaVA's `get_options`)."""
+        """Options A, B, .. up to the first absent or empty one (LLaVA's `get_options`)."""
         options: dict[str, str] = {}
         for letter in self.option_letters:
             value = row.get(letter)
@@ -312,14 +319,21 @@ class MMBenchQuestions:
             )
 
     def ground_truth(self, path: str | PathLike[str]) -> list[dict[str, Any]]:
-        """Scorer ground truth from the TSV: {question_id: index, answer, options} per row."""
+        """Scorer ground truth from the TSV: {question_id: index, answer, options} per row. A row without an
+        answer (the test split's answers are not public) or whose answer is not one of its options is an
+        error naming the row."""
         out = []
         for line, row in enumerate(self._rows(path), start=2):
             index = self._index(row, path, line)
             answer = row.get("answer")
             if _tsv_missing(answer):
                 raise EvalDataError(f"{path}: row {line} (index {index}) has no answer (a test split?)")
-            out.append({"question_id": index, "answer": answer, "options": self.options(row)})
+            options = self.options(row)
+            if answer not in options:
+                raise EvalDataError(
+                    f"{path}: row {line} (index {index}): answer {answer!r} is not one of its options {sorted(options)}"
+                )
+            out.append({"question_id": index, "answer": answer, "options": options})
         return out
 
 

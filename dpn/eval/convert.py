@@ -1,5 +1,5 @@
-"""Scorer ground truth (and, where LLaVA's question ids do not fit, question files) from the official
-annotation files of VQAv2, GQA, TextVQA and MME.
+"""Scorer ground truth (and, where LLaVA's question ids do not fit or its questions have no public answers,
+question files) from the official annotation files of the nine benchmarks of the LLaVA-1.5 suite.
 
 The output is the `ground_truth.jsonl` that `dpn.eval.scoring` and `pipelines/evaluate.py` read, one
 record per question, with the question id of LLaVA's question file in its JSON type:
@@ -10,6 +10,11 @@ record per question, with the question id of LLaVA's question file in its JSON t
 | gqa | `testdev_balanced_questions.json`: {"<qid>": {question, answer, imageId, ...}} | {question_id: str, answer} |
 | textvqa | `TextVQA_0.5.1_val.json`: {"data": [{question_id, question, image_id, answers: [10], ...}]} | {question_id: int, answers: [10 strings]} |
 | mme | `MME_Benchmark_release_version/` (a directory): `<subtask>/[questions_answers_YN/]<image stem>.txt`, one "question<TAB>Yes/No" line per question | {question_id: "<subtask>/<image>#<k>", image, category, answer} |
+| vizwiz | `val.json`: [{image, question, answers: [{answer, answer_confidence}] x10, answer_type, answerable}] | {question_id: int (position in the file), answers: [10 raw strings], answer_type, answerable} |
+| pope | `coco_pope_{adversarial,popular,random}.json` (one file or their directory), one {question_id, image, text, label} per line | {question_id: int (LLaVA's: split offset + POPE's id), answer: yes/no, category: split} |
+| scienceqa | `problems.json`: {"<pid>": {question, choices: [2-5], answer: index, hint, image, ...}} + `pid_splits.json` or LLaVA's `llava_test_CQM-A.json` | {question_id: pid, answer: "A".."E", num_choices, has_image} |
+| mmbench | the TSV (`mmbench_dev_20230712.tsv`): index, question, A..D[/E], answer, ... | {question_id: index, answer, options: {letter: text}} |
+| seed | `SEED-Bench.json`: {questions: [{question_id, answer: A-D, choice_a..d, question_type_id, data_type, ...}], question_type: {name: id}} | {question_id: int or str (as LLaVA casts it), answer, question_type_id, category: type name, data_type} |
 
 Answers are copied unprocessed: the scorers normalise them as the official tools do.
 
@@ -26,6 +31,23 @@ which `pipelines/evaluate.py` prefers over LLaVA's file in the same folder):
   file as `questions` to get a copy keyed by TextVQA's question ids (the image id kept as `image_id`),
   matched the way LLaVA's script matches: image id and lower-cased question (the first line of `text`),
   in file order where an image has the same question twice.
+- VizWiz: LLaVA ships only test questions (`llava_test.jsonl`, question_id = position in test.json), whose
+  answers are not public (scored by the EvalAI server). Local scores need the val split: `val.json` gives a
+  LLaVA-format question file (question_id = position in val.json; the question, the unanswerable line and
+  the short-answer line, as LLaVA's file has them) and its ground truth. The loader looks for the val
+  images in an `images/` folder beside it.
+- POPE: LLaVA's `llava_pope_test.jsonl` holds the three COCO splits, adversarial, random, popular, with POPE's
+  ids offset by 0, 10,000,000 and 20,000,000 (`POPE_ID_OFFSETS`); LLaVA's `eval_pope.py` pairs a split's
+  answers with its annotation lines by position. Pass that file as `questions` to get its ground truth
+  (paired by position per split, image and question checked); without it, the same file is written from
+  the annotations.
+- ScienceQA: the question ids are problem ids. `questions` = LLaVA's `llava_test_CQM-A.json` gives exactly
+  its problems (its images must agree with problems.json); without it, `pid_splits.json` beside
+  problems.json gives the test split. The answer index becomes a letter, `num_choices` the number of
+  choices (2 to 5: a question with five choices has answer E).
+- MMBench: the TSV is the question file; ids are its `index` column.
+- SEED: LLaVA's `llava-seed-bench.jsonl` uses SEED-Bench.json's ids cast as its `convert_seed_for_submission.py`
+  casts them (digits -> int, "v1738" stays a str). `questions` = that file keeps exactly its questions.
 - MME: LLaVA's `llava_mme.jsonl` uses the image path as `question_id`, and MME asks two questions per
   image, so both share it (LLaVA's `convert_answer_to_mme.py` joins on subtask, image file and question
   text). Pass that file as `questions` (required for MME) to get a copy whose ids are
@@ -42,17 +64,26 @@ kept once when both records agree and is an error when they do not.
 from __future__ import annotations
 
 import json
-from collections import defaultdict, deque
-from collections.abc import Mapping
+import re
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from dpn.eval.benchmarks import SHORT_ANSWER, write_answers
-from dpn.eval.scoring import EvalDataError, load_jsonl
+from dpn.eval.benchmarks import SHORT_ANSWER, VIZWIZ_UNANSWERABLE, MMBenchQuestions, write_answers
+from dpn.eval.scoring import (
+    SCIENCEQA_MIN_CHOICES,
+    SCIENCEQA_OPTIONS,
+    SEED_OPTIONS,
+    VIZWIZ_ANSWER_TYPES,
+    EvalDataError,
+    load_jsonl,
+)
 
-CONVERTIBLE: tuple[str, ...] = ("vqav2", "gqa", "textvqa", "mme")
+# The LLaVA-1.5 suite, in the order of its results table.
+CONVERTIBLE: tuple[str, ...] = ("vqav2", "gqa", "vizwiz", "scienceqa", "textvqa", "pope", "mme", "mmbench", "seed")
 MME_ANSWERS = ("Yes", "No")
 _MME_SUFFIX = "Please answer yes or no."
 TEXTVQA_ANSWERS = 10  # the m4c evaluator (and `score_textvqa`) needs exactly 10 per question
@@ -117,6 +148,24 @@ def _int_question_id(record: Any, path: str | PathLike[str], where: str) -> int:
 
 def _truth_part(record: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k != "question_id"}
+
+
+def _asked_truth(
+    truth: list[dict[str, Any]], asked: list[tuple[str, Any]], annotations: str | PathLike[str], hint: str
+) -> list[dict[str, Any]]:
+    """The ground truth of exactly the asked questions ([(where, question_id)]), in their order. Ids are matched
+    with their JSON type (1 is not "1"); a repeated or unannotated id is an error naming where it is asked."""
+    by_id = {(type(r["question_id"]), r["question_id"]): r for r in truth}
+    kept, seen = [], set()
+    for where, qid in asked:
+        key = (type(qid), qid)
+        if key in seen:
+            raise EvalDataError(f"{where}: question_id {qid!r} occurs twice")
+        seen.add(key)
+        if key not in by_id:
+            raise EvalDataError(f"{where}: question_id {qid!r} has no annotation in {annotations} ({hint})")
+        kept.append(by_id[key])
+    return kept
 
 
 def _dedupe(rows: list[tuple[str, dict[str, Any]]], path: str | PathLike[str]) -> tuple[list[dict[str, Any]], int]:
@@ -331,8 +380,13 @@ def _mme_truth(root: str | PathLike[str]) -> dict[tuple[str, str, str], str]:
     return truth
 
 
-def _mme_convert(root: str | PathLike[str], questions: str | PathLike[str]) -> Conversion:
+def _mme_convert(root: str | PathLike[str], questions: str | PathLike[str] | None) -> Conversion:
     """LLaVA's MME question file re-keyed to one id per question, and its ground truth (module docstring)."""
+    if questions is None:
+        raise EvalDataError(
+            "mme needs the question file (LLaVA's llava_mme.jsonl): its questions share ids per image and "
+            "are re-keyed here, the answers matched to them"
+        )
     truth = _mme_truth(root)
     seen: dict[str, int] = defaultdict(int)
     used: set[tuple[str, str, str]] = set()
@@ -375,40 +429,374 @@ def _mme_convert(root: str | PathLike[str], questions: str | PathLike[str]) -> C
                       unmatched_annotations=len(truth) - len(used))
 
 
+# ----- VizWiz ------------------------------------------------------------------------------------------
+_VIZWIZ_TEST = (
+    "VizWiz test answers are not public: the test split is scored by the EvalAI server (submit the predictions "
+    "as LLaVA's convert_vizwiz_for_submission.py does). For a local score convert the val split: "
+    "--annotations val.json"
+)
+
+
+def _vizwiz_convert(annotations: str | PathLike[str], questions: str | PathLike[str] | None) -> Conversion:
+    """VizWiz's `<split>.json` -> a LLaVA-format question file (question_id = position in the file, as in
+    LLaVA's llava_test.jsonl) and its ground truth (raw annotator answers, answer_type, answerable)."""
+    if questions is not None:
+        raise EvalDataError(
+            "vizwiz takes no question file: LLaVA's llava_test.jsonl is the test split, whose answers are not "
+            "public; the val questions are written from --annotations val.json"
+        )
+    expected = "VizWiz's <split>.json (a JSON array of {image, question, answers, answer_type, answerable})"
+    doc = _load_json(annotations, expected)
+    if not isinstance(doc, list):
+        raise EvalDataError(f"{annotations}: a JSON {type(doc).__name__}; expected {expected}")
+    question_records, truth = [], []
+    for position, rec in enumerate(doc):
+        where = f"{annotations}: record {position}"
+        if not isinstance(rec, dict):
+            raise EvalDataError(f"{where} is a {type(rec).__name__}, expected an object")
+        image, question = rec.get("image"), rec.get("question")
+        if not isinstance(image, str) or not image or not isinstance(question, str):
+            raise EvalDataError(f"{where}: image {image!r} / question {question!r} are not both strings")
+        if "answers" not in rec:
+            raise EvalDataError(f"{where} ({image}) has no 'answers'. {_VIZWIZ_TEST}")
+        answers = rec["answers"]
+        if not isinstance(answers, list) or not answers:
+            raise EvalDataError(f"{where} ({image}): 'answers' {answers!r} is not a non-empty list")
+        texts = []
+        for a in answers:
+            if not isinstance(a, dict) or not isinstance(a.get("answer"), str):
+                raise EvalDataError(f"{where} ({image}): answer {a!r} is not an object with a string 'answer'")
+            texts.append(a["answer"])
+        answer_type, answerable = rec.get("answer_type"), rec.get("answerable")
+        if answer_type not in VIZWIZ_ANSWER_TYPES:
+            raise EvalDataError(f"{where} ({image}): answer_type {answer_type!r} is not one of {VIZWIZ_ANSWER_TYPES}")
+        if not _is_int(answerable) or answerable not in (0, 1):
+            raise EvalDataError(f"{where} ({image}): answerable {answerable!r} is not 0 or 1")
+        # LLaVA's VizWiz file: the question as asked (trailing spaces kept), then its two instruction lines.
+        question_records.append({
+            "question_id": position,
+            "image": image,
+            "text": f"{question}\n{VIZWIZ_UNANSWERABLE}\n{SHORT_ANSWER}",
+            "category": "default",
+        })
+        truth.append({"question_id": position, "answers": texts, "answer_type": answer_type, "answerable": answerable})
+    if not truth:
+        raise EvalDataError(f"{annotations}: no questions")
+    return Conversion(benchmark="vizwiz", ground_truth=truth, questions=question_records, duplicates_merged=0,
+                      unmatched_annotations=0)
+
+
+# ----- POPE --------------------------------------------------------------------------------------------
+# LLaVA's llava_pope_test.jsonl: the three COCO splits in this order, each split's question ids offset so that
+# they stay unique (adversarial 1.., random 10000001.., popular 20000001..).
+POPE_ID_OFFSETS: dict[str, int] = {"adversarial": 0, "random": 10_000_000, "popular": 20_000_000}
+_POPE_FILE = re.compile(r"coco_pope_(.+)\.json")
+
+
+def _pope_files(annotations: str | PathLike[str]) -> list[tuple[str, Path]]:
+    """[(split, file)] in LLaVA's order, from one `coco_pope_<split>.json` or a directory of them."""
+    root = Path(annotations)
+    if root.is_dir():
+        files = sorted(p for p in root.iterdir() if _POPE_FILE.fullmatch(p.name))
+        if not files:
+            raise EvalDataError(
+                f"{root}: no coco_pope_<split>.json files (POPE's output/coco/ folder, LLaVA's pope/coco/)"
+            )
+    elif root.is_file():
+        files = [root]
+    else:
+        raise FileNotFoundError(f"{root}: no such POPE annotation file or directory")
+    out = []
+    for path in files:
+        match = _POPE_FILE.fullmatch(path.name)
+        split = match.group(1) if match else None
+        if split not in POPE_ID_OFFSETS:
+            raise EvalDataError(
+                f"{path}: not a COCO POPE split file; expected coco_pope_<split>.json with split one of "
+                f"{', '.join(POPE_ID_OFFSETS)}"
+            )
+        out.append((split, path))
+    return sorted(out, key=lambda sp: POPE_ID_OFFSETS[sp[0]])
+
+
+def _pope_split(split: str, path: Path) -> list[dict[str, Any]]:
+    """One split's records, checked: {question_id: 1..9999999, image, text, label: yes/no}, ids unique."""
+    records = load_jsonl(path)
+    seen: set[int] = set()
+    for line, rec in enumerate(records, start=1):
+        where = f"{path}: record {line}"
+        qid = rec.get("question_id")
+        if not _is_int(qid) or not 0 < qid < 10_000_000:
+            raise EvalDataError(f"{where}: question_id {qid!r} is not an integer in 1..9999999 (POPE numbers from 1)")
+        if qid in seen:
+            raise EvalDataError(f"{where}: question_id {qid} occurs twice in the {split} split")
+        seen.add(qid)
+        for key in ("image", "text"):
+            if not isinstance(rec.get(key), str) or not rec[key]:
+                raise EvalDataError(f"{where} (question_id {qid}): {key} {rec.get(key)!r} is not a non-empty string")
+        if rec.get("label") not in ("yes", "no"):
+            raise EvalDataError(f"{where} (question_id {qid}): label {rec.get('label')!r} is not 'yes' or 'no'")
+    if not records:
+        raise EvalDataError(f"{path}: no questions")
+    return records
+
+
+def _pope_convert(annotations: str | PathLike[str], questions: str | PathLike[str] | None) -> Conversion:
+    """POPE's coco_pope_<split>.json files -> ground truth (and, without LLaVA's question file, that file)."""
+    splits = {split: _pope_split(split, path) for split, path in _pope_files(annotations)}
+    total = sum(len(records) for records in splits.values())
+    if questions is None:
+        question_records, truth = [], []
+        for split, records in splits.items():
+            for rec in records:
+                qid = POPE_ID_OFFSETS[split] + rec["question_id"]
+                question_records.append({"question_id": qid, "image": rec["image"],
+                                         "text": f"{rec['text']}\n{SHORT_ANSWER}", "category": split})
+                truth.append({"question_id": qid, "answer": rec["label"], "category": split})
+        return Conversion(benchmark="pope", ground_truth=truth, questions=question_records, duplicates_merged=0,
+                          unmatched_annotations=0)
+
+    # LLaVA's eval_pope.py pairs each split's answers with its annotation lines by position: so do we, and
+    # check that the image and the question agree, so that a shuffled or foreign file cannot pair wrongly.
+    used: dict[str, int] = defaultdict(int)
+    seen: set[tuple[type, Any]] = set()
+    truth = []
+    for position, rec in enumerate(load_jsonl(questions), start=1):
+        where = f"{questions}: record {position}"
+        qid, split, text = rec.get("question_id"), rec.get("category"), rec.get("text")
+        if isinstance(qid, bool) or not isinstance(qid, int | str) or not isinstance(text, str):
+            raise EvalDataError(f"{where}: expected LLaVA's POPE record with an int or str question_id and a text")
+        if (type(qid), qid) in seen:
+            raise EvalDataError(f"{where}: question_id {qid!r} occurs twice")
+        seen.add((type(qid), qid))
+        if not isinstance(split, str) or split not in splits:
+            raise EvalDataError(
+                f"{where}: category {split!r} has no annotation file coco_pope_{split}.json in {annotations} "
+                f"(annotated: {', '.join(splits)})"
+            )
+        if used[split] >= len(splits[split]):
+            raise EvalDataError(f"{where}: more {split} questions than coco_pope_{split}.json has ({len(splits[split])})")
+        ann = splits[split][used[split]]
+        used[split] += 1
+        asked = text.replace(SHORT_ANSWER, "").strip()
+        if rec.get("image") != ann["image"] or asked != ann["text"].strip():
+            raise EvalDataError(
+                f"{where}: {split} question {used[split]} ({rec.get('image')!r}, {asked!r}) is not question "
+                f"{used[split]} of coco_pope_{split}.json ({ann['image']!r}, {ann['text']!r}); LLaVA's "
+                "eval_pope.py pairs them by position"
+            )
+        truth.append({"question_id": qid, "answer": ann["label"], "category": split})
+    if not truth:
+        raise EvalDataError(f"{questions}: no questions")
+    return Conversion(benchmark="pope", ground_truth=truth, questions=None, duplicates_merged=0,
+                      unmatched_annotations=total - len(truth))
+
+
+# ----- SEED-Bench --------------------------------------------------------------------------------------
+def seed_question_id(raw: int | str) -> int | str:
+    """The question id LLaVA's SEED files use: SEED-Bench.json's string id as an int when it is one
+    ("101669" -> 101669, as `convert_seed_for_submission.py` casts it), else unchanged ("v1738")."""
+    if isinstance(raw, str) and re.fullmatch(r"-?\d+", raw):
+        return int(raw)
+    return raw
+
+
+def _seed_convert(annotations: str | PathLike[str], questions: str | PathLike[str] | None) -> Conversion:
+    """SEED-Bench.json -> ground truth {question_id, answer, question_type_id, category, data_type}; with
+    LLaVA's llava-seed-bench.jsonl, exactly its questions, in its order."""
+    expected = "SEED-Bench.json ({questions: [...], question_type: {name: id}})"
+    doc = _load_json(annotations, expected)
+    if not isinstance(doc, dict) or not isinstance(doc.get("questions"), list) \
+            or not isinstance(doc.get("question_type"), dict):
+        raise EvalDataError(f"{annotations}: no 'questions' list and 'question_type' object; expected {expected}")
+    names: dict[int, str] = {}
+    for name, type_id in doc["question_type"].items():
+        if not _is_int(type_id):
+            raise EvalDataError(f"{annotations}: question_type {name!r}: id {type_id!r} is not an integer")
+        names[type_id] = name
+    rows = []
+    for position, q in enumerate(doc["questions"]):
+        where = f"questions[{position}]"
+        if not isinstance(q, dict):
+            raise EvalDataError(f"{annotations}: {where} is a {type(q).__name__}, expected an object")
+        raw = q.get("question_id")
+        if isinstance(raw, bool) or not isinstance(raw, int | str) or raw == "":
+            raise EvalDataError(f"{annotations}: {where}: question_id {raw!r} is not a string or integer")
+        where = f"{where} (question_id {raw!r})"
+        answer = q.get("answer")
+        if answer not in SEED_OPTIONS:
+            raise EvalDataError(f"{annotations}: {where}: answer {answer!r} is not one of {SEED_OPTIONS}")
+        choice = q.get(f"choice_{answer.lower()}")
+        if not isinstance(choice, str) or not choice:
+            raise EvalDataError(f"{annotations}: {where}: the answer {answer} has no choice_{answer.lower()} text")
+        type_id, data_type = q.get("question_type_id"), q.get("data_type")
+        if not _is_int(type_id) or type_id not in names:
+            raise EvalDataError(
+                f"{annotations}: {where}: question_type_id {type_id!r} is not one of question_type's ids "
+                f"{sorted(names)}"
+            )
+        if not isinstance(data_type, str) or not data_type:
+            raise EvalDataError(f"{annotations}: {where}: data_type {data_type!r} is not a non-empty string")
+        rows.append((where, {"question_id": seed_question_id(raw), "answer": answer, "question_type_id": type_id,
+                             "category": names[type_id], "data_type": data_type}))
+    truth, merged = _dedupe(rows, annotations)
+    if questions is None:
+        return Conversion(benchmark="seed", ground_truth=truth, questions=None, duplicates_merged=merged,
+                          unmatched_annotations=0)
+    asked = []
+    for position, rec in enumerate(load_jsonl(questions), start=1):
+        where = f"{questions}: record {position}"
+        qid = rec.get("question_id")
+        if isinstance(qid, bool) or not isinstance(qid, int | str):
+            raise EvalDataError(f"{where}: question_id {qid!r} is not an int or str")
+        asked.append((where, qid))
+    kept = _asked_truth(truth, asked, annotations,
+                        "its string ids are matched as LLaVA casts them: digits as int, others as str")
+    if not kept:
+        raise EvalDataError(f"{questions}: no questions")
+    return Conversion(benchmark="seed", ground_truth=kept, questions=None, duplicates_merged=merged,
+                      unmatched_annotations=len(truth) - len(kept))
+
+
+# ----- ScienceQA ---------------------------------------------------------------------------------------
+SCIENCEQA_SPLIT = "test"  # what LLaVA-1.5 reports (pid_splits.json's "test": 4241 problems, 2017 with an image)
+
+
+def _scienceqa_truth(pid: str, problem: Any, path: str | PathLike[str]) -> dict[str, Any]:
+    where = f"{path}: problem {pid!r}"
+    if not isinstance(problem, dict):
+        raise EvalDataError(f"{where} is a {type(problem).__name__}, expected an object")
+    choices, answer, image = problem.get("choices"), problem.get("answer"), problem.get("image")
+    if not isinstance(choices, list) or not all(isinstance(c, str) for c in choices) \
+            or not SCIENCEQA_MIN_CHOICES <= len(choices) <= len(SCIENCEQA_OPTIONS):
+        raise EvalDataError(
+            f"{where}: choices {choices!r} is not a list of {SCIENCEQA_MIN_CHOICES} to {len(SCIENCEQA_OPTIONS)} strings"
+        )
+    if not _is_int(answer) or not 0 <= answer < len(choices):
+        raise EvalDataError(f"{where}: answer {answer!r} is not an index into its {len(choices)} choices")
+    if image is not None and not isinstance(image, str):
+        raise EvalDataError(f"{where}: image {image!r} is neither null nor a file name")
+    return {"question_id": pid, "answer": SCIENCEQA_OPTIONS[answer], "num_choices": len(choices),
+            "has_image": image is not None}
+
+
+def _scienceqa_ids(
+    annotations: str | PathLike[str], questions: str | PathLike[str] | None
+) -> list[tuple[str, bool | None, str]]:
+    """[(problem id, has_image per the question file or None, where)] in question order."""
+    if questions is None:
+        splits_path = Path(annotations).with_name("pid_splits.json")
+        if not splits_path.is_file():
+            raise EvalDataError(
+                f"{splits_path} not found: pass LLaVA's llava_test_CQM-A.json as --questions, or keep ScienceQA's "
+                "pid_splits.json beside problems.json"
+            )
+        splits = _load_json(splits_path, "ScienceQA's pid_splits.json ({split: [problem ids]})")
+        pids = splits.get(SCIENCEQA_SPLIT) if isinstance(splits, dict) else None
+        if not isinstance(pids, list) or not all(isinstance(p, str) for p in pids):
+            raise EvalDataError(f"{splits_path}: no {SCIENCEQA_SPLIT!r} list of problem ids")
+        return [(pid, None, f"{splits_path}: {SCIENCEQA_SPLIT}[{i}]") for i, pid in enumerate(pids)]
+    records = _load_json(questions, "LLaVA's llava_test_CQM-A.json (a JSON array of {id, image?, conversations})")
+    if not isinstance(records, list):
+        raise EvalDataError(
+            f"{questions}: a JSON {type(records).__name__}; expected LLaVA's llava_test_CQM-A.json (a JSON array)"
+        )
+    out = []
+    for position, rec in enumerate(records, start=1):
+        where = f"{questions}: record {position}"
+        if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
+            raise EvalDataError(f"{where}: expected an object with a string 'id' (the ScienceQA problem id)")
+        out.append((rec["id"], rec.get("image") is not None, where))
+    return out
+
+
+def _scienceqa_convert(annotations: str | PathLike[str], questions: str | PathLike[str] | None) -> Conversion:
+    """problems.json + (pid_splits.json's test split | LLaVA's llava_test_CQM-A.json) -> ground truth
+    {question_id: problem id, answer: letter, num_choices, has_image}."""
+    problems = _load_json(annotations, "ScienceQA's problems.json (problem id -> problem)", keep_repeats=True)
+    if not isinstance(problems, dict):
+        raise EvalDataError(f"{annotations}: a JSON {type(problems).__name__}; expected ScienceQA's problems.json")
+    if isinstance(problems, _RepeatedKeys):
+        # json.load would keep the last of a repeated problem silently.
+        repeated = next(pid for pid, n in Counter(k for k, _ in problems.pairs).items() if n > 1)
+        raise EvalDataError(f"{annotations}: problem id {repeated!r} occurs more than once")
+    truth, seen = [], set()
+    for pid, has_image, where in _scienceqa_ids(annotations, questions):
+        if pid in seen:
+            raise EvalDataError(f"{where}: problem {pid!r} occurs twice")
+        seen.add(pid)
+        if pid not in problems:
+            raise EvalDataError(f"{where}: problem {pid!r} is not in {annotations}")
+        record = _scienceqa_truth(pid, problems[pid], annotations)
+        if has_image is not None and has_image != record["has_image"]:
+            raise EvalDataError(
+                f"{where}: problem {pid!r} {'has' if has_image else 'has no'} image in the question file but "
+                f"{'has' if record['has_image'] else 'has no'} image in {annotations} (files of different releases?)"
+            )
+        truth.append(record)
+    if not truth:
+        raise EvalDataError(f"{questions or annotations}: no questions")
+    return Conversion(benchmark="scienceqa", ground_truth=truth, questions=None, duplicates_merged=0,
+                      unmatched_annotations=len(problems) - len(truth))
+
+
+# ----- MMBench -----------------------------------------------------------------------------------------
+def _mmbench_convert(annotations: str | PathLike[str], questions: str | PathLike[str] | None) -> Conversion:
+    """The MMBench TSV -> ground truth {question_id: index, answer, options} (the TSV is also the question
+    file, so `questions` is refused)."""
+    if questions is not None:
+        raise EvalDataError("mmbench takes no question file: the TSV given as --annotations is the question file")
+    rows = [(f"index {r['question_id']}", r) for r in MMBenchQuestions().ground_truth(annotations)]
+    truth, merged = _dedupe(rows, annotations)
+    return Conversion(benchmark="mmbench", ground_truth=truth, questions=None, duplicates_merged=merged,
+                      unmatched_annotations=0)
+
+
 # ----- entry points ------------------------------------------------------------------------------------
+# Benchmarks converted by one function of (annotations, questions); vqav2 / gqa / textvqa share the
+# annotation-rows path in `convert`.
+_WHOLE_CONVERTERS: dict[str, Callable[[str | PathLike[str], str | PathLike[str] | None], Conversion]] = {
+    "vizwiz": _vizwiz_convert,
+    "scienceqa": _scienceqa_convert,
+    "pope": _pope_convert,
+    "mme": _mme_convert,
+    "mmbench": _mmbench_convert,
+    "seed": _seed_convert,
+}
+
+
 def convert(
     benchmark: str,
     annotations: str | PathLike[str],
     *,
     questions: str | PathLike[str] | None = None,
 ) -> Conversion:
-    """Ground truth (and a question file, with `questions`) from a benchmark's official annotations.
+    """Ground truth (and a question file where one is needed) from a benchmark's official annotations.
 
     Args:
         benchmark: one of `CONVERTIBLE`.
         annotations: VQAv2 `v2_mscoco_<split>_annotations.json`, GQA `<split>_questions.json`
-            (e.g. testdev_balanced), TextVQA `TextVQA_0.5.1_<split>.json`, MME the
-            `MME_Benchmark_release_version` directory.
-        questions: VQAv2: the official `v2_OpenEnded_mscoco_<split>_questions.json`; TextVQA: LLaVA's
-            `llava_textvqa_val_v051_ocr.jsonl`; MME (required): LLaVA's `llava_mme.jsonl`; not used for GQA.
+            (e.g. testdev_balanced), VizWiz `<split>.json` (val), ScienceQA `problems.json`, TextVQA
+            `TextVQA_0.5.1_<split>.json`, POPE a `coco_pope_<split>.json` or the directory of them, MME the
+            `MME_Benchmark_release_version` directory, MMBench its TSV, SEED `SEED-Bench.json`.
+        questions: VQAv2: the official `v2_OpenEnded_mscoco_<split>_questions.json`; ScienceQA: LLaVA's
+            `llava_test_CQM-A.json` (else pid_splits.json beside problems.json, test split); TextVQA: LLaVA's
+            `llava_textvqa_val_v051_ocr.jsonl`; POPE: LLaVA's `llava_pope_test.jsonl` (else one is written);
+            MME (required): LLaVA's `llava_mme.jsonl`; SEED: LLaVA's `llava-seed-bench.jsonl` (restricts the
+            ground truth to its questions); not used for GQA, VizWiz, MMBench.
     Raises:
         EvalDataError naming the file and the record or value at fault (wrong schema, missing keys,
-        a split without public answers, a repeated question id with different answers, a question
-        without ground truth). FileNotFoundError for a missing file.
+        a split without public answers, an answer outside the benchmark's answer space, a repeated question
+        id with different answers, a question without ground truth). FileNotFoundError for a missing file.
     """
     if benchmark not in CONVERTIBLE:
         raise EvalDataError(f"no ground-truth converter for benchmark {benchmark!r}; valid: {', '.join(CONVERTIBLE)}")
+    if benchmark in _WHOLE_CONVERTERS:
+        return _WHOLE_CONVERTERS[benchmark](annotations, questions)
     if benchmark == "gqa" and questions is not None:
         raise EvalDataError(
             "gqa takes no question file: LLaVA's llava_gqa_testdev_balanced.jsonl already uses GQA's question ids"
         )
-    if benchmark == "mme":
-        if questions is None:
-            raise EvalDataError(
-                "mme needs the question file (LLaVA's llava_mme.jsonl): its questions share ids per image and "
-                "are re-keyed here, the answers matched to them"
-            )
-        return _mme_convert(annotations, questions)
     doc = _load_json(annotations, f"the official {benchmark} annotation file", keep_repeats=benchmark == "gqa")
     rows = {"vqav2": _vqav2_rows, "gqa": _gqa_rows, "textvqa": _textvqa_rows}[benchmark](doc, annotations)
     truth, merged = _dedupe(rows, annotations)
@@ -420,20 +808,8 @@ def convert(
         question_records = _vqav2_questions(questions)
     else:
         question_records = _textvqa_questions(questions, doc, annotations)
-    by_id: Mapping[Any, dict[str, Any]] = {r["question_id"]: r for r in truth}
-    kept: list[dict[str, Any]] = []
-    seen: set[Any] = set()
-    for position, q in enumerate(question_records, start=1):
-        qid = q["question_id"]
-        if qid in seen:
-            raise EvalDataError(f"{questions}: question {position}: question_id {qid!r} occurs twice")
-        seen.add(qid)
-        if qid not in by_id:
-            raise EvalDataError(
-                f"{questions}: question {position}: question_id {qid!r} has no annotation in {annotations} "
-                "(are both files of the same split?)"
-            )
-        kept.append(by_id[qid])
+    asked = [(f"{questions}: question {position}", q["question_id"]) for position, q in enumerate(question_records, 1)]
+    kept = _asked_truth(truth, asked, annotations, "are both files of the same split?")
     return Conversion(benchmark=benchmark, ground_truth=kept, questions=question_records, duplicates_merged=merged,
                       unmatched_annotations=len(truth) - len(kept))
 

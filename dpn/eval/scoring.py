@@ -8,15 +8,22 @@ official tools they call); where this module deliberately differs, the docstring
 | benchmark | ground truth fields | metrics | rule |
 | --- | --- | --- | --- |
 | vqav2 | answers (annotator strings, 10) | accuracy | EvalAI processor on the prediction (LLaVA's submission step), then official VQA accuracy |
-| vizwiz | answers (annotator strings, 10) | accuracy | EvalAI processor, then official VizWiz accuracy (raw annotator answers) |
+| vizwiz | answers (annotator strings, 10; "unanswerable" is one), optional answer_type, answerable | accuracy, per_answer_type (with answer_type) | EvalAI processor, then official VizWiz accuracy (raw annotator answers) |
 | textvqa | answers (exactly 10) | accuracy | m4c TextVQA evaluator (EvalAI processing on both sides) |
 | gqa | answer (testdev-balanced) | accuracy | `text.rstrip('.').lower() == answer` (convert_gqa_for_eval + GQA eval.py) |
-| pope | answer (yes/no), category | per category: accuracy, precision, recall, f1, yes_ratio | LLaVA eval_pope.py parsing |
+| pope | answer (yes/no), category (adversarial / popular / random) | per category: accuracy, precision, recall, f1, yes_ratio; overall: their mean over the categories | LLaVA eval_pope.py parsing |
 | mme | image, category (subtask), answer (Yes/No) | perception, cognition, subtasks, missing_subtasks | MME calculation.py |
-| scienceqa | answer (letter), num_choices, has_image | accuracy, img_accuracy | LLaVA eval_science_qa.py parsing |
-| mmbench | answer (letter), options {letter: text} | circular_accuracy, single_accuracy | opencompass eval_mmbench.py matching, no GPT |
-| seed | answer (letter), question_type_id | accuracy, per_type | exact match (convert_seed_for_submission.py) |
+| scienceqa | answer (letter A-E), num_choices (2-5), has_image | accuracy, img_accuracy | LLaVA eval_science_qa.py parsing |
+| mmbench | answer (letter), options {letter: text} (A-D in dev_20230712; the format allows E) | circular_accuracy, single_accuracy | opencompass eval_mmbench.py matching, no GPT |
+| seed | answer (A-D), question_type_id, optional category (type name), data_type | accuracy, per_type, per_category, per_data_type | exact match (convert_seed_for_submission.py) |
 | synthetic | answer, difficulty, category | accuracy, per_difficulty, per_category, per_category_difficulty | exact match after `evalai_normalize` |
+
+Answer spaces, as the official files have them (`dpn eval convert` writes these fields from them): ScienceQA
+questions have 2 to 5 choices (problems.json `choices`, `answer` an index into them), so the answer is one of
+the first num_choices letters of A-E; SEED-Bench-1 answers are A-D; MMBench's options are the TSV's letter
+columns up to the first empty cell; POPE labels are "yes"/"no"; MME answers "Yes"/"No"; VizWiz annotators
+answer "unanswerable" where the question cannot be answered. A ground-truth answer outside its space is an
+error (it means a broken or mis-built ground-truth file); a *prediction* outside it is simply wrong.
 
 All accuracies and ratios are percentages in [0, 100], unrounded (the official tools print 2 decimals);
 MME reports scores (a subtask scores 100 * (acc + acc+), at most 200).
@@ -209,10 +216,34 @@ def score_vqav2(pairs: Sequence[Pair]) -> dict[str, float]:
     return {"accuracy": _percent(total, len(pairs))}
 
 
-def score_vizwiz(pairs: Sequence[Pair]) -> dict[str, float]:
-    """EvalAI processor (LLaVA's submission step), then the official VizWiz accuracy."""
-    total = sum(vizwiz_accuracy(evalai_normalize(text), _annotator_answers(g, None)) for g, text in pairs)
-    return {"accuracy": _percent(total, len(pairs))}
+VIZWIZ_ANSWER_TYPES = ("other", "yes/no", "number", "unanswerable")
+
+
+def score_vizwiz(pairs: Sequence[Pair]) -> dict[str, Any]:
+    """EvalAI processor (LLaVA's submission step), then the official VizWiz accuracy. "Unanswerable" is an
+    answer like any other: annotators who could not answer wrote "unanswerable", and LLaVA-1.5's prompt asks
+    for it. With `answer_type` in every record (VizWiz's val.json has it), `per_answer_type` adds the
+    breakdown the VizWiz evaluation server reports (other, yes/no, number, unanswerable)."""
+    total = 0.0
+    by_type: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    # Any record with an answer_type asks for the breakdown: then every record needs one.
+    typed = any("answer_type" in g for g, _ in pairs)
+    for g, text in pairs:
+        accuracy = vizwiz_accuracy(evalai_normalize(text), _annotator_answers(g, None))
+        total += accuracy
+        if typed:
+            answer_type = _field(g, "answer_type", str)
+            if answer_type not in VIZWIZ_ANSWER_TYPES:
+                raise EvalDataError(
+                    f"ground truth for question_id {g['question_id']!r}: VizWiz answer_type {answer_type!r}; "
+                    f"expected one of {VIZWIZ_ANSWER_TYPES}"
+                )
+            by_type[answer_type][0] += accuracy
+            by_type[answer_type][1] += 1
+    out: dict[str, Any] = {"accuracy": _percent(total, len(pairs))}
+    if typed:
+        out["per_answer_type"] = {t: _percent(by_type[t][0], by_type[t][1]) for t in VIZWIZ_ANSWER_TYPES if t in by_type}
+    return out
 
 
 def score_textvqa(pairs: Sequence[Pair]) -> dict[str, float]:
@@ -251,10 +282,16 @@ def pope_parse(text: str) -> str:
     return "no" if ("No" in words or "not" in words or "no" in words) else "yes"
 
 
+POPE_OVERALL = "overall"
+_POPE_METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+
+
 def score_pope(pairs: Sequence[Pair]) -> dict[str, dict[str, float]]:
     """Per category (adversarial / popular / random): accuracy, precision, recall, F1 of the "yes"
-    class, and yes_ratio = share of *predicted* yes. Divergence: where LLaVA's script divides by zero
-    (no predicted or no actual "yes"), precision / recall / F1 are 0 here."""
+    class, and yes_ratio = share of *predicted* yes. `overall`: each of those five averaged over the
+    categories present (the unweighted mean of the splits, which is what papers report as POPE's F1 /
+    accuracy; not a pooled count). Divergence: where LLaVA's script divides by zero (no predicted or no
+    actual "yes"), precision / recall / F1 are 0 here."""
     counts: dict[str, dict[str, int]] = defaultdict(lambda: {"tp": 0, "fp": 0, "tn": 0, "fn": 0})
     for g, text in pairs:
         label = _field(g, "answer", str)
@@ -263,6 +300,11 @@ def score_pope(pairs: Sequence[Pair]) -> dict[str, dict[str, float]]:
                 f"ground truth for question_id {g['question_id']!r}: POPE answer {label!r}; expected 'yes' or 'no'"
             )
         category = _field(g, "category", str)
+        if category == POPE_OVERALL:
+            raise EvalDataError(
+                f"ground truth for question_id {g['question_id']!r}: POPE category {category!r} is reserved for "
+                "the mean over the splits; expected adversarial, popular or random"
+            )
         pred_yes = pope_parse(text) == "yes"
         c = counts[category]
         if label == "yes":
@@ -283,6 +325,7 @@ def score_pope(pairs: Sequence[Pair]) -> dict[str, dict[str, float]]:
             "f1": 100.0 * f1,
             "yes_ratio": _percent(c["tp"] + c["fp"], n),
         }
+    out[POPE_OVERALL] = {m: sum(split[m] for split in out.values()) / len(out) for m in _POPE_METRICS}
     return out
 
 
@@ -367,6 +410,7 @@ def score_mme(pairs: Sequence[Pair]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------
 
 SCIENCEQA_OPTIONS = ("A", "B", "C", "D", "E")
+SCIENCEQA_MIN_CHOICES = 2  # ScienceQA's questions have 2 to 5 choices (problems.json `choices`)
 _SQA_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
 
 
@@ -388,12 +432,19 @@ def score_scienceqa(pairs: Sequence[Pair]) -> dict[str, float | None]:
     for g, text in pairs:
         qid = g["question_id"]
         num_choices = _field(g, "num_choices", int)
-        if not 1 <= num_choices <= len(SCIENCEQA_OPTIONS):
-            raise EvalDataError(f"ground truth for question_id {qid!r}: num_choices {num_choices} not in 1..5")
+        if not SCIENCEQA_MIN_CHOICES <= num_choices <= len(SCIENCEQA_OPTIONS):
+            raise EvalDataError(
+                f"ground truth for question_id {qid!r}: num_choices {num_choices} not in "
+                f"{SCIENCEQA_MIN_CHOICES}..{len(SCIENCEQA_OPTIONS)} (ScienceQA questions have 2 to 5 choices)"
+            )
         valid = SCIENCEQA_OPTIONS[:num_choices]
         answer = _field(g, "answer", str)
         if answer not in valid:
-            raise EvalDataError(f"ground truth for question_id {qid!r}: answer {answer!r} not in {valid}")
+            raise EvalDataError(
+                f"ground truth for question_id {qid!r}: answer {answer!r} not in {valid}: num_choices must be the "
+                "length of the problem's `choices` in problems.json (`dpn eval convert --benchmark scienceqa` "
+                "writes it)"
+            )
         has_image = _field(g, "has_image", bool)
         parsed = scienceqa_parse(text)
         # The answer is one of the valid letters, so a letter beyond num_choices is wrong here too.
@@ -415,10 +466,14 @@ def score_scienceqa(pairs: Sequence[Pair]) -> dict[str, float | None]:
 MMBENCH_CIRCULAR_OFFSET = 1_000_000  # rotated copies of question i have TSV index i + k * 1e6
 
 
-def _mmbench_infer_option(answer: str) -> str | None:
+MMBENCH_CANDIDATES = "ABCDE"
+
+
+def _mmbench_infer_option(answer: str, options: Mapping[str, str] | None = None) -> str | None:
     # opencompass `tools/eval_mmbench.py::can_infer_option` (the evaluator of mmbench_dev_20230712):
-    # candidate letters are always A-E, whatever the number of options.
-    choices = "ABCDE"
+    # candidate letters are always A-E, whatever the number of options (a letter beyond the options is then
+    # simply wrong). Option letters beyond E (not in MMBench itself; the TSV format allows them) join in.
+    choices = MMBENCH_CANDIDATES + "".join(sorted(k for k in (options or {}) if k not in MMBENCH_CANDIDATES))
     if "Failed to obtain answer via API" in answer:
         return None
     tokens = answer.split()
@@ -452,7 +507,7 @@ def _mmbench_infer_text(answer: str, options: Mapping[str, str]) -> str | None:
 def mmbench_parse(text: str, options: Mapping[str, str]) -> str | None:
     """The option letter a prediction names: letter matching first, then option-text matching.
     None when neither is unambiguous (the official tool would then ask GPT; here that is wrong)."""
-    return _mmbench_infer_option(text) or _mmbench_infer_text(text, options)
+    return _mmbench_infer_option(text, options) or _mmbench_infer_text(text, options)
 
 
 def _mmbench_options(g: Mapping[str, Any]) -> dict[str, str]:
@@ -476,7 +531,13 @@ def score_mmbench(pairs: Sequence[Pair]) -> dict[str, float]:
         if not isinstance(qid, int) or qid < 0:
             raise EvalDataError(f"MMBench question_id {qid!r}: expected the TSV's non-negative integer index")
         answer = _field(g, "answer", str)
-        hit = mmbench_parse(text, _mmbench_options(g)) == answer
+        options = _mmbench_options(g)
+        if answer not in options:
+            raise EvalDataError(
+                f"ground truth for MMBench question_id {qid!r}: answer {answer!r} is not one of its options "
+                f"{sorted(options)}"
+            )
+        hit = mmbench_parse(text, options) == answer
         groups[qid % MMBENCH_CIRCULAR_OFFSET].append(hit)
         if qid < MMBENCH_CIRCULAR_OFFSET:
             originals[qid] = hit
@@ -497,20 +558,37 @@ def score_mmbench(pairs: Sequence[Pair]) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------------
 
 
+SEED_OPTIONS = ("A", "B", "C", "D")  # SEED-Bench's choice_a .. choice_d
+
+
 def score_seed(pairs: Sequence[Pair]) -> dict[str, Any]:
-    """Exact string match of the whole prediction with the answer letter (no stripping)."""
+    """Exact string match of the whole prediction with the answer letter (no stripping), overall and per
+    question type (`per_type`, keyed by question_type_id). Optional fields, all or nothing: `category` (the
+    type's name from SEED-Bench.json's `question_type`) adds `per_category`, `data_type` (image / video)
+    adds `per_data_type`, the image and video accuracies LLaVA's script prints."""
     per_type: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    optional = {"category": defaultdict(lambda: [0, 0]), "data_type": defaultdict(lambda: [0, 0])}
+    wanted = [name for name in optional if any(name in g for g, _ in pairs)]
     for g, text in pairs:
         answer = _field(g, "answer", str)
+        if answer not in SEED_OPTIONS:
+            raise EvalDataError(
+                f"ground truth for question_id {g['question_id']!r}: SEED answer {answer!r}; expected one of {SEED_OPTIONS}"
+            )
         type_id = _field(g, "question_type_id", (int, str))
-        bucket = per_type[str(type_id)]
-        bucket[0] += text == answer
-        bucket[1] += 1
+        hit = text == answer
+        buckets = [per_type[str(type_id)]] + [optional[name][_field(g, name, str)] for name in wanted]
+        for bucket in buckets:
+            bucket[0] += hit
+            bucket[1] += 1
     correct = sum(c for c, _ in per_type.values())
-    return {
+    out: dict[str, Any] = {
         "accuracy": _percent(correct, len(pairs)),
         "per_type": {t: _percent(c, n) for t, (c, n) in sorted(per_type.items(), key=_type_order)},
     }
+    for name in wanted:
+        out[f"per_{name}"] = {k: _percent(c, n) for k, (c, n) in sorted(optional[name].items())}
+    return out
 
 
 def _type_order(item: tuple[str, Any]) -> tuple[int, int | str]:
@@ -608,13 +686,14 @@ def score_files(
 
 def primary_metric(benchmark: str, metrics: Mapping[str, Any]) -> float | None:
     """The single number LLaVA-1.5's results table reports for a benchmark, from `score`'s output:
-    accuracy; ScienceQA: img_accuracy (SQA-IMG); POPE: F1 averaged over the categories present;
-    MME: perception; MMBench: circular_accuracy."""
+    accuracy; ScienceQA: img_accuracy (SQA-IMG); POPE: the overall F1 (averaged over the categories
+    present); MME: perception; MMBench: circular_accuracy; SEED: accuracy over every ground-truth question
+    (LLaVA's script also prints image and video accuracy: `per_data_type`)."""
     _scorer(benchmark)
     if benchmark == "scienceqa":
         return metrics["img_accuracy"]
     if benchmark == "pope":
-        return sum(m["f1"] for m in metrics.values()) / len(metrics)
+        return metrics[POPE_OVERALL]["f1"]
     if benchmark == "mme":
         return metrics["perception"]
     if benchmark == "mmbench":
