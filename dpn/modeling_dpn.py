@@ -517,6 +517,7 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
         force_path: torch.Tensor | None = None,
         route_index: torch.Tensor | None = None,
         output_router_inputs: bool = False,
+        return_logits: bool = True,
         **kwargs,
     ) -> DPNOutput:
         """Prefill (no cache, or an empty one) runs the pyramid; a call with a filled `cache` is a decode
@@ -531,6 +532,8 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
                 fixed paths of a dpn model's own weights).
             output_router_inputs: also return what each router read (`DPNOutput.router_inputs`), for
                 fitting routers (`dpn.routing`).
+            return_logits: False (with `labels`): the LM head runs on the supervised positions only and
+                `logits` is None -- training and calibration need the losses, not (B, L, V) logits.
             route_index: (B,) input position of each sample's last prompt token: the router reads it in
                 samples without a `<ROUTER>` token, and FastV / PDrop rank visual tokens by its attention
                 (without it: the token before each supervised span if `labels`, else the last real token;
@@ -616,7 +619,9 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
         out_mask = state.mask
         if logits_to_keep:
             hidden, out_mask = last_real_positions(hidden, state.mask, logits_to_keep)
-        logits = self.language_model.lm_head(hidden)  # (B, L_last, V)
+        if not return_logits and targets is None:
+            raise ValueError("return_logits=False needs labels (it computes the loss only)")
+        logits = self.language_model.lm_head(hidden) if return_logits else None  # (B, L_last, V)
 
         loss = lm_loss = route_loss = n_sup = sample_loss = None
         if targets is not None:
@@ -624,15 +629,17 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
                 raise ValueError("labels cannot be combined with logits_to_keep")
             sup = state.targets != IGNORE_INDEX  # (B, L_last)
             n_sup = sup.sum()
-            token_ce = F.cross_entropy(
-                logits.float().transpose(1, 2), state.targets, ignore_index=IGNORE_INDEX, reduction="none"
-            )  # (B, L_last), 0 where not supervised
+            token_ce = torch.zeros(sup.shape, dtype=torch.float32, device=hidden.device)  # (B, L_last)
+            if int(n_sup) > 0:
+                # Only supervised positions need logits: at 7B the LM head is a 32000 x 4096 matmul per token.
+                sup_logits = logits[sup] if logits is not None else self.language_model.lm_head(hidden[sup])  # (n_sup, V)
+                token_ce[sup] = F.cross_entropy(sup_logits.float(), state.targets[sup], reduction="none")
             per_sample = sup.sum(-1)  # (B,)
             sample_loss = (token_ce.sum(-1) / per_sample.clamp(min=1)).detach()
             if int(n_sup) > 0:
                 lm_loss = token_ce.sum() / n_sup
             else:  # every sample masked (e.g. tokenization mismatches): zero loss that keeps the graph
-                lm_loss = logits.sum() * 0.0
+                lm_loss = hidden.sum() * 0.0
             loss = lm_loss
             if cfg.compressor == "dpn" and cfg.router_objective == "reference":
                 probs = torch.cat(routing.routed_probs) if routing.routed_probs else logits.new_zeros(0, len(cfg.experts))

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from dpn.flops import llm_prefill_flops
+from dpn.flops import analytic_token_counts, llm_prefill_flops
 
 
 def all_paths(config) -> list[tuple[int, ...]]:
@@ -67,11 +67,15 @@ class CalibrationTables:
 
 
 @torch.no_grad()
-def calibration_pass(model, batches: Iterable[Mapping[str, torch.Tensor]]) -> CalibrationTables:
+def calibration_pass(model, batches: Iterable[Mapping[str, torch.Tensor]], losses: bool = True) -> CalibrationTables:
     """Run every image sample of `batches` (dicts of model inputs with `labels`) down every path.
 
     Text-only samples are skipped (nothing to route). The model must be a `compressor="dpn"` model; it
-    is put in eval mode. Cost: P forward passes per batch (27 for the default pyramid).
+    is put in eval mode. Cost: P forward passes per batch (27 for the default pyramid). With
+    `losses=False` (what a budget curve needs) only the paths that end on "keep" run -- each visits a
+    different prefix of the last DPE, so together they see every router state -- and the other paths'
+    FLOPs fractions come from the token-count arithmetic (`dpn.flops.analytic_token_counts`); `loss` is
+    then NaN.
     """
     cfg = model.config
     if cfg.compressor != "dpn":
@@ -80,7 +84,7 @@ def calibration_pass(model, batches: Iterable[Mapping[str, torch.Tensor]]) -> Ca
     device = next(model.parameters()).device
     paths = all_paths(cfg)
     tc = cfg.text_config
-    losses, fracs = [], []
+    all_loss, fracs = [], []
     states: dict[tuple[int, ...], list[torch.Tensor]] = {}
     routed: dict[tuple[int, ...], list[torch.Tensor]] = {}
     for batch in batches:
@@ -91,14 +95,19 @@ def calibration_pass(model, batches: Iterable[Mapping[str, torch.Tensor]]) -> Ca
             raise ValueError("calibration batches must hold image samples only (single-modality micro-batches)")
         inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels", "pixel_values")}
         B = inputs["input_ids"].shape[0]
-        loss_b = torch.zeros(B, len(paths))
+        loss_b = torch.full((B, len(paths)), math.nan)
         frac_b = torch.zeros(B, len(paths))
         seen: set[tuple[int, ...]] = set()
+        n_text = None
         for pi, path in enumerate(paths):
+            if not losses and path[-1] != 0:
+                continue
             force = torch.tensor(path, device=device).expand(B, -1)
-            out = model(**inputs, force_path=force, output_router_inputs=True)
-            loss_b[:, pi] = out.sample_loss.float().cpu()
+            out = model(**inputs, force_path=force, output_router_inputs=True, return_logits=not losses)
+            if losses:
+                loss_b[:, pi] = out.sample_loss.float().cpu()
             vis, txt = out.visual_tokens_per_layer.cpu(), out.text_tokens_per_layer.cpu()
+            n_text = txt[:, 0].tolist()
             for b in range(B):
                 full = llm_prefill_flops(tc, [int(vis[b, 0] + txt[b, 0])] * vis.shape[1])
                 frac_b[b, pi] = llm_prefill_flops(tc, (vis[b] + txt[b]).tolist()) / full
@@ -109,12 +118,21 @@ def calibration_pass(model, batches: Iterable[Mapping[str, torch.Tensor]]) -> Ca
                 seen.add(prefix)
                 states.setdefault(prefix, []).append(out.router_inputs[:, k].float().cpu())
                 routed.setdefault(prefix, []).append(out.routing_paths[:, k].cpu() >= 0)
-        losses.append(loss_b)
+        if not losses:  # the paths not run: FLOPs from the token counts they would give
+            factors = cfg.expert_factors
+            for pi, path in enumerate(paths):
+                if path[-1] == 0:
+                    continue
+                for b in range(B):
+                    vis, txt = analytic_token_counts(cfg, n_text[b], [factors[j] for j in path], "dpn")
+                    full = llm_prefill_flops(tc, [vis[0] + txt[0]] * len(vis))
+                    frac_b[b, pi] = llm_prefill_flops(tc, [v + t for v, t in zip(vis, txt, strict=True)]) / full
+        all_loss.append(loss_b)
         fracs.append(frac_b)
-    if not losses:
+    if not all_loss:
         raise ValueError("the calibration data holds no image sample")
     return CalibrationTables(
-        paths=paths, loss=torch.cat(losses), flops_fraction=torch.cat(fracs),
+        paths=paths, loss=torch.cat(all_loss), flops_fraction=torch.cat(fracs),
         states={k: torch.cat(v) for k, v in states.items()}, routed={k: torch.cat(v) for k, v in routed.items()},
     )
 

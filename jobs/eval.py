@@ -126,8 +126,11 @@ def _register_run(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--benchmarks", required=True, help="comma-separated: vqav2,gqa,textvqa,scienceqa,pope,mme,"
                    "mmbench,seed,vizwiz,synthetic")
     p.add_argument("--data-root", required=True, help="LLaVA's playground/data/eval (or dpn synth's DIR/eval)")
-    p.add_argument("--compressors", default=None, help="comma-separated: dpn,static,none,fastv,pdrop "
+    p.add_argument("--compressors", default=None, help="comma-separated: dpn,static,random,none,fastv,pdrop "
                    "(default: the one the checkpoint was saved with)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="dpn: target mean LLM prefill FLOPs as a fraction of the uncompressed model (e.g. 0.6), "
+                   "reached through the checkpoint's calibrated budget curve (default: the checkpoint's own)")
     p.add_argument("--out", default=".dpn_work/eval", help="output directory (default .dpn_work/eval)")
     p.add_argument("--limit", type=int, default=None, help="only the first N questions of each benchmark")
     p.add_argument("--name", default=None, help="model name in outputs and MLflow (default: the model folder's)")
@@ -178,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         config = EvalConfig(
             targets=[EvalTarget(name=name, model_dir=args.model, compressors=_split(args.compressors),
-                                tokenizer_dir=args.tokenizer)],
+                                tokenizer_dir=args.tokenizer, budget=args.budget)],
             benchmarks=_split(args.benchmarks) or [],
             data_root=args.data_root,
             out_dir=args.out,

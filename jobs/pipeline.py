@@ -73,7 +73,7 @@ def run_and_report(recipe: str | None, config_file: str | None, work_dir: str | 
         # Flush Ray's forwarded worker logs now, so the JSON summary really is the last stdout line.
         ray.shutdown()
     if demo and summary["eval_summary"]:
-        from pipelines.evaluate import format_category_table, format_table
+        from pipelines.evaluate import format_category_table, format_routing_table, format_table
 
         with open(summary["eval_summary"]) as f:
             eval_summary = json.load(f)
@@ -86,6 +86,8 @@ def run_and_report(recipe: str | None, config_file: str | None, work_dir: str | 
 
             print("\n" + format_category_table(eval_summary, summary["synthetic_chance_by_category_pct"],
                                                difficulties=DIFFICULTIES))
+        print("\nrouting (share of samples per path %, by difficulty; mean prefill TFLOPs; accuracy)")
+        print(format_routing_table(eval_summary))
         reg = summary.get("registry") or {}
         if reg:
             print(f"\nregistry: {reg['model']} v{reg['version']} "

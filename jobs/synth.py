@@ -19,6 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--pretrain", type=int, default=2000, help="records in pretrain.json (default 2000)")
     p.add_argument("--instruct", type=int, default=2000, help="records in instruct.json (default 2000)")
     p.add_argument("--eval", type=int, default=300, help="benchmark questions (default 300)")
+    p.add_argument("--calibration", type=int, default=0,
+                   help="held-out records in calibration.json for fitting routers / the budget (default 0: none)")
     p.add_argument("--vocab-size", type=int, default=1024, help="tokenizer vocabulary bound (default 1024)")
     p.set_defaults(handler=_run)
 
@@ -29,7 +31,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         summary = generate_corpus(
             args.out, seed=args.seed, n_pretrain=args.pretrain, n_instruct=args.instruct, n_eval=args.eval,
-            vocab_size=args.vocab_size,
+            vocab_size=args.vocab_size, n_calibration=args.calibration,
         )
     except (ValueError, FileExistsError) as e:
         print(f"dpn synth: error: {e}", file=sys.stderr)

@@ -202,8 +202,14 @@ class EvalTarget:
     it was saved with. `dpn` needs router weights in the checkpoint."""
     tokenizer_dir: str | None = None
     """Tokenizer directory; None = `model_dir` when it holds tokenizer files, else `model_dir/tokenizer`."""
+    budget: float | None = None
+    """Compressor dpn: target mean LLM prefill FLOPs as a fraction of the uncompressed model, reached by
+    the checkpoint's calibrated budget curve (`dpn.routing`); None = the budget it was saved with."""
 
     def __post_init__(self) -> None:
+        if self.budget is not None and (isinstance(self.budget, bool) or not isinstance(self.budget, int | float)
+                                        or not math.isfinite(self.budget) or not 0 < self.budget <= 1):
+            raise ValueError(f"target {self.name!r}: budget must be a fraction in (0, 1], got {self.budget!r}")
         if not isinstance(self.name, str) or not _SAFE_NAME.match(self.name):
             raise ValueError(f"target name must match {_SAFE_NAME.pattern} (it names folders), got {self.name!r}")
         if self.compressors is not None:
@@ -370,10 +376,11 @@ def _checkpoint_keys(model_dir: Path) -> set[str] | None:
     return None
 
 
-def check_checkpoint(model_dir: str | os.PathLike, compressor: str) -> dict[str, Any]:
-    """Validate that `model_dir` can run with `compressor` without loading the weights; returns its
-    config.json. A `dpn` evaluation of a checkpoint without router weights (trained as "none" or "static")
-    would silently route with random routers, so it is an error here."""
+def check_checkpoint(model_dir: str | os.PathLike, compressor: str, budget: float | None = None) -> dict[str, Any]:
+    """Validate that `model_dir` can run with `compressor` (and `budget`) without loading the weights;
+    returns its config.json. A `dpn` evaluation of a checkpoint without router weights (trained as "none"
+    or "static") would silently route with random routers, so it is an error here, as is a budget the
+    checkpoint's calibrated curve does not reach (the message names the reachable range)."""
     model_dir = Path(model_dir)
     config_file = model_dir / "config.json"
     if not config_file.is_file():
@@ -394,11 +401,25 @@ def check_checkpoint(model_dir: str | os.PathLike, compressor: str) -> dict[str,
                 f"{model_dir}/config.json has no router_token_id: the <ROUTER> token appended to dpn prompts "
                 "would not be where the router reads; set it to the tokenizer's <ROUTER> id"
             )
+    if budget is not None:
+        if compressor != "dpn":
+            raise ValueError(f"a budget steers dpn routers; compressor {compressor!r} has none")
+        curve = config.get("budget_curve")
+        if not curve:
+            raise ValueError(f"{model_dir} has no budget_curve: calibrate it first (the pipeline's route_calibrate "
+                             "step, or dpn.routing.budget_curve)")
+        lo, hi = min(curve["flops_fraction"]), max(curve["flops_fraction"])
+        if not lo - 1e-9 <= budget <= hi + 1e-9:
+            raise ValueError(f"budget {budget:g} is outside what {model_dir}'s routing paths reach on its calibration "
+                             f"data: [{lo:.3f}, {hi:.3f}] of the uncompressed model's prefill FLOPs")
     return config
 
 
-def load_model(model_dir: str | os.PathLike, compressor: str, dtype: str = "float32", device: str = "cpu"):
-    """`DPNForConditionalGeneration.from_pretrained(model_dir, compressor=compressor)` in eval mode.
+def load_model(model_dir: str | os.PathLike, compressor: str, dtype: str = "float32", device: str = "cpu",
+               budget: float | None = None, **config_overrides: Any):
+    """`DPNForConditionalGeneration.from_pretrained(model_dir, compressor=compressor)` in eval mode, with
+    the dpn routers steered to `budget` when given (else the checkpoint's own) and further config fields
+    overridden (e.g. `random_path_shares` for compressor "random").
 
     Raises ValueError when the checkpoint lacks weights the compressor needs (e.g. routers for `dpn`),
     instead of transformers' default of initialising them randomly with a warning.
@@ -407,8 +428,11 @@ def load_model(model_dir: str | os.PathLike, compressor: str, dtype: str = "floa
 
     from dpn.modeling_dpn import DPNForConditionalGeneration
 
+    if budget is not None:
+        config_overrides["budget"] = budget
     model, info = DPNForConditionalGeneration.from_pretrained(
-        str(model_dir), compressor=compressor, dtype=getattr(torch, dtype), output_loading_info=True
+        str(model_dir), compressor=compressor, dtype=getattr(torch, dtype), output_loading_info=True,
+        **config_overrides,
     )
     missing = sorted(info.get("missing_keys") or [])
     if missing:
@@ -544,7 +568,7 @@ class ShardTask:
 class WorkerSettings:
     """What every `ShardRunner` needs besides the shard itself (plain data, shipped once per actor)."""
 
-    models: dict[str, tuple[str, str]]  # target name -> (model_dir, tokenizer_dir)
+    models: dict[str, tuple[str, str, float | None]]  # target name -> (model_dir, tokenizer_dir, budget)
     template: str
     batch_size: int
     max_new_tokens: int
@@ -574,13 +598,14 @@ class ShardRunner:
         from dpn.tokenizer import load_tokenizer
 
         self._loaded = self._key = None
-        model_dir, tokenizer_dir = self.settings.models[target]
+        model_dir, tokenizer_dir, budget = self.settings.models[target]
         cuda = self.settings.use_gpu
         if cuda and not torch.cuda.is_available():
             raise RuntimeError("this worker was given a GPU by Ray but torch sees no CUDA device")
         if not cuda:
             torch.set_num_threads(self.settings.threads)
-        model = load_model(model_dir, compressor, dtype=self.settings.dtype, device="cuda" if cuda else "cpu")
+        model = load_model(model_dir, compressor, dtype=self.settings.dtype, device="cuda" if cuda else "cpu",
+                           budget=budget if compressor == "dpn" else None)
         tokenizer = load_tokenizer(tokenizer_dir)
         if compressor == "dpn":
             from dpn.constants import ROUTER_TOKEN
@@ -652,6 +677,7 @@ def plan_shards(
                         "model": model_id, "tokenizer": tok_id, "compressor": compressor, "benchmark": bench,
                         "items": _items_digest(chunk), "template": config.template, "batch_size": config.batch_size,
                         "max_new_tokens": config.max_new_tokens, "dtype": dtype, "code": code,
+                        "budget": target.budget if compressor == "dpn" else None,
                     })[:16]
                     folder = out_root / target.name / compressor / bench / "shards"
                     tasks.append(ShardTask(
@@ -781,9 +807,11 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """FLOPs means and routing-path shares (percent) of one benchmark's answer records."""
     meta = [r["metadata"] for r in records]
     by_difficulty: dict[str, list[str]] = defaultdict(list)
+    tflops_by_difficulty: dict[str, list[float]] = defaultdict(list)
     for m in meta:
         if m.get("difficulty") is not None:
             by_difficulty[m["difficulty"]].append(m["routing_path"])
+            tflops_by_difficulty[m["difficulty"]].append(m["prefill_tflops"])
     return {
         "num_samples": len(meta),
         "prefill_tflops_per_sample": _mean([m["prefill_tflops"] for m in meta]),
@@ -793,6 +821,9 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "path_shares": _shares([m["routing_path"] for m in meta]),
         "path_shares_by_difficulty": {
             d: _shares(by_difficulty[d]) for d in sorted(by_difficulty, key=_difficulty_key)
+        },
+        "prefill_tflops_by_difficulty": {
+            d: _mean(tflops_by_difficulty[d]) for d in sorted(tflops_by_difficulty, key=_difficulty_key)
         },
     }
 
@@ -833,6 +864,9 @@ def _row(target: str, compressor: str, per_bench: Mapping[str, dict[str, Any]]) 
         "path_shares": {k: b["path_shares"] for k, b in per_bench.items()},
         "path_shares_by_difficulty": {
             k: b["path_shares_by_difficulty"] for k, b in per_bench.items() if b["path_shares_by_difficulty"]
+        },
+        "prefill_tflops_by_difficulty": {
+            k: b["prefill_tflops_by_difficulty"] for k, b in per_bench.items() if b.get("prefill_tflops_by_difficulty")
         },
         "predictions": {k: b["predictions"] for k, b in per_bench.items()},
         "mlflow_run_id": None,
@@ -1036,7 +1070,68 @@ def child_metrics(row: Mapping[str, Any]) -> dict[str, float]:
     for bench, by_diff in row["path_shares_by_difficulty"].items():
         for difficulty, shares in by_diff.items():
             m.update(_flat_metrics(("routing", bench, difficulty, "share_pct"), shares))
+    for bench, by_diff in row.get("prefill_tflops_by_difficulty", {}).items():
+        for difficulty, value in by_diff.items():
+            if value is not None:
+                m[_metric_key("routing", bench, difficulty, "prefill_tflops_per_sample")] = float(value)
     return m
+
+
+def routing_summary(row: Mapping[str, Any]) -> dict[str, Any]:
+    """How one (model, compressor) row routed, as the pipeline summary reports it: `path_share` {path:
+    share in [0, 1]} over all samples, `path_share_by_difficulty` {level: {path: share}} and
+    `mean_tflops_by_difficulty` {level: prefill TFLOPs per sample} (levels easiest first: the synthetic
+    benchmark's), `accuracy_by_difficulty` {level: primary metric}, and `path_share_by_benchmark`."""
+    n = {b: m.get("num_samples") for b, m in row["metrics"].items()}
+    weights = {b: (n[b] if isinstance(n[b], int) else 1) for b in row["path_shares"]}
+    total = sum(weights.values()) or 1
+    overall: dict[str, float] = defaultdict(float)
+    for bench, shares in row["path_shares"].items():
+        for path, pct in shares.items():
+            overall[path] += pct / 100.0 * weights[bench] / total
+    by_diff: dict[str, dict[str, float]] = {}
+    for per_bench in row["path_shares_by_difficulty"].values():
+        for level, shares in per_bench.items():
+            by_diff[level] = {p: v / 100.0 for p, v in shares.items()}
+    tflops: dict[str, float] = {}
+    for per_bench in row.get("prefill_tflops_by_difficulty", {}).values():
+        tflops.update({k: v for k, v in per_bench.items() if v is not None})
+    acc: dict[str, float] = {}
+    for per_bench in row["accuracy_by_difficulty"].values():
+        acc.update(per_bench)
+    order = sorted(set(by_diff) | set(tflops) | set(acc), key=_difficulty_key)
+    return {
+        "path_share": dict(sorted(overall.items())),
+        "path_share_by_difficulty": {d: by_diff[d] for d in order if d in by_diff},
+        "mean_tflops_by_difficulty": {d: tflops[d] for d in order if d in tflops},
+        "accuracy_by_difficulty": {d: acc[d] for d in order if d in acc},
+        "path_share_by_benchmark": {b: {p: v / 100.0 for p, v in s.items()} for b, s in row["path_shares"].items()},
+    }
+
+
+def format_routing_table(summary: Mapping[str, Any]) -> str:
+    """Per (model, compressor) that pools, per difficulty level: share of samples on each path (%), mean
+    prefill TFLOPs per sample and accuracy -- whether routers send harder samples down gentler paths."""
+    lines: list[list[str]] = []
+    for r in summary["rows"]:
+        if not _pools(r):
+            continue
+        rs = routing_summary(r)
+        paths = sorted(rs["path_share"], key=lambda p: -rs["path_share"][p])
+        lines.append([f"{r['model']}/{r['compressor']}", *paths, "TFLOPs/sample", "accuracy"])
+        levels = list(rs["path_share_by_difficulty"]) or ["all"]
+        for level in levels:
+            shares = rs["path_share_by_difficulty"].get(level, rs["path_share"])
+            lines.append([f"  {level}", *[_fmt(100 * shares.get(p, 0.0), 1) for p in paths],
+                          "-" if level not in rs["mean_tflops_by_difficulty"] else
+                          f"{rs['mean_tflops_by_difficulty'][level]:.4g}", _fmt(rs["accuracy_by_difficulty"].get(level))])
+        lines.append([""])
+    if not lines:
+        return "no compressor pools visual tokens"
+    out = []
+    for line in lines:
+        out.append("  ".join(c.ljust(14 if i == 0 else 9) for i, c in enumerate(line)).rstrip())
+    return "\n".join(out).rstrip()
 
 
 def _predictions_table(row: Mapping[str, Any], truth: Mapping[str, Mapping[tuple[str, Any], Mapping[str, Any]]]) -> dict:
@@ -1150,7 +1245,7 @@ def run_evaluation(
         saved = check_checkpoint(target.model_dir, "none")
         compressors[target.name] = target.compressors or [saved.get("compressor", "dpn")]
         for c in compressors[target.name]:
-            check_checkpoint(target.model_dir, c)
+            check_checkpoint(target.model_dir, c, target.budget if c == "dpn" else None)
     data = {b: load_benchmark(b, config.data_root, config.limit) for b in config.benchmarks}
     truth = {b: {_qid_key(r["question_id"]): r for r in d.ground_truth} for b, d in data.items()}
     use_gpu, n_workers = _placement(config)
@@ -1166,7 +1261,7 @@ def run_evaluation(
     fan_out_seconds = 0.0
     if pending:
         settings = WorkerSettings(
-            models={t.name: (str(t.model_dir), str(resolve_tokenizer_dir(t))) for t in config.targets},
+            models={t.name: (str(t.model_dir), str(resolve_tokenizer_dir(t)), t.budget) for t in config.targets},
             template=config.template, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
             dtype=dtype, threads=max(1, int(config.cpus_per_worker)), inject_failures=dict(config.inject_failures),
             use_gpu=use_gpu,

@@ -235,9 +235,9 @@ class VisionPretrainSpec:
     from CLIP; a random tiny tower gives the LLM nothing readable for hundreds of steps
     (bench/RESULTS_learnability.md). Runs when stage 1's `model.vision_path` is "<stage0>"."""
 
-    steps: int = 4000
-    """Optimizer steps (fresh scenes every step; ~0.08 s each for the tiny tower on one core, ~5 min, beside
-    the LLM's stage 0). Object-patch shape accuracy: ~60% after 250 steps, 80-90% after 1,000, 97-99% after
+    steps: int = 3000
+    """Optimizer steps (fresh scenes every step; ~0.08 s each for the tiny tower on one core, ~4 min, beside
+    the LLM's stage 0; 3,000 rather than round 8's 4,000 keeps `make demo` within 10 minutes). Object-patch shape accuracy: ~60% after 250 steps, 80-90% after 1,000, 97-99% after
     2,000-4,000. With a question-trained LLM the 4,000-step tower gives the stage-2 model ~5 points more
     than a 2,000-step one after 600 steps (the recipe's LLM: 63.3 against 57.0%; round 7's: 67.7 against
     62.3%; bench/RESULTS_learnability.md, round 8)."""

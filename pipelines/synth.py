@@ -19,6 +19,8 @@ Layout of an output directory DIR:
     DIR/images/instruct/000000000042.png        instruction images (COCO-style 12-digit ids)
     DIR/pretrain.json                           one JSON array, LCS-558K records
     DIR/instruct.json                           one JSON array, mix665K records
+    DIR/calibration.json                        held-out mix665K records for the routers (n_calibration > 0)
+    DIR/calibration_scenes.jsonl                their scenes, with the difficulty of each
     DIR/scenes.jsonl                            the scene spec of every training image
     DIR/eval/synthetic/questions.jsonl          question_id, image, text, category, difficulty
     DIR/eval/synthetic/ground_truth.jsonl       question_id, answer, category, difficulty
@@ -151,6 +153,10 @@ class SynthConfig:
     """Records in instruct.json, text-only and duplicate-id records included."""
     n_eval: int = 300
     """Benchmark questions (one image each); at least one per (category, difficulty) cell."""
+    n_calibration: int = 0
+    """Held-out records in calibration.json (mix665K schema, one short-answer question per image, balanced
+    over categories x difficulties like the benchmark, from their own random stream): what the routers
+    are fitted and the compute budget is calibrated on (`dpn.routing`). 0: none written."""
     vocab_size: int = 1024
     """Target vocabulary of the trained tokenizer (the `tiny` preset's default is 1024)."""
     text_only_fraction: float = 0.1
@@ -168,6 +174,9 @@ class SynthConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 10_000_000:
                 raise ValueError(f"{name} must be an int in [{low}, 10000000], got {value!r}")
+        if isinstance(self.n_calibration, bool) or not isinstance(self.n_calibration, int) or not (
+                self.n_calibration == 0 or len(CATEGORIES) * len(DIFFICULTIES) <= self.n_calibration <= 10_000_000):
+            raise ValueError(f"n_calibration must be 0 or an int in [15, 10000000], got {self.n_calibration!r}")
         if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int) or not 300 <= self.vocab_size <= 65536:
             # Byte-level BPE needs the 256 byte symbols plus the special tokens before any merge.
             raise ValueError(f"vocab_size must be an int in [300, 65536], got {self.vocab_size!r}")
@@ -777,6 +786,21 @@ def _eval_plan(rng: random.Random, n_eval: int) -> list[tuple[str, str, str]]:
     return plan
 
 
+def _make_calibration(cfg: SynthConfig, root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """calibration.json: one record per image, the benchmark's question form and difficulty balance (so a
+    budget calibrated on it transfers to the benchmark), from its own random stream."""
+    rng = _rng(cfg.seed, "calibration")
+    records, scenes = [], []
+    for i, (category, difficulty, answer) in enumerate(_eval_plan(rng, cfg.n_calibration)):
+        scene, qa = build_item(rng, category, difficulty, answer)
+        rid = f"cal{i:09d}"
+        rel = f"calibration/{rid}.{_image_format(rng, cfg.png_fraction)}"
+        _write_bytes(root / "images" / rel, _encode(render(scene), rel.rsplit(".", 1)[1]))
+        scenes.append({"image": rel, "difficulty": difficulty, **scene.to_dict()})
+        records.append({"id": rid, "image": rel, "conversations": _turns([(short_question(qa.question), qa.answer)])})
+    return records, scenes
+
+
 def _make_eval(cfg: SynthConfig, root: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     rng = _rng(cfg.seed, "eval")
     questions, truth, scenes = [], [], []
@@ -907,6 +931,7 @@ def _manifest(
             "instruct_text_only": n_text,
             "instruct_duplicate_ids": sum(k - 1 for k in image_ids.values()),
             "eval": len(truth),
+            "calibration": cfg.n_calibration,
             "images": {
                 "pretrain": len(pretrain),
                 "instruct": len(image_ids),
@@ -972,6 +997,10 @@ def write_corpus(out_dir: str | os.PathLike[str], config: SynthConfig) -> dict[s
         pretrain, pretrain_scenes = _make_pretrain(config, tmp)
         instruct, instruct_scenes = _make_instruct(config, tmp)
         questions, truth, eval_scenes = _make_eval(config, tmp)
+        if config.n_calibration:
+            calibration, calibration_scenes = _make_calibration(config, tmp)
+            _write_json(tmp / "calibration.json", calibration)
+            _write_jsonl(tmp / "calibration_scenes.jsonl", calibration_scenes)
         _write_json(tmp / "pretrain.json", pretrain)
         _write_json(tmp / "instruct.json", instruct)
         _write_jsonl(tmp / "scenes.jsonl", pretrain_scenes + instruct_scenes)
@@ -1008,6 +1037,7 @@ def generate_corpus(
     n_instruct: int = 2000,
     n_eval: int = 300,
     vocab_size: int = 1024,
+    n_calibration: int = 0,
 ) -> dict[str, Any]:
     """Generate the synthetic LLaVA-format corpus into `out_dir` (see the module docstring for the layout).
 
@@ -1015,11 +1045,13 @@ def generate_corpus(
         out_dir: target directory (absent, empty, or a previous corpus of the same config).
         seed: same seed and sizes -> byte-identical files.
         n_pretrain, n_instruct, n_eval: record counts of pretrain.json, instruct.json and the benchmark.
+        n_calibration: held-out records of calibration.json (0: none).
         vocab_size: target vocabulary of the trained tokenizer.
     Returns:
         The run summary (counts, seconds, out_dir, content hash).
     """
     config = SynthConfig(
-        seed=seed, n_pretrain=n_pretrain, n_instruct=n_instruct, n_eval=n_eval, vocab_size=vocab_size
+        seed=seed, n_pretrain=n_pretrain, n_instruct=n_instruct, n_eval=n_eval, vocab_size=vocab_size,
+        n_calibration=n_calibration,
     )
     return write_corpus(out_dir, config)

@@ -640,7 +640,7 @@ def _train_step(engine, group: list[dict], maybe_unused: list, t0: float) -> dic
     stats = StepStats(model_cfg)
     for batch in group:
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = engine(**batch)
+        out = engine(**batch, return_logits=False)
         engine.backward(out.loss + _touch(maybe_unused))
         engine.step()
         stats.add(batch, out)

@@ -28,6 +28,7 @@ from dpn.compressors import COMPRESSORS
 from pipelines import tracking
 from pipelines.dag import Pipeline, RunHooks, Step, StepContext, StepResult
 from pipelines.recipes import STAGE0_OUTPUT
+from pipelines.route_calibration import CalibrationSpec
 
 VARIANTS = COMPRESSORS
 TRIGGERS = ("manual", "scheduled")
@@ -44,6 +45,10 @@ class CorpusConfig:
         image_root: directory the annotations' `image` paths are relative to.
         tokenizer: tokenizer directory (the LLM's, with `<image>`/`<ROUTER>` added) when not synthetic.
         eval_root: directory holding the benchmarks' question files (LLaVA eval layout).
+        n_calibration: synthetic held-out records the routers are fitted and the budget calibrated on.
+        calibration_annotations: held-out LLaVA JSON (mix665K schema) for the same, when not synthetic;
+            None: the instruct annotations themselves (samples the model trained on: the budget still
+            transfers, the counterfactual targets are then measured on seen samples).
     """
 
     synthetic: bool = True
@@ -51,13 +56,17 @@ class CorpusConfig:
     n_pretrain: int = 2000
     n_instruct: int = 2000
     n_eval: int = 300
+    n_calibration: int = 256
     pretrain_annotations: str | None = None
     instruct_annotations: str | None = None
     image_root: str | None = None
     tokenizer: str | None = None
     eval_root: str | None = None
+    calibration_annotations: str | None = None
 
     def __post_init__(self) -> None:
+        if self.calibration_annotations is not None and not Path(self.calibration_annotations).is_file():
+            raise ValueError(f"corpus.calibration_annotations: {self.calibration_annotations!r} is not a file")
         if self.synthetic:
             for name in ("n_pretrain", "n_instruct", "n_eval"):
                 if getattr(self, name) < 1:
@@ -91,6 +100,8 @@ class PipelineConfig:
         gate_metric: metric key of the evaluation results compared for promotion (higher is better).
         max_cpus: CPUs the DAG may occupy at once (concurrent steps must fit).
         experiment: MLflow experiment name.
+        routing: the `route_calibrate` step of the dpn variant: budget, calibration samples, router fit
+            (`pipelines.route_calibration.CalibrationSpec`).
     """
 
     name: str
@@ -105,12 +116,15 @@ class PipelineConfig:
     gate_metric: str = "synthetic/accuracy"
     max_cpus: float = 2.0
     experiment: str = "dpn"
+    routing: CalibrationSpec = field(default_factory=CalibrationSpec)
 
     def __post_init__(self) -> None:
         # Absolute: Ray workers run in their own working directories.
         self.work_dir = str(Path(self.work_dir).absolute())
         if isinstance(self.corpus, dict):
             self.corpus = CorpusConfig(**self.corpus)
+        if isinstance(self.routing, dict):
+            self.routing = CalibrationSpec(**self.routing)
         if not self.variants:
             raise ValueError("variants must name at least one stage-2 compressor")
         bad = [v for v in self.variants if v not in VARIANTS]
@@ -262,10 +276,11 @@ def _corpus_paths(cfg: PipelineConfig, ctx: StepContext) -> dict[str, Path]:
     if cfg.corpus.synthetic:
         root = _input_path(ctx, "synth", "corpus")
         return {"pretrain": root / "pretrain.json", "instruct": root / "instruct.json", "images": root / "images",
-                "tokenizer": root / "tokenizer", "eval": root / "eval"}
+                "tokenizer": root / "tokenizer", "eval": root / "eval", "calibration": root / "calibration.json"}
     c = cfg.corpus
     return {"pretrain": Path(c.pretrain_annotations), "instruct": Path(c.instruct_annotations),
-            "images": Path(c.image_root), "tokenizer": Path(c.tokenizer), "eval": Path(c.eval_root)}
+            "images": Path(c.image_root), "tokenizer": Path(c.tokenizer), "eval": Path(c.eval_root),
+            "calibration": Path(c.calibration_annotations or c.instruct_annotations)}
 
 
 def _stage_config(cfg: PipelineConfig, stage: int, extra: list[str]):
@@ -280,7 +295,7 @@ def step_synth(cfg: PipelineConfig, ctx: StepContext) -> dict[str, Any]:
 
     c = cfg.corpus
     summary = generate_corpus(ctx.out_dir / "corpus", seed=c.seed, n_pretrain=c.n_pretrain,
-                              n_instruct=c.n_instruct, n_eval=c.n_eval)
+                              n_instruct=c.n_instruct, n_eval=c.n_eval, n_calibration=c.n_calibration)
     return {"corpus": "corpus", "summary": {k: v for k, v in summary.items() if k != "out_dir"}}
 
 
@@ -360,11 +375,45 @@ def step_stage2(cfg: PipelineConfig, ctx: StepContext, variant: str, data_step: 
             "compressor": variant, "train_run_id": res.run_id}
 
 
+def step_route_calibrate(cfg: PipelineConfig, ctx: StepContext) -> dict[str, Any]:
+    """Fit the dpn model's routers (counterfactual objective) and its budget curve on the held-out
+    calibration shards, set `routing.budget`; the calibrated model is what is evaluated and registered."""
+    from pipelines.route_calibration import calibrate_on_ray
+
+    model_dir = _input_path(ctx, "stage2_dpn", "model_dir")
+    shards = _input_path(ctx, "preprocess_calibration", "shards")
+    out = ctx.out_dir / "model"
+    report = calibrate_on_ray(str(model_dir), str(shards), cfg.routing, str(out),
+                              use_gpu=_stage_config(cfg, 2, []).scaling.use_gpu)
+    run = tracking.RunTracker.open(tracking_uri=tracking.resolve_tracking_uri(None, cfg.work_dir), run_id=ctx.run_id)
+    fit = report.get("fit") or {}
+    run.log_metrics({k: float(v) for k, v in {
+        "routing/calibration_samples": report["samples"],
+        "routing/route_bias": report["route_bias"],
+        "routing/budget_fraction": report["budget"],
+        "routing/reachable_min_fraction": report["reachable"][0],
+        "routing/fit_val_agreement_pct": fit.get("val_agreement_pct"),
+        "routing/fit_compute_price": fit.get("mu"),
+        "time/calibration_pass_s": report["pass_seconds"],
+    }.items() if v is not None}, step=0)
+    run.log_dict(report, "routing/calibration.json")
+    run.log_model_dir(out, artifact_path="model")
+    return {"model_dir": _rel(ctx, out), "report": {k: v for k, v in report.items() if k != "curve"},
+            "calibrate_run_id": ctx.run_id}
+
+
+def _eval_model_dir(ctx: StepContext, variant: str) -> Path:
+    # The dpn variant is evaluated (and registered) as calibrated: fitted routers, budget set.
+    if variant == "dpn" and "route_calibrate" in ctx.inputs:
+        return _input_path(ctx, "route_calibrate", "model_dir")
+    return _input_path(ctx, f"stage2_{variant}", "model_dir")
+
+
 def step_evaluate(cfg: PipelineConfig, ctx: StepContext) -> dict[str, Any]:
-    from pipelines.evaluate import EvalConfig, EvalTarget, TrackingOptions, run_evaluation
+    from pipelines.evaluate import EvalConfig, EvalTarget, TrackingOptions, routing_summary, run_evaluation
 
     paths = _corpus_paths(cfg, ctx)
-    targets = [EvalTarget(name=v, model_dir=str(_input_path(ctx, f"stage2_{v}", "model_dir"))) for v in cfg.variants]
+    targets = [EvalTarget(name=v, model_dir=str(_eval_model_dir(ctx, v))) for v in cfg.variants]
     # Shards go to scratch (kept across failed attempts: a re-run resumes them), results are then published.
     scratch = ctx.scratch_dir / "eval"
     summary = run_evaluation(
@@ -384,6 +433,7 @@ def step_evaluate(cfg: PipelineConfig, ctx: StepContext) -> dict[str, Any]:
             "saving_vs_none_pct": row["saving_vs_none_pct"],
             "saving_vs_uncompressed_pct": row["saving_vs_uncompressed_pct"],
             "path_shares": row["path_shares"],
+            "routing": routing_summary(row),
             "mlflow_run_id": row["mlflow_run_id"],
         }
     return {"summary": "eval/summary.json", "results": results}
@@ -416,11 +466,14 @@ def step_register(cfg: PipelineConfig, ctx: StepContext) -> dict[str, Any]:
     """Register the first variant's model as `challenger`; promote it to `champion` if it wins the gate."""
     variant = cfg.variants[0]
     results = ctx.inputs["evaluate"].outputs["results"]
-    train = ctx.inputs[f"stage2_{variant}"].outputs
+    if variant == "dpn" and "route_calibrate" in ctx.inputs:
+        source_run = ctx.inputs["route_calibrate"].outputs["calibrate_run_id"]
+    else:
+        source_run = ctx.inputs[f"stage2_{variant}"].outputs["train_run_id"]
     challenger = {"score": gate_score(results, variant, cfg.gate_metric),
                   "tflops": float(results[variant]["prefill_tflops_per_sample"])}
     uri = tracking.resolve_tracking_uri(None, cfg.work_dir)
-    version = tracking.register_model(train["train_run_id"], cfg.registered_model, artifact_path="model",
+    version = tracking.register_model(source_run, cfg.registered_model, artifact_path="model",
                                       tracking_uri=uri, tags={"gate_metric": cfg.gate_metric,
                                                               "gate_score": challenger["score"],
                                                               "tflops_per_sample": challenger["tflops"],
@@ -464,6 +517,9 @@ def build_pipeline(cfg: PipelineConfig, trigger: str = "manual", hooks: RunHooks
         data_steps["dpn"] = "preprocess_instruct_router"
         steps.append(Step(name="preprocess_instruct_router", inputs=prep_inputs, cpus=1, config={**corpus, **train},
                           fn=lambda ctx: step_preprocess(cfg, ctx, "instruct", "vicuna_v1", True)))
+    if "dpn" in cfg.variants:
+        steps.append(Step(name="preprocess_calibration", inputs=prep_inputs, cpus=1, config={**corpus, **train},
+                          fn=lambda ctx: step_preprocess(cfg, ctx, "calibration", "vicuna_v1", True)))
     if any(v != "dpn" for v in cfg.variants):
         steps.append(Step(name="preprocess_instruct", inputs=prep_inputs, cpus=1, config={**corpus, **train},
                           fn=lambda ctx: step_preprocess(cfg, ctx, "instruct", "vicuna_v1", False)))
@@ -498,10 +554,16 @@ def build_pipeline(cfg: PipelineConfig, trigger: str = "manual", hooks: RunHooks
         steps.append(Step(name=f"stage2_{v}", inputs=["stage1", ds], config={**train, "variant": v}, cpus=stage2_cpus,
                           fn=lambda ctx, v=v, ds=ds: step_stage2(cfg, ctx, v, ds)))
     eval_inputs = [f"stage2_{v}" for v in cfg.variants] + prep_inputs
+    if "dpn" in cfg.variants:
+        steps.append(Step(name="route_calibrate", inputs=["stage2_dpn", "preprocess_calibration"], cpus=1,
+                          config={**train, "routing": dataclasses.asdict(cfg.routing)},
+                          fn=lambda ctx: step_route_calibrate(cfg, ctx)))
+        eval_inputs.append("route_calibrate")
     steps.append(Step(name="evaluate", inputs=eval_inputs, cpus=min(cfg.max_cpus, 2.0),
                       config={**cfg.section("benchmarks", "eval_limit", "variants"), **corpus},
                       fn=lambda ctx: step_evaluate(cfg, ctx)))
-    steps.append(Step(name="register", inputs=["evaluate"] + [f"stage2_{v}" for v in cfg.variants], cpus=0,
+    steps.append(Step(name="register", inputs=["evaluate"] + [f"stage2_{v}" for v in cfg.variants]
+                      + (["route_calibrate"] if "dpn" in cfg.variants else []), cpus=0,
                       config={**cfg.section("registered_model", "gate_metric"), "trigger": trigger},
                       fn=lambda ctx: step_register(cfg, ctx)))
     return Pipeline(steps, Path(cfg.work_dir) / "pipeline", max_cpus=cfg.max_cpus, hooks=hooks, log=log)
@@ -536,6 +598,10 @@ def run_pipeline(cfg: PipelineConfig, trigger: str = "manual", log: Callable[[st
         "steps": [{"name": r.name, "status": r.status, "seconds": round(r.seconds, 2), "mlflow_run_id": r.run_id,
                    **({"error": r.error} if r.error else {})} for r in results],
         "results": ev.outputs.get("results", {}) if ev and ev.status in ("ran", "cached") else {},
+        # How the registered variant routes: path shares overall and per difficulty (easiest first), mean
+        # prefill TFLOPs per difficulty.
+        "routing": (ev.outputs.get("results", {}).get(cfg.variants[0], {}).get("routing")
+                    if ev and ev.status in ("ran", "cached") else None),
         "registry": by_name["register"].outputs if "register" in by_name else {},
         "eval_summary": str(ev.out_dir / ev.outputs["summary"]) if ev and ev.outputs.get("summary") else None,
         "synthetic_chance_pct": chance,

@@ -363,3 +363,33 @@ def test_default_dpe_layers_end_each_quarter():
     assert tiny().dpe_layers == [0, 1, 2]
     assert default_dpe_layers(8) == [1, 3, 5]
     assert isinstance(llava_1_5_7b(), DPNConfig)
+
+
+def test_loss_without_logits_equals_the_full_forward_and_grads_match():
+    """return_logits=False runs the LM head on supervised positions only: same loss, per-sample losses
+    and gradients as the full forward."""
+    torch.manual_seed(0)
+    model = DPNForConditionalGeneration(test_tiny(compressor="dpn", router_token_id=ROUTER)).train()
+    ids, mask = pad_batch([image_prompt([1, 5], [7, ROUTER, 9, 10, 11]), image_prompt([1, 9, 4], [17, ROUTER, 18])])
+    labels = ids.masked_fill(ids == IMG, IGNORE_INDEX).masked_fill(mask == 0, IGNORE_INDEX)
+    labels[:, :4] = IGNORE_INDEX
+    px = torch.randn(2, 3, 16, 16)
+    force = torch.tensor([[2, 1, 0], [0, 1, 1]])
+    outs, grads = [], []
+    for full in (True, False):
+        model.zero_grad()
+        out = model(ids, pixel_values=px, attention_mask=mask, labels=labels, force_path=force, return_logits=full)
+        out.loss.backward()
+        outs.append(out)
+        grads.append(model.language_model.lm_head.weight.grad.clone())
+    assert outs[1].logits is None
+    assert torch.allclose(outs[0].loss, outs[1].loss, atol=1e-6)
+    assert torch.allclose(outs[0].sample_loss, outs[1].sample_loss, atol=1e-6)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    model.eval()
+    with torch.no_grad():
+        for b in range(2):
+            real = mask[b].bool()
+            alone = model(ids[b : b + 1, real], pixel_values=px[b : b + 1], labels=labels[b : b + 1, real],
+                          force_path=force[b : b + 1])
+            assert torch.allclose(alone.lm_loss, outs[0].sample_loss[b], atol=1e-5), b

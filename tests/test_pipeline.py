@@ -21,8 +21,9 @@ DPN = str(Path(sys.executable).parent / "dpn")
 
 # The smallest pipeline that still exercises every step: two variants, two optimizer steps a stage.
 SMALL = """
-corpus: {n_pretrain: 64, n_instruct: 64, n_eval: 15}
+corpus: {n_pretrain: 64, n_instruct: 64, n_eval: 15, n_calibration: 15}
 variants: [dpn, none]
+routing: {samples: 8, fit_steps: 20}
 train_overrides: {optim.max_steps: 2, optim.global_batch_size: 16, vision_pretrain.steps: 3,
                   vision_pretrain.batch_size: 4, vision_pretrain.eval_images: 4, llm_pretrain.steps: 3,
                   llm_pretrain.bare_steps: 1, llm_pretrain.eval_questions: 5}
@@ -94,6 +95,12 @@ def test_killed_driver_resumes_without_recomputing_or_duplicate_runs(tmp_path):
     for row in summary["results"].values():
         assert 0.0 <= row["accuracy"]["synthetic"] <= 100.0 and row["prefill_tflops_per_sample"] > 0
     assert summary["results"]["dpn"]["prefill_tflops_per_sample"] < summary["results"]["none"]["prefill_tflops_per_sample"]
+    routing = summary["routing"]  # the registered (dpn) variant's routing, levels easiest first
+    assert list(routing["path_share_by_difficulty"]) == ["easy", "medium", "hard"]
+    assert list(routing["mean_tflops_by_difficulty"]) == ["easy", "medium", "hard"]
+    assert sum(routing["path_share"].values()) == pytest.approx(1.0)
+    for shares in routing["path_share_by_difficulty"].values():
+        assert sum(shares.values()) == pytest.approx(1.0)
 
     from pipelines import tracking
 
@@ -137,7 +144,8 @@ def test_plan_lists_the_dag_and_bad_configs_name_the_field(tmp_path):
     plan = last_json(out.stdout)["steps"]
     names = [s["name"] for s in plan]
     assert {"synth", "stage0_vision", "stage0_llm", "preprocess_pretrain", "preprocess_instruct",
-            "preprocess_instruct_router", "stage1", "stage2_dpn", "stage2_none", "evaluate", "register"} == set(names)
+            "preprocess_instruct_router", "preprocess_calibration", "stage1", "stage2_dpn", "stage2_none",
+            "route_calibrate", "evaluate", "register"} == set(names)
     assert all(s["action"] == "run" for s in plan)
     assert names.index("synth") < names.index("stage0_llm") < names.index("stage1")
     assert names.index("stage0_vision") < names.index("stage1") < names.index("stage2_dpn") < names.index("evaluate") < names.index("register")

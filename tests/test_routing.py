@@ -164,3 +164,12 @@ def test_budget_round_trips_through_save_pretrained(fitted, tables, tmp_path):
     with pytest.raises(ValueError, match="outside"):
         DPNForConditionalGeneration.from_pretrained(tmp_path, budget=0.01)
     set_budget(model, None)
+
+
+def test_budget_pass_without_losses_sees_every_state_and_prices_every_path(model, tables):
+    light = calibration_pass(model, batches(), losses=False)
+    assert torch.isnan(light.loss).all()
+    assert torch.allclose(light.flops_fraction, tables.flops_fraction, atol=1e-6)
+    assert set(light.states) == set(tables.states)
+    for prefix, x in tables.states.items():
+        assert torch.allclose(light.states[prefix], x, atol=1e-5)
