@@ -21,6 +21,7 @@ stage really runs on its own (shorter) sequence and each layer's KV cache keeps 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -280,18 +281,19 @@ class DPNPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_missing = [r"routers\.\d+\.input_(shift|scale)"]
 
     def _init_weights(self, module: nn.Module) -> None:
-        std = getattr(self.config.text_config, "initializer_range", 0.02)
         if isinstance(module, nn.Conv2d) and hasattr(module, "dpn_avg_init"):
             # Conv pooling experts start as average pooling over their kernel.
             nn.init.constant_(module.weight, module.dpn_avg_init)
             return
         if isinstance(module, DPNRouter):
-            nn.init.ones_(module.norm.weight)
-            nn.init.zeros_(module.norm.bias)
+            if isinstance(module.norm, nn.LayerNorm):
+                nn.init.ones_(module.norm.weight)
+                nn.init.zeros_(module.norm.bias)
             module.input_shift.zero_()
             module.input_scale.fill_(1.0)
             for lin in (module.fc1, module.fc2) if module.version == "mlp" else (module.fc,):
-                nn.init.normal_(lin.weight, mean=0.0, std=std)
+                # As the reference code (and torch's Linear default): kaiming-uniform, a = sqrt(5).
+                nn.init.kaiming_uniform_(lin.weight, a=math.sqrt(5))
             return
         super()._init_weights(module)
 

@@ -27,8 +27,15 @@ def llava_1_5_7b(**overrides: Any) -> DPNConfig:
     return DPNConfig(vision_config=CLIPVisionConfig(**_CLIP_L_336), text_config=text, image_token_id=32000, **overrides)
 
 
-def llava_1_5_13b(**overrides: Any) -> DPNConfig:
-    """LLaVA-1.5-13B: CLIP ViT-L/336 + Vicuna-13B v1.5 (40 layers, d=5120, FFN 13824)."""
+def llava_1_5_13b(dpe_placement: str = "reference", **overrides: Any) -> DPNConfig:
+    """LLaVA-1.5-13B: CLIP ViT-L/336 + Vicuna-13B v1.5 (40 layers, d=5120, FFN 13824).
+
+    dpe_placement: "reference" puts the DPE layers after decoder layers 7/15/23, as the authors' code
+    does for every model; "quarters" at the end of each quarter of the 40 layers (9/19/29), as for 32."""
+    if dpe_placement not in ("reference", "quarters"):
+        raise ValueError(f"dpe_placement must be 'reference' or 'quarters', got {dpe_placement!r}")
+    if dpe_placement == "reference":
+        overrides.setdefault("dpe_layers", [7, 15, 23])
     text = LlamaConfig(
         vocab_size=32064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
         num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096, rms_norm_eps=1e-5,

@@ -15,7 +15,9 @@ from dpn.geometry import pooled_grid
 
 class DPNRouter(nn.Module):
     """Dynamic Pooling Experts router: reads the host layer's hidden state at the `<ROUTER>` token(s) and
-    scores the experts. "mlp" is the paper's LayerNorm -> Linear(d, d/4) -> GELU -> Linear(d/4, E)."""
+    scores the experts. "mlp" is the paper's LayerNorm -> Linear(d, d/4) -> GELU -> Linear(d/4, E);
+    "linear" the reference code's ablation, Linear(d, E) alone (no LayerNorm). Both linears start as the
+    reference initialises them: kaiming-uniform with a = sqrt(5) (`DPNPreTrainedModel._init_weights`)."""
 
     def __init__(self, hidden_size: int, num_experts: int, version: str = "mlp"):
         super().__init__()
@@ -26,7 +28,7 @@ class DPNRouter(nn.Module):
         # alone does not bring out.
         self.register_buffer("input_shift", torch.zeros(hidden_size))
         self.register_buffer("input_scale", torch.ones(hidden_size))
-        self.norm = nn.LayerNorm(hidden_size)
+        self.norm = nn.LayerNorm(hidden_size) if version == "mlp" else nn.Identity()
         if version == "mlp":
             self.fc1 = nn.Linear(hidden_size, hidden_size // 4, bias=False)
             self.act = nn.GELU()

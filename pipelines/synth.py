@@ -550,6 +550,28 @@ def render(scene: Scene):  # -> PIL.Image.Image
     return image
 
 
+def pooled_cell_collisions(scene: Scene, image_size: int = 48, cell_px: int = 8) -> float:
+    """Share of the scene's objects that overlap a pooled cell holding another object, once the image is
+    padded to a square (centred, as LLaVA's `expand2square`) and resized to `image_size`, with cells of
+    `cell_px` pixels: 4 = the tiny preset's 4-px patches, 8 = after one (2, 2) expert, 16 = after two.
+    Why it matters: a max-pooled cell mixes every object in it, so from then on the LLM reads one token
+    for two objects -- which colour belongs to which shape, how many there are. The "hard" level is built
+    so this happens to about half its objects after a single (2, 2) expert (tests/test_synth.py), which is
+    what makes its questions need more visual tokens than "easy" ones."""
+    side = max(scene.width, scene.height)
+    scale = image_size / side
+    off_x, off_y = (side - scene.width) / 2, (side - scene.height) / 2
+    covered = []
+    for o in scene.objects:
+        x, y, r = (o.x + off_x) * scale, (o.y + off_y) * scale, o.r * scale
+        covered.append({(cx, cy) for cx in range(int((x - r) // cell_px), int((x + r) // cell_px) + 1)
+                        for cy in range(int((y - r) // cell_px), int((y + r) // cell_px) + 1)})
+    if not covered:
+        return 0.0
+    shared = sum(1 for i, c in enumerate(covered) if any(c & d for j, d in enumerate(covered) if j != i))
+    return shared / len(covered)
+
+
 def _encode(image, fmt: str) -> bytes:
     buf = io.BytesIO()
     if fmt == "png":

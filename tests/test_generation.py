@@ -33,6 +33,7 @@ def make_model(compressor, **kw):
     model = DPNForConditionalGeneration(test_tiny(compressor=compressor, router_token_id=ROUTER, **kw)).eval()
     if compressor == "dpn":
         for r in model.routers.values():  # opinionated routers: samples take different paths
+            torch.nn.init.normal_(r.fc1.weight, std=0.02)  # small first layer, large second: opinionated
             torch.nn.init.normal_(r.fc2.weight, std=5.0)
     return model
 

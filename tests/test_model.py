@@ -216,12 +216,17 @@ def test_router_choice_per_sample_matches_alone():
     """Without forced paths, each sample's own router decides, independent of its batch mates."""
     torch.manual_seed(3)
     model = DPNForConditionalGeneration(test_tiny(compressor="dpn", router_token_id=ROUTER)).eval()
-    for r in model.routers.values():  # make the routers opinionated so samples differ
-        torch.nn.init.normal_(r.fc2.weight, std=5.0)
     seqs = [image_prompt([1, k], [7, k + 2, ROUTER]) for k in range(3, 9)]
     px = torch.randn(len(seqs), 3, 16, 16)
     ids, mask = pad_batch(seqs)
     with torch.no_grad():
+        # Opinionated routers: inputs standardised over these samples (as dpn.routing.fit_routers does), a
+        # large last layer. Only the first DPE's inputs are fixed before routing, so standardise that one.
+        x = model(ids, pixel_values=px, attention_mask=mask, output_router_inputs=True).router_inputs[:, 0]
+        for r in model.routers.values():
+            r.input_shift.copy_(x.mean(0))
+            r.input_scale.copy_(1 / x.std(0).clamp(min=1e-6))
+            torch.nn.init.normal_(r.fc2.weight, std=5.0)
         batch = model(ids, pixel_values=px, attention_mask=mask)
         for b, s in enumerate(seqs):
             alone = model(torch.tensor([s]), pixel_values=px[b : b + 1])

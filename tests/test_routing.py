@@ -44,6 +44,7 @@ def model():
     m = DPNForConditionalGeneration(test_tiny(compressor="dpn", router_token_id=ROUTER,
                                               router_objective="counterfactual")).eval()
     for r in m.routers.values():  # opinionated routers: samples take different paths
+        torch.nn.init.normal_(r.fc1.weight, std=0.02)  # small first layer, large second: opinionated
         torch.nn.init.normal_(r.fc2.weight, std=5.0)
     return m
 
@@ -173,3 +174,53 @@ def test_budget_pass_without_losses_sees_every_state_and_prices_every_path(model
     assert set(light.states) == set(tables.states)
     for prefix, x in tables.states.items():
         assert torch.allclose(light.states[prefix], x, atol=1e-5)
+
+
+# ----- the random-routing control, router fidelity details -----------------------------------------------
+def test_random_compressor_draws_per_sample_as_alone_and_follows_the_shares():
+    torch.manual_seed(0)
+    shares = {"4-2-1": 3.0, "1-1-1": 1.0}
+    model = DPNForConditionalGeneration(test_tiny(compressor="random", random_path_shares=shares)).eval()
+    b = batches(n_batches=1, B=8, seed=3)[0]
+    with torch.no_grad():
+        out = model(b["input_ids"], pixel_values=b["pixel_values"], attention_mask=b["attention_mask"])
+        for i in range(8):
+            alone = model(b["input_ids"][i : i + 1], pixel_values=b["pixel_values"][i : i + 1])
+            assert alone.routing_paths[0].tolist() == out.routing_paths[i].tolist()
+    # 8x8 -> 4-2-1: [2, 1, -1] (the third DPE sees 8 < 16 tokens); 1-1-1: [0, 0, 0]
+    assert {tuple(p) for p in out.routing_paths.tolist()} <= {(2, 1, -1), (0, 0, 0)}
+    draws = []
+    with torch.no_grad():
+        for seed in range(12):
+            bb = batches(n_batches=1, B=8, seed=100 + seed)[0]
+            draws += [tuple(p) for p in model(bb["input_ids"], pixel_values=bb["pixel_values"]).routing_paths.tolist()]
+    share = sum(p == (2, 1, -1) for p in draws) / len(draws)
+    assert 0.6 < share < 0.9, share  # 3:1
+    with pytest.raises(ValueError, match="random_path_shares"):
+        test_tiny(compressor="random", random_path_shares={"4-2": 1.0})
+
+
+def test_router_versions_and_reference_init():
+    import math
+
+    from dpn.pyramid import DPNRouter
+
+    torch.manual_seed(0)
+    m = DPNForConditionalGeneration(test_tiny(compressor="dpn", router_version="linear"))
+    r = next(iter(m.routers.values()))
+    assert isinstance(r, DPNRouter) and isinstance(r.norm, torch.nn.Identity)  # the ablation has no LayerNorm
+    bound = 1 / math.sqrt(r.fc.weight.shape[1])  # kaiming-uniform with a = sqrt(5): U(-1/sqrt(fan_in), ..)
+    assert r.fc.weight.abs().max() <= bound and r.fc.weight.abs().max() > 0.8 * bound
+    mlp = next(iter(DPNForConditionalGeneration(test_tiny(compressor="dpn")).routers.values()))
+    assert isinstance(mlp.norm, torch.nn.LayerNorm)
+    assert mlp.fc2.weight.abs().max() <= 1 / math.sqrt(mlp.fc2.weight.shape[1])
+
+
+def test_13b_preset_places_dpes_as_the_reference_with_quarters_as_an_option():
+    from dpn.presets import get_preset
+
+    assert get_preset("llava-1.5-13b").dpe_layers == [7, 15, 23]
+    assert get_preset("llava-1.5-13b", dpe_placement="quarters").dpe_layers == [9, 19, 29]
+    assert get_preset("llava-1.5-7b").dpe_layers == [7, 15, 23]
+    with pytest.raises(ValueError, match="dpe_placement"):
+        get_preset("llava-1.5-13b", dpe_placement="thirds")

@@ -276,6 +276,34 @@ def test_difficulty_axis_is_balanced_and_hard_means_small_and_many(corpus):
             assert 3 <= len(widths) <= 6 and 5.5 < min(widths) and max(widths) < 11
 
 
+def test_hard_questions_need_more_visual_tokens_pooling_merges_their_objects(corpus):
+    """The benchmark property routing relies on: after one (2, 2) expert (8-px cells at the tiny preset's
+    48 px) about half of a hard scene's objects share a pooled token with another object, against few of
+    an easy scene's; after two (16-px cells) most do. A model that reads pooled tokens there can no longer
+    tell which colour goes with which shape."""
+    questions = _jsonl(corpus / "eval" / "synthetic" / "questions.jsonl")
+    scenes = {s["question_id"]: s for s in _jsonl(corpus / "eval" / "synthetic" / "scenes.jsonl")}
+
+    def mean_collisions(level: str, cell_px: int) -> float:
+        values = []
+        for q in questions:
+            if q["difficulty"] == level:
+                d = scenes[q["question_id"]]
+                scene = synth.Scene(d["width"], d["height"], d["background"], [synth.Obj(**o) for o in d["objects"]])
+                values.append(synth.pooled_cell_collisions(scene, 48, cell_px))
+        return sum(values) / len(values)
+
+    for cell in (8, 16):
+        assert mean_collisions("easy", cell) < mean_collisions("medium", cell) < mean_collisions("hard", cell)
+    assert mean_collisions("hard", 8) >= 0.35 and mean_collisions("easy", 8) <= 0.2
+    assert mean_collisions("hard", 16) >= 0.6
+    assert mean_collisions("hard", 4) <= 0.35  # at full resolution most hard objects still have own tokens
+    # Hand-checked: two 4-px objects 6 px apart share an 8-px cell but not a 4-px patch.
+    two = synth.Scene(48, 48, "white", [synth.Obj("circle", "red", "small", 1, 1, 1),
+                                        synth.Obj("square", "blue", "small", 6, 1, 1)])
+    assert synth.pooled_cell_collisions(two, 48, 8) == 1.0 and synth.pooled_cell_collisions(two, 48, 4) == 0.0
+
+
 def test_eval_plan_spreads_a_remainder_over_both_axes():
     plan = synth._eval_plan(random.Random(0), 47)
     # 47 = 3 x 15 + 2: the two extra questions go to cells 0 (easy, color) and 1 (medium, shape).
