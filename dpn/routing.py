@@ -305,6 +305,20 @@ def budget_curve(model, tables: CalibrationTables, biases: Iterable[float] | Non
     return {"bias": biases, "flops_fraction": fracs, "samples": tables.num_samples}
 
 
+def flops_floor(config) -> float:
+    """The least prefill FLOPs fraction any routing path can reach on this geometry: the cheapest path
+    with no text tokens (text is never pooled, so real samples sit above it). A budget below it can never
+    be met, whatever the data."""
+    factors = config.expert_factors
+    tc = config.text_config
+    best = 1.0
+    for path in all_paths(config):
+        vis, txt = analytic_token_counts(config, 0, [factors[j] for j in path], "dpn")
+        full = llm_prefill_flops(tc, [vis[0] + txt[0]] * len(vis))
+        best = min(best, llm_prefill_flops(tc, [v + t for v, t in zip(vis, txt, strict=True)]) / full)
+    return best
+
+
 def set_budget(model, budget: float | None, curve: Mapping[str, list[float]] | None = None) -> float:
     """Steer `model`'s routers to a mean prefill FLOPs `budget` (fraction of uncompressed; None = no
     bias): stores `curve` (else the model's own) and the budget in its config; returns the route_bias.
@@ -329,6 +343,7 @@ __all__ = [
     "calibration_pass",
     "cost_to_go",
     "fit_routers",
+    "flops_floor",
     "mu_for_fraction",
     "oracle_paths",
     "replay",

@@ -109,7 +109,10 @@ def calibrate(model_dir: str, shards: str, spec: CalibrationSpec, out_dir: str, 
         fit = fit_routers(model, tables, mu=mu, tau=spec.tau, steps=spec.fit_steps, seed=spec.seed)
         report["fit"] = asdict(fit)
     curve = budget_curve(model, tables)
-    bias = set_budget(model, spec.budget, curve)
+    try:
+        bias = set_budget(model, spec.budget, curve)
+    except ValueError as e:
+        raise ValueError(f"routing.budget: {e}") from None
     report.update({"budget": spec.budget, "route_bias": bias, "reachable": list(model.config.budget_range()),
                    "curve": curve})
     out = Path(out_dir)

@@ -138,6 +138,16 @@ class PipelineConfig:
             raise ValueError(f"eval_limit must be >= 1 or None, got {self.eval_limit}")
         if self.max_cpus <= 0:
             raise ValueError(f"max_cpus must be > 0, got {self.max_cpus}")
+        if self.routing.budget is not None and "dpn" in self.variants:
+            from dpn.presets import get_preset
+            from dpn.routing import flops_floor
+
+            floor = flops_floor(get_preset(_stage_config(self, 2, []).model.preset))
+            if self.routing.budget < floor:
+                raise ValueError(
+                    f"routing.budget {self.routing.budget:g} is below what any routing path reaches: at least "
+                    f"{floor:.3f} of the uncompressed prefill FLOPs on this geometry (route_calibrate reports "
+                    "the range measured on the calibration data)")
 
     def section(self, *names: str) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -451,3 +451,50 @@ def test_predictions_at_batch_8_equal_batch_1_with_routes_that_differ(assets):
     ), ([length[it.question_id] for it in items], paths)
     assert [r["text"] for r in eight] == [r["text"] for r in one]
     assert [r["metadata"]["routing_path"] for r in eight] == paths
+
+
+def test_routing_summary_and_table_order_levels_easiest_first():
+    def rec(path, tflops, difficulty):
+        return {"metadata": {"routing_path": path, "prefill_tflops": tflops, "prefill_tflops_exact": tflops,
+                             "baseline_prefill_tflops": 4.0, "vision_tflops": 0.5, "difficulty": difficulty}}
+
+    records = [rec("4-2-1", 1.0, "hard"), rec("1-1-1", 4.0, "hard"), rec("4-2-1", 1.0, "easy"),
+               rec("4-2-1", 1.0, "easy"), rec("2-2-2", 2.0, "medium")]
+    bench = {"primary": 60.0, **ev.aggregate(records),
+             "metrics": {"accuracy": 60.0, "num_samples": 5,
+                         "per_difficulty": {"hard": 50.0, "easy": 100.0, "medium": 0.0}},
+             "predictions": "p.jsonl"}
+    row = ev._row("m", "dpn", {"synthetic": bench})
+    rs = ev.routing_summary(row)
+    assert list(rs["path_share_by_difficulty"]) == ["easy", "medium", "hard"]
+    assert rs["path_share"] == pytest.approx({"1-1-1": 0.2, "2-2-2": 0.2, "4-2-1": 0.6})
+    assert rs["path_share_by_difficulty"]["hard"] == pytest.approx({"1-1-1": 0.5, "4-2-1": 0.5})
+    assert rs["mean_tflops_by_difficulty"] == pytest.approx({"easy": 1.0, "medium": 2.0, "hard": 2.5})
+    assert list(rs["accuracy_by_difficulty"]) == ["easy", "medium", "hard"]
+    metrics = ev.child_metrics(row)
+    assert metrics["routing/synthetic/hard/prefill_tflops_per_sample"] == pytest.approx(2.5)
+    assert metrics["routing/synthetic/hard/share_pct/1-1-1"] == pytest.approx(50.0)
+    table = ev.format_routing_table({"rows": [row]}).splitlines()
+    assert table[0].split()[:4] == ["m/dpn", "4-2-1", "1-1-1", "2-2-2"]
+    assert [line.split()[0] for line in table[1:4]] == ["easy", "medium", "hard"]
+    assert table[3].split()[1:3] == ["50.0", "50.0"]  # hard: half on 4-2-1, half on 1-1-1
+
+
+def test_budget_outside_the_calibrated_range_is_refused_naming_it(assets, tmp_path, capsys):
+    import json as _json
+
+    from jobs.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(assets["model"], model)
+    cfg = _json.loads((model / "config.json").read_text())
+    cfg["budget_curve"] = {"bias": [-10.0, 0.0, 10.0], "flops_fraction": [1.0, 0.8, 0.55]}
+    (model / "config.json").write_text(_json.dumps(cfg))
+    rc = main(["eval", "run", "--model", str(model), "--benchmarks", "synthetic", "--data-root",
+               str(assets["data_root"]), "--compressors", "dpn", "--budget", "0.3", "--no-tracking",
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "budget 0.3 is outside" in err and "[0.550, 1.000]" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match="has no budget_curve"):
+        ev.check_checkpoint(assets["model"], "dpn", budget=0.7)
+    assert ev.check_checkpoint(model, "dpn", budget=0.7)["budget_curve"]

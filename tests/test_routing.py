@@ -224,3 +224,17 @@ def test_13b_preset_places_dpes_as_the_reference_with_quarters_as_an_option():
     assert get_preset("llava-1.5-7b").dpe_layers == [7, 15, 23]
     with pytest.raises(ValueError, match="dpe_placement"):
         get_preset("llava-1.5-13b", dpe_placement="thirds")
+
+
+def test_flops_floor_is_the_cheapest_path_without_text():
+    from dpn.presets import get_preset
+    from dpn.routing import flops_floor
+
+    cfg = get_preset("llava-1.5-7b")
+    floor = flops_floor(cfg)
+    # 4-4-4 at 7B geometry: 576 visual tokens for 8 layers, 144, 36, 9 for 8 each; every path costs more
+    assert 0.2 < floor < 0.4
+    with pytest.raises(ValueError, match=r"routing.budget 0.1 is below .* at least 0\.\d+"):
+        from pipelines.workflow import tiny_pipeline
+
+        tiny_pipeline(routing={"budget": 0.1})
