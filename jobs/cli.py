@@ -17,6 +17,7 @@ _COMMAND_MODULES = (
     "jobs.eval",
     "jobs.pipeline",
     "jobs.submit",
+    "jobs.tokenizer",
 )
 
 
