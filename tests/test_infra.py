@@ -27,6 +27,7 @@ from infra_manifests import (
     validate,
     walk,
 )
+from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
@@ -128,9 +129,13 @@ def test_ray_versions_agree_with_the_image_and_pyproject():
 
 
 def test_mlflow_server_image_is_pinned_and_matches_the_client():
-    reqs = (INFRA / "mlflow" / "requirements.txt").read_text().split("\n")
-    pins = dict(line.split("==") for line in reqs if line and not line.startswith("#"))
+    reqs = [Requirement(line) for line in (INFRA / "mlflow" / "requirements.txt").read_text().split("\n")
+            if line and not line.startswith("#")]
+    assert all(len(r.specifier) == 1 and next(iter(r.specifier)).operator == "==" for r in reqs), reqs
+    pins = {r.name: next(iter(r.specifier)).version for r in reqs}
     assert set(pins) == {"mlflow", "psycopg2-binary", "boto3"}
+    # basic auth needs the `auth` extra (Flask-WTF): without it the server refuses to start.
+    assert next(r for r in reqs if r.name == "mlflow").extras == {"auth"}
     assert Version(pins["mlflow"]) in project_spec("mlflow")
     constraints = [line for line in (INFRA / "mlflow" / "constraints.txt").read_text().split("\n")
                    if line and not line.startswith("#")]
