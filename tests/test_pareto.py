@@ -220,6 +220,14 @@ def test_missing_step_and_default_budgets(pareto, capsys, work_dir):
     assert wd.budget_range == (0.4, 0.9)
     assert pareto.resolve_budgets(wd, None) == pytest.approx([0.525, 0.65, 0.775])  # 25 / 50 / 75% of the range
     assert pareto.resolve_budgets(wd, [0.4, 0.9]) == [0.4, 0.9]  # both ends are reachable
+    # A checkpoint given explicitly replaces the step's; a missing one is named.
+    cal = next((work_dir / "pipeline" / "steps" / "route_calibrate").glob("*/model"))
     shutil.rmtree(work_dir / "pipeline" / "steps" / "stage2_none")
     err = _run_bad(pareto, capsys, ["--work-dir", str(work_dir)])
     assert "stage2_none" in err
+    none = work_dir / "elsewhere"
+    none.mkdir()
+    (none / "config.json").write_text(json.dumps({"compressor": "none"}))
+    assert pareto.resolve_work_dir(str(work_dir), str(cal), str(none)).none_dir == none
+    err = _run_bad(pareto, capsys, ["--work-dir", str(work_dir), "--none-model", str(work_dir / "nope")])
+    assert "--none-model" in err and "nope" in err
