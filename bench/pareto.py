@@ -47,6 +47,9 @@ interval below 0 against it is a warning sign, not a test; the ci95 rule is the 
 Runtime: one process, `--threads` torch threads (default 1: on this shared 2-core machine, busy with other jobs,
 32 questions took 1.7 s with one thread and 13 s with two), batch 16, 4 new tokens. A point is one pass over
 the questions: 42 passes on the tiny preset (27 static paths of which 25 differ: see `effective_path`).
+Measured here on the demo's checkpoints (tiny preset; stage2_none of /work/exp/w1, a counterfactual stage-2
+dpn calibrated with the pipeline's defaults): 1,200 questions 28.6 min wall / 9.1 min CPU (the busy machine
+gave the process about a third of a core), 300 questions 7.5 min wall; ci95 half-widths ~2.7 / ~5.5 points.
 
 Output: progress and a table on stderr, `OUT/pareto.json` and `OUT/pareto.png`, one MLflow run "pareto" in
 the work dir's store (`--no-mlflow` skips it), and the JSON as the last stdout line. OUT = `--out-dir`,
