@@ -140,7 +140,7 @@ def postgres(tmp: Path):
 
 
 def submit_and_check(tmp: Path, tracking_uri: str) -> None:
-    from pipelines import tracking
+    from pipelines import registry, tracking
 
     cfg = tmp / "pipeline.yaml"
     cfg.write_text(SMALL)
@@ -162,7 +162,7 @@ def submit_and_check(tmp: Path, tracking_uri: str) -> None:
     assert tracking.metric_history(steps["stage2_dpn"]["run_id"], "loss/lm", tracking_uri=tracking_uri)
     model = tracking.download_artifacts(steps["stage2_dpn"]["run_id"], "model", tmp / "dl", tracking_uri=tracking_uri)
     assert (model / "model.safetensors").is_file() and (model / "config.json").is_file()
-    champion = tracking.get_alias("dpn", tracking.CHAMPION, tracking_uri=tracking_uri)
+    champion = tracking.get_alias("dpn", registry.CHAMPION, tracking_uri=tracking_uri)
     assert champion is not None and champion["run_id"] == steps["stage2_dpn"]["run_id"]
 
 
