@@ -260,7 +260,7 @@ def plot_routing_by_difficulty(summary: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
-# ----- tracking ----------------------------------------------------------------------------------------
+# ----- MLflow metric keys, routing summaries ----------------------------------------------------------
 def _metric_key(*parts: str) -> str:
     return "/".join(_METRIC_KEY_BAD.sub("_", str(p)) for p in parts)
 

@@ -128,14 +128,7 @@ class SynthConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Scenes
-
-
-# --- the five question builders: each draws a scene in which `answer` is the true answer -------------
-
-
-# ----------------------------------------------------------------------------------------------------
-# Drawing
+# Files
 
 
 def _image_format(rng: random.Random, png_fraction: float) -> str:
@@ -159,7 +152,7 @@ def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The three splits
+# The splits (pretrain, instruct, calibration, eval)
 
 
 def _rng(seed: int, split: str) -> random.Random:

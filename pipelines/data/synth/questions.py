@@ -77,6 +77,9 @@ class QA:
     sentence: str  # the same answer as a sentence (conversation-style records)
 
 
+# --- the five question builders: each draws a scene in which `answer` is the true answer -------------
+
+
 def _add_with_others(rng: random.Random, scene: Scene, level: str, target: tuple[str, str], **others: Any) -> None:
     """Place `target` (colour, shape) among random other objects drawn by `random_combos(**others)`."""
     n = rng.randint(*count_range(level))
