@@ -359,8 +359,11 @@ def test_stage2_trains_llm_projector_and_fresh_routers(stages):
 
     for i in range(tiny().text_config.num_hidden_layers):  # every decoder layer's attention projections moved
         assert _changed(before, after, f"language_model.model.layers.{i}.self_attn.")[0] == 4
-    n, total = _changed(fresh, after, "routers.")
-    assert total == 12 and n >= 9  # 3 routers x (norm w/b, fc1, fc2); each routed DPE got gradients
+    params = [k for k in fresh if k.startswith("routers.") and not k.endswith(("input_shift", "input_scale"))]
+    changed = [k for k in params if not torch.equal(fresh[k], after[k])]
+    assert len(params) == 12 and len(changed) >= 9  # 3 routers x (norm w/b, fc1, fc2); each routed DPE got gradients
+    # The input standardisation is a buffer set by route calibration only (`dpn.routing.fit_routers`).
+    assert _changed(fresh, after, "routers.")[0] == len(changed)
 
 
 @pytest.mark.slow

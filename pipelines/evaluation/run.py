@@ -158,6 +158,7 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+# ~80 lines with its docstring: the evaluation's stages in order (check, plan, fan out, score, report, log).
 def run_evaluation(
     config: EvalConfig, *, tracking: TrackingOptions | None = None, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
