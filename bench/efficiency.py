@@ -177,6 +177,7 @@ def analytic_7b(n_text: int, dpn_paths, methods) -> list[dict]:
     return out
 
 
+# Long on purpose: one measurement protocol (build, warm up, interleave methods, record) read top to bottom.
 def measured(args) -> tuple[dict, list[dict]]:
     import torch
 

@@ -22,7 +22,7 @@
 Why a plain loop and not `dpn train`: the question here is how many optimizer steps (and which data mix)
 the tiny geometry needs before it reads the image, and iterating on that through Ray Train + DeepSpeed
 costs ~30-60 s of start-up per try. The loop trains the same `tiny` model with the recipes' optimizer
-(AdamW, warmup + the schedule from `pipelines.train.lr_factor`, global-norm clipping) on the micro-batches the
+(AdamW, warmup + the schedule from `pipelines.training.schedule.lr_factor`, global-norm clipping) on the micro-batches the
 training loader makes (`pipelines.data.loader.iter_micro_batches`), and scores with the pipeline's own
 `predict` + `score_synthetic`, so a step count found here carries over to the recipes (whose global batch
 is spread over workers, which changes nothing but wall time).
@@ -33,7 +33,7 @@ Modes:
             difficulty, against the chance levels in the corpus manifest) and the answers' variety
             is reported (a model that ignores the image gives one answer per question type).
     probe   the easiest visual task there is: one large object of one of the six corpus colours on a
-            corpus canvas (drawn by `pipelines.synth.render`), "what colour" -> the colour's token
+            corpus canvas (drawn by `pipelines.data.synth.rendering.render`), "what colour" -> the colour's token
             right after the image; `--objects 2` asks the colour of the object of a named shape among
             two (binding; `--hops 1` puts the answer right after the shape word instead of one token
             later; `--vision` starts from stage 0's tower); `--skills shape|both` asks the shape, or
@@ -52,7 +52,7 @@ Modes:
             background tokens (as an image's patches), or `--separate` words per object (colour, shape,
             comma: as captions and the oracle write scenes). How many steps binding takes when the
             vision side is perfect, and what the scene's length and form cost.
-    lm      the tiny recipe's LLM stage 0 (`pipelines.llm_pretrain`): the tiny LLM alone on instruct records
+    lm      the tiny recipe's LLM stage 0 (`pipelines.training.stage0.llm`): the tiny LLM alone on instruct records
             drawn fresh by the corpus generator, every image replaced by its scene as object tokens
             (`<red_circle>`, one per object left to right): how fast the LLM learns the questions when
             perception is perfect. `--bare-steps N` first trains N steps on the bare questions (one short-
@@ -61,7 +61,7 @@ Modes:
             `--target` stops early. `--save` writes the LLM (object tokens dropped) and the corpus
             tokenizer for `corpus --llm`: a stand-in for the pretrained LLM the real recipes start from.
             (Rounds 6-7 in RESULTS trained on the corpus' own records and scored on its benchmark.)
-    vision  the tiny recipe's stage 0 (`pipelines.vision_pretrain`): pre-train the tiny vision tower alone
+    vision  the tiny recipe's stage 0 (`pipelines.training.stage0.vision`): pre-train the tiny vision tower alone
             to name the colour and shape of the object under each patch (scenes drawn by the corpus
             generator; labels from the scene geometry) and `--save` it for `corpus --vision`: what a
             CLIP-initialised recipe starts with and a random tiny one lacks.
@@ -88,6 +88,8 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dpn.compressors import COMPRESSORS  # noqa: E402 (after the path set-up above; no torch at import)
 
 TRAIN_PREFIXES = ("multi_modal_projector.", "language_model.", "routers.", "pool_experts.")
 
@@ -156,7 +158,7 @@ def _step(loss_fn, params, opt, micro_batches, step: int, args) -> float:
     """One optimizer step (scheduled lr, accumulation, clipping); `loss_fn(micro_batch)` -> scalar loss."""
     import torch
 
-    from pipelines.train import lr_factor
+    from pipelines.training.schedule import lr_factor
 
     for group in opt.param_groups:
         group["lr"] = args.lr * lr_factor(step, args.steps, args.warmup_ratio, args.schedule)
@@ -176,10 +178,11 @@ def _step(loss_fn, params, opt, micro_batches, step: int, args) -> float:
 # ----- text oracle ----------------------------------------------------------------------------------
 def _scene_text(scene: dict) -> str:
     """A scene record (`scenes.jsonl`) as the text that replaces its image: the corpus' caption."""
-    from pipelines import synth
+    from pipelines.data.synth.questions import caption
+    from pipelines.data.synth.scenes import Obj, Scene
 
-    sc = synth.Scene(scene["width"], scene["height"], scene["background"], [synth.Obj(**o) for o in scene["objects"]])
-    return f"Scene: {synth.caption(sc)}."
+    sc = Scene(scene["width"], scene["height"], scene["background"], [Obj(**o) for o in scene["objects"]])
+    return f"Scene: {caption(sc)}."
 
 
 def run_oracle(args) -> dict:
@@ -200,14 +203,16 @@ def run_oracle(args) -> dict:
 
 
 # ----- corpus mode ----------------------------------------------------------------------------------
+# Long on purpose: the bench's whole corpus experiment (model, data, loop, evaluations) in the order it runs.
 def run_corpus(args) -> dict:
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
     from dpn.eval.scoring import score_synthetic
-    from dpn.image_processing import build_image_processor
+    from dpn.inference import predict
+    from dpn.processing_dpn import DPNProcessor
     from pipelines.data.loader import iter_micro_batches, open_shards
-    from pipelines.evaluate import load_benchmark, predict
+    from pipelines.evaluation.benchmarks import load_benchmark
 
     corpus = Path(args.corpus)
     manifest = json.loads((corpus / "manifest.json").read_text())
@@ -240,7 +245,7 @@ def run_corpus(args) -> dict:
             dataclasses.replace(it, text=f"{_scene_text(scenes[it.question_id])}\n{it.text}", image=None)
             for it in bench.items])
     truth = {g["question_id"]: g for g in bench.ground_truth}
-    processor = build_image_processor(model.config.vision_config.image_size)
+    processor = DPNProcessor.from_model_config(model.config, tokenizer)
     params, opt = _optimizer(model, args)
     table = pq.read_table(list(info.files))
 
@@ -253,7 +258,7 @@ def run_corpus(args) -> dict:
 
     def evaluate(step: int) -> dict:
         model.eval()
-        records = predict(model, tokenizer, processor, bench.items, compressor=args.compressor, benchmark="synthetic",
+        records = predict(model, processor, bench.items, compressor=args.compressor, benchmark="synthetic",
                           model_id="learnability", batch_size=16, max_new_tokens=8)
         model.train()
         scores = score_synthetic([(truth[r["question_id"]], r["text"]) for r in records])
@@ -295,11 +300,12 @@ def run_corpus(args) -> dict:
 # ----- probe mode -----------------------------------------------------------------------------------
 def _probe_sample(rng: random.Random, objects: int):
     """(image, colour index, asked-shape index): one or two large objects on a corpus canvas."""
-    from pipelines import synth
+    from pipelines.data.synth.rendering import render
+    from pipelines.data.synth.scenes import BACKGROUNDS, CANVASES, COLOR_NAMES, SHAPES, Obj, Scene
 
-    colors, shapes = list(synth.COLOR_NAMES), list(synth.SHAPES)
-    w, h = rng.choice(synth.CANVASES)
-    scene = synth.Scene(w, h, rng.choice(sorted(synth.BACKGROUNDS)))
+    colors, shapes = list(COLOR_NAMES), list(SHAPES)
+    w, h = rng.choice(CANVASES)
+    scene = Scene(w, h, rng.choice(sorted(BACKGROUNDS)))
     side = max(w, h)
     picked_colors = rng.sample(range(len(colors)), objects)
     picked_shapes = rng.sample(range(len(shapes)), objects)
@@ -310,8 +316,8 @@ def _probe_sample(rng: random.Random, objects: int):
         x = round(w * fx + rng.uniform(-0.08, 0.08) * w)
         y = round(h * fy + rng.uniform(-0.2, 0.2) * h)
         x, y = min(max(x, r + 1), w - r - 2), min(max(y, r + 1), h - r - 2)
-        scene.objects.append(synth.Obj(shape=shapes[s], color=colors[c], size="large", x=x, y=y, r=r))
-    return synth.render(scene), picked_colors[0], picked_shapes[0]
+        scene.objects.append(Obj(shape=shapes[s], color=colors[c], size="large", x=x, y=y, r=r))
+    return render(scene), picked_colors[0], picked_shapes[0]
 
 
 def run_probe(args) -> dict:
@@ -485,12 +491,12 @@ def run_text(args) -> dict:
 
 # ----- lm mode --------------------------------------------------------------------------------------
 def run_lm(args) -> dict:
-    """The tiny recipe's LLM stage 0 (`pipelines.llm_pretrain`) with the bench's step counts, curriculum and
+    """The tiny recipe's LLM stage 0 (`pipelines.training.stage0.llm`) with the bench's step counts, curriculum and
     lr: the tiny LLM alone on fresh instruct records with every scene as object tokens, bare form first.
     `--target` stops it once the held-out accuracy in the template reaches that (100: never early);
     `--save` writes the LLM with the corpus tokenizer for `corpus --llm`."""
-    from pipelines.llm_pretrain import pretrain_llm
     from pipelines.recipes import LLMPretrainSpec
+    from pipelines.training.stage0.llm import pretrain_llm
 
     spec = LLMPretrainSpec(steps=args.steps, bare_steps=args.bare_steps, bare_mix=args.bare_mix,
                            target_accuracy_pct=args.target, batch_size=args.batch, lr=args.lr,
@@ -505,10 +511,10 @@ def run_lm(args) -> dict:
 
 # ----- vision mode ----------------------------------------------------------------------------------
 def run_vision(args) -> dict:
-    """Stage 0 of the tiny recipe (`pipelines.vision_pretrain`) with the bench's step count, batch and lr;
+    """Stage 0 of the tiny recipe (`pipelines.training.stage0.vision`) with the bench's step count, batch and lr;
     `--save` writes the tower (a CLIPVisionModel directory) for `corpus --vision`."""
     from pipelines.recipes import VisionPretrainSpec
-    from pipelines.vision_pretrain import pretrain_vision
+    from pipelines.training.stage0.vision import pretrain_vision
 
     spec = VisionPretrainSpec(steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_ratio=args.warmup_ratio,
                               schedule=args.schedule, grad_clip=args.grad_clip, seed=args.seed,
@@ -518,6 +524,7 @@ def run_vision(args) -> dict:
     return {"mode": "vision", **{k: v for k, v in summary.items() if k != "evals"}, "batch": args.batch, "lr": args.lr}
 
 
+# Long on purpose: one flat list of the six modes' command-line options.
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("mode", choices=("corpus", "probe", "vision", "oracle", "text", "lm"))
@@ -536,7 +543,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="oracle mode: where to write the text-oracle annotations (a LLaVA JSON array)")
     ap.add_argument("--text-oracle", action="store_true",
                     help="corpus mode: ask the benchmark with each image's scene as text (shards made from `oracle`)")
-    ap.add_argument("--compressor", default="none", choices=("none", "dpn", "static"))
+    ap.add_argument("--compressor", default="none", choices=COMPRESSORS)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=16, help="samples per optimizer step")
     ap.add_argument("--micro-batch", type=int, default=8)

@@ -55,7 +55,7 @@ def _load() -> float:
 def _corpus(work: Path) -> Path:
     corpus = work / "corpus"
     if not (corpus / "manifest.json").is_file():
-        from pipelines.synth import generate_corpus
+        from pipelines.data.synth.corpus import generate_corpus
 
         generate_corpus(corpus, seed=0)
     return corpus
@@ -90,7 +90,7 @@ def _loop(cfg, block_rows: list[int]) -> dict:
     same writer, same blocks; no fingerprint and no byte offsets, which it does not need."""
     import ijson
 
-    from pipelines.preprocess import _WorkerSpec, build_processor, write_block
+    from pipelines.data.preprocess import _WorkerSpec, build_processor, write_block
 
     proc = build_processor(_WorkerSpec.from_config(cfg))
     out = Path(tempfile.mkdtemp(dir=cfg.out))
@@ -162,7 +162,7 @@ def _workloads(work: Path, repeat: int) -> dict[str, dict]:
 
 def section_throughput(work: Path, cpus: int, repeat: int, rounds: int, workloads: list[str]) -> dict:
     from pipelines.data.loader import open_shards
-    from pipelines.preprocess import PreprocessConfig, ensure_ray, plan_blocks, preprocess
+    from pipelines.data.preprocess import PreprocessConfig, ensure_ray, plan_blocks, preprocess
 
     ensure_ray(cpus)  # workers at nice 0, like the loop (Ray's default is 15)
     result: dict = {"cpus": cpus, "rounds": rounds}
@@ -219,7 +219,7 @@ def section_loader(work: Path, cpus: int, repeat: int) -> dict:
     import pyarrow.parquet as pq
 
     from pipelines.data.loader import iter_micro_batches, open_shards
-    from pipelines.preprocess import PreprocessConfig, ensure_ray, preprocess
+    from pipelines.data.preprocess import PreprocessConfig, ensure_ray, preprocess
 
     ensure_ray(cpus)  # workers at nice 0, like the loop (Ray's default is 15)
     result: dict = {}

@@ -1,4 +1,5 @@
-"""Batching of tokenized samples (and their images) into model inputs."""
+"""Batching of tokenized samples (and their images) into model inputs, and reading back which side a
+batch is padded on."""
 
 from __future__ import annotations
 
@@ -76,3 +77,35 @@ def collate(samples: Sequence[Mapping], pad_token_id: int, padding_side: Literal
     if images:
         out["pixel_values"] = torch.stack(images)  # (N_img, 3, H, W)
     return out
+
+
+def padding_side_of(attention_mask: torch.Tensor) -> str:
+    """"none", "left" or "right": where a batch's padding sits. Each row's real tokens must be contiguous
+    and every padded row padded on the same side; anything else is refused, naming the row.
+
+    Why it matters: after pooling, samples of one batch have different lengths and are padded again. An
+    unpadded batch is re-padded on the left, so that the last position of every row stays its last real
+    token (what generation reads) whatever path each sample took; a right-padded one on the right.
+    """
+    mask = attention_mask.bool()
+    n = mask.sum(-1)  # (B,)
+    first = mask.long().argmax(-1)  # (B,) first real position (0 for an empty row)
+    L = mask.shape[1]
+    sides = set()
+    for b in range(mask.shape[0]):
+        nb, fb = int(n[b]), int(first[b])
+        if nb == 0:
+            raise ValueError(f"row {b} of attention_mask has no real token")
+        if not bool(mask[b, fb : fb + nb].all()):
+            raise ValueError(f"row {b} of attention_mask has padding between real tokens; pad on one side only")
+        if nb == L:
+            continue
+        if fb + nb == L:
+            sides.add("left")
+        elif fb == 0:
+            sides.add("right")
+        else:
+            raise ValueError(f"row {b} of attention_mask is padded on both sides; pad on one side only")
+    if len(sides) > 1:
+        raise ValueError("attention_mask mixes left- and right-padded rows; pad every row on the same side")
+    return sides.pop() if sides else "none"

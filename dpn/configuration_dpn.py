@@ -154,6 +154,11 @@ class DPNConfig(PreTrainedConfig):
                 "the pyramid pools the visual patch grid, which needs vision_feature_select_strategy='default' "
                 f"(CLS dropped), got {self.vision_feature_select_strategy!r}"
             )
+        self._check_pyramid(n_layers)
+        self._check_peers_and_routing(n_layers)
+
+    def _check_pyramid(self, n_layers: int) -> None:
+        """DPE layers, experts, gate and the static path (defaults filled in)."""
         if self.dpe_layers is None:
             self.dpe_layers = default_dpe_layers(n_layers)
         self.dpe_layers = [int(i) for i in self.dpe_layers]
@@ -192,6 +197,9 @@ class DPNConfig(PreTrainedConfig):
         bad = [f for f in self.static_path if f not in factors]
         if bad:
             raise ValueError(f"static_path factors must be expert factors {factors}, got {bad}")
+
+    def _check_peers_and_routing(self, n_layers: int) -> None:
+        """FastV / PDrop settings, the router objective, the budget knob and the vision feature layer."""
         if not 1 <= self.fastv_layer < n_layers:
             # Layer K-1's attention ranks the tokens FastV keeps from layer K on: there is none before layer 0.
             raise ValueError(f"fastv_layer must lie in [1, {n_layers - 1}], got {self.fastv_layer}")

@@ -33,11 +33,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Literal
 
 from dpn.constants import IGNORE_INDEX, IMAGE_TOKEN, ROUTER_TOKEN
+
+if TYPE_CHECKING:  # annotations only: the templates are read by configs that must not import transformers
+    from transformers import PreTrainedTokenizerBase
 
 HUMAN, GPT = "human", "gpt"
 

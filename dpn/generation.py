@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dpn.collate import padding_side_of
+
 
 @dataclass
 class GenerationOutput:
@@ -33,9 +35,7 @@ class GenerationOutput:
 def left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad: int, *rows_of: torch.Tensor):
     """Right-padded (or unpadded) rows -> left-padded ones: each row's real tokens moved to its end.
     Positions are counted over real tokens only, so this changes no logit."""
-    from dpn.modeling_dpn import padding_side
-
-    if padding_side(attention_mask) != "right":
+    if padding_side_of(attention_mask) != "right":
         return (input_ids, attention_mask, *rows_of)
     n = attention_mask.long().sum(-1)  # (B,)
     L = input_ids.shape[1]

@@ -31,9 +31,11 @@ from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, PreTrain
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
+from dpn.collate import padding_side_of
 from dpn.compressors import POOLING, PRUNING, parse_path
 from dpn.configuration_dpn import DPNConfig
 from dpn.constants import IGNORE_INDEX
+from dpn.generation import generate as _generate
 from dpn.geometry import kept_count
 from dpn.pruning import query_attention, query_weights, top_visual
 from dpn.pyramid import DPNRouter, PoolingExperts, choose_experts, routing_loss, sample_seeds, valid_experts
@@ -216,38 +218,6 @@ def build_attention_mask(kv_mask: torch.Tensor, q_len: int, dtype: torch.dtype) 
     mask = torch.zeros(allowed.shape, dtype=dtype, device=kv_mask.device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
-
-
-def padding_side(attention_mask: torch.Tensor) -> str:
-    """"none", "left" or "right": where a batch's padding sits. Each row's real tokens must be contiguous
-    and every padded row padded on the same side; anything else is refused, naming the row.
-
-    Why it matters: after pooling, samples of one batch have different lengths and are padded again. An
-    unpadded batch is re-padded on the left, so that the last position of every row stays its last real
-    token (what generation reads) whatever path each sample took; a right-padded one on the right.
-    """
-    mask = attention_mask.bool()
-    n = mask.sum(-1)  # (B,)
-    first = mask.long().argmax(-1)  # (B,) first real position (0 for an empty row)
-    L = mask.shape[1]
-    sides = set()
-    for b in range(mask.shape[0]):
-        nb, fb = int(n[b]), int(first[b])
-        if nb == 0:
-            raise ValueError(f"row {b} of attention_mask has no real token")
-        if not bool(mask[b, fb : fb + nb].all()):
-            raise ValueError(f"row {b} of attention_mask has padding between real tokens; pad on one side only")
-        if nb == L:
-            continue
-        if fb + nb == L:
-            sides.add("left")
-        elif fb == 0:
-            sides.add("right")
-        else:
-            raise ValueError(f"row {b} of attention_mask is padded on both sides; pad on one side only")
-    if len(sides) > 1:
-        raise ValueError("attention_mask mixes left- and right-padded rows; pad every row on the same side")
-    return sides.pop() if sides else "none"
 
 
 def last_real_positions(hidden: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -545,16 +515,48 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
         """
         if cache is not None and cache.stage_masks:
             return self._decode_step(input_ids, cache, attention_mask, logits_to_keep)
-        cfg = self.config
-        B, L = input_ids.shape
         device = input_ids.device
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.bool()
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} differs from input_ids shape {tuple(input_ids.shape)}")
-        left_pad = padding_side(attention_mask) != "right"
+        if not return_logits and labels is None:
+            raise ValueError("return_logits=False needs labels (it computes the loss only)")
+        if labels is not None and logits_to_keep:
+            raise ValueError("labels cannot be combined with logits_to_keep")
 
+        state = self._prefill_state(input_ids, pixel_values, attention_mask, labels, route_index)
+        if force_path is None and self.config.compressor == "random":
+            force_path = self._random_paths(input_ids, attention_mask, pixel_values)
+        routing = self._new_routing(input_ids.shape[0], force_path, output_router_inputs)
+        if use_cache and cache is None:
+            cache = DPNCache(self.config.text_config)
+        vis_counts, txt_counts = self._run_layers(state, routing, cache, use_cache)
+
+        hidden = self.decoder.norm(state.hidden)
+        out_mask = state.mask
+        if logits_to_keep:
+            hidden, out_mask = last_real_positions(hidden, state.mask, logits_to_keep)
+        logits = self.language_model.lm_head(hidden) if return_logits else None  # (B, L_last, V)
+        losses = self._losses(hidden, logits, state.targets, routing) if state.targets is not None else {}
+        return DPNOutput(
+            **losses,
+            logits=logits,
+            cache=cache,
+            attention_mask=out_mask,
+            routing_paths=routing.paths.to(device),
+            routing_probs=routing.probs.to(device),
+            visual_tokens_per_layer=vis_counts.to(device),
+            text_tokens_per_layer=txt_counts.to(device),
+            router_inputs=None if routing.inputs is None else routing.inputs.to(device),
+        )
+
+    def _prefill_state(self, input_ids, pixel_values, attention_mask, labels, route_index) -> _SequenceState:
+        """The prefill's sequence state: embeddings with the image features in place, each sample's visual
+        span and grid, the shifted targets, and the positions the router / the pruning query reads."""
+        cfg = self.config
+        left_pad = padding_side_of(attention_mask) != "right"
         embeds, vis_start, grid = self._embed_inputs(input_ids, pixel_values, attention_mask)
         targets = None
         if labels is not None:
@@ -564,28 +566,31 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
             targets = targets.masked_fill(~attention_mask, IGNORE_INDEX)
         route_w = self._route_weights(input_ids, attention_mask, labels, cfg.router_token_id, route_index)
         query_w = query_weights(attention_mask, labels, route_index) if cfg.compressor in PRUNING else None
-        state = _SequenceState(embeds, attention_mask, vis_start, list(grid), targets, route_w, left_pad, query_w)
+        return _SequenceState(embeds, attention_mask, vis_start, list(grid), targets, route_w, left_pad, query_w)
 
+    def _new_routing(self, batch: int, force_path: torch.Tensor | None, output_router_inputs: bool) -> _Routing:
+        cfg = self.config
+        n_dpe = len(cfg.dpe_layers)
+        return _Routing(
+            paths=torch.full((batch, n_dpe), -1, dtype=torch.long), probs=torch.zeros(batch, n_dpe, len(cfg.experts)),
+            routed_probs=[], force_path=force_path,
+            inputs=torch.zeros(batch, n_dpe, cfg.text_config.hidden_size) if output_router_inputs else None,
+        )
+
+    def _run_layers(self, state: _SequenceState, routing: _Routing, cache: DPNCache | None, use_cache: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the decoder layers over `state`, pooling at the DPE layers (or pruning, FastV / PDrop) as
+        the compressor says. Returns the visual and text token counts each layer saw, (B, n_layers) each."""
+        cfg = self.config
         layers = self.decoder.layers
-        n_layers = len(layers)
+        B, n_layers = state.hidden.shape[0], len(layers)
         dpe = {layer: k for k, layer in enumerate(cfg.dpe_layers)} if cfg.compressor in POOLING else {}
         # FastV ranks by the attention of the last layer that sees every visual token (K-1) and prunes on
         # entering layer K, as its code does; PDrop ranks by each of its layers' own attention, before it.
         fastv_rank_layer = cfg.fastv_layer - 1 if cfg.compressor == "fastv" else -1
         pdrop_layers = set(cfg.pdrop_layers) if cfg.compressor == "pdrop" else set()
-        n_dpe = len(cfg.dpe_layers)
-        if force_path is None and cfg.compressor == "random":
-            force_path = self._random_paths(input_ids, attention_mask, pixel_values)
-        routing = _Routing(
-            paths=torch.full((B, n_dpe), -1, dtype=torch.long), probs=torch.zeros(B, n_dpe, len(cfg.experts)),
-            routed_probs=[], force_path=force_path,
-            inputs=torch.zeros(B, n_dpe, cfg.text_config.hidden_size) if output_router_inputs else None,
-        )
         vis_counts = torch.zeros(B, n_layers, dtype=torch.long)
         txt_counts = torch.zeros(B, n_layers, dtype=torch.long)
-        if use_cache and cache is None:
-            cache = DPNCache(self.config.text_config)
-
         stage_inputs = None  # (attention mask, rotary embeddings, position ids) of the current stage
         for i, layer in enumerate(layers):
             if i in dpe and cfg.location == "pre":
@@ -616,58 +621,38 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
                 stage_inputs = None
             if i == fastv_rank_layer and self._prune_visual(state, layer, layer_input, pos_emb, 1.0 - cfg.fastv_ratio):
                 stage_inputs = None
+        return vis_counts, txt_counts
 
-        hidden = self.decoder.norm(state.hidden)
-        out_mask = state.mask
-        if logits_to_keep:
-            hidden, out_mask = last_real_positions(hidden, state.mask, logits_to_keep)
-        if not return_logits and targets is None:
-            raise ValueError("return_logits=False needs labels (it computes the loss only)")
-        logits = self.language_model.lm_head(hidden) if return_logits else None  # (B, L_last, V)
-
-        loss = lm_loss = route_loss = n_sup = sample_loss = None
-        if targets is not None:
-            if logits_to_keep:
-                raise ValueError("labels cannot be combined with logits_to_keep")
-            sup = state.targets != IGNORE_INDEX  # (B, L_last)
-            n_sup = sup.sum()
-            token_ce = torch.zeros(sup.shape, dtype=torch.float32, device=hidden.device)  # (B, L_last)
-            if int(n_sup) > 0:
-                # Only supervised positions need logits: at 7B the LM head is a 32000 x 4096 matmul per token.
-                sup_logits = logits[sup] if logits is not None else self.language_model.lm_head(hidden[sup])  # (n_sup, V)
-                token_ce[sup] = F.cross_entropy(sup_logits.float(), state.targets[sup], reduction="none")
-            per_sample = sup.sum(-1)  # (B,)
-            sample_loss = (token_ce.sum(-1) / per_sample.clamp(min=1)).detach()
-            if int(n_sup) > 0:
-                lm_loss = token_ce.sum() / n_sup
-            else:  # every sample masked (e.g. tokenization mismatches): zero loss that keeps the graph
-                lm_loss = hidden.sum() * 0.0
-            loss = lm_loss
-            if cfg.compressor == "dpn" and cfg.router_objective == "reference":
-                probs = torch.cat(routing.routed_probs) if routing.routed_probs else hidden.new_zeros(0, len(cfg.experts))
-                route_loss = routing_loss(probs, torch.tensor(cfg.expert_scores), cfg.route_loss_target)
-                loss = lm_loss + cfg.route_loss_coef * route_loss
-        return DPNOutput(
-            loss=loss,
-            lm_loss=lm_loss,
-            route_loss=route_loss,
-            logits=logits,
-            cache=cache,
-            attention_mask=out_mask,
-            routing_paths=routing.paths.to(device),
-            routing_probs=routing.probs.to(device),
-            visual_tokens_per_layer=vis_counts.to(device),
-            text_tokens_per_layer=txt_counts.to(device),
-            num_label_tokens=n_sup,
-            sample_loss=sample_loss,
-            router_inputs=None if routing.inputs is None else routing.inputs.to(device),
-        )
+    def _losses(self, hidden: torch.Tensor, logits: torch.Tensor | None, targets: torch.Tensor,
+                routing: _Routing) -> dict[str, torch.Tensor | None]:
+        """LM loss over the supervised positions (token-mean over the batch, and per sample), plus the
+        reference routing loss for dpn: the `loss` / `lm_loss` / `route_loss` / `num_label_tokens` /
+        `sample_loss` fields of `DPNOutput`."""
+        cfg = self.config
+        sup = targets != IGNORE_INDEX  # (B, L_last)
+        n_sup = sup.sum()
+        token_ce = torch.zeros(sup.shape, dtype=torch.float32, device=hidden.device)  # (B, L_last)
+        if int(n_sup) > 0:
+            # Only supervised positions need logits: at 7B the LM head is a 32000 x 4096 matmul per token.
+            sup_logits = logits[sup] if logits is not None else self.language_model.lm_head(hidden[sup])  # (n_sup, V)
+            token_ce[sup] = F.cross_entropy(sup_logits.float(), targets[sup], reduction="none")
+        per_sample = sup.sum(-1)  # (B,)
+        sample_loss = (token_ce.sum(-1) / per_sample.clamp(min=1)).detach()
+        if int(n_sup) > 0:
+            lm_loss = token_ce.sum() / n_sup
+        else:  # every sample masked (e.g. tokenization mismatches): zero loss that keeps the graph
+            lm_loss = hidden.sum() * 0.0
+        loss, route_loss = lm_loss, None
+        if cfg.compressor == "dpn" and cfg.router_objective == "reference":
+            probs = torch.cat(routing.routed_probs) if routing.routed_probs else hidden.new_zeros(0, len(cfg.experts))
+            route_loss = routing_loss(probs, torch.tensor(cfg.expert_scores), cfg.route_loss_target)
+            loss = lm_loss + cfg.route_loss_coef * route_loss
+        return {"loss": loss, "lm_loss": lm_loss, "route_loss": route_loss, "num_label_tokens": n_sup,
+                "sample_loss": sample_loss}
 
     def generate(self, input_ids: torch.Tensor, **kwargs):
         """Greedy or sampled generation with per-layer KV caches; see `dpn.generation.generate`."""
-        from dpn.generation import generate
-
-        return generate(self, input_ids, **kwargs)
+        return _generate(self, input_ids, **kwargs)
 
     def _rotary(self, state: _SequenceState):
         # (cos, sin), each (B, L, hd), for the current layout's contiguous positions.
@@ -731,5 +716,4 @@ __all__ = [
     "DPNOutput",
     "build_attention_mask",
     "last_real_positions",
-    "padding_side",
 ]

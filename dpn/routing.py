@@ -206,25 +206,7 @@ def fit_routers(
     n_val = int(round(val_fraction * tables.num_samples))
     val_rows, train_rows = order[:n_val], order[n_val:]
     routers = {k: model.routers[str(layer)] for k, layer in enumerate(cfg.dpe_layers)}
-    device = next(model.parameters()).device
-
-    def gather(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, qs = [], []
-        for prefix, x in tables.states.items():
-            if len(prefix) != k:
-                continue
-            mask = tables.routed[prefix][rows]
-            xs.append(x[rows][mask])
-            qs.append(q[prefix][rows][mask])
-        return torch.cat(xs).to(device), torch.cat(qs).to(device)
-
-    data = {k: (gather(train_rows, k), gather(val_rows, k)) for k in routers}
-    with torch.no_grad():
-        for k, r in routers.items():
-            x = data[k][0][0]
-            if len(x) > 1:
-                r.input_shift.copy_(x.mean(0))
-                r.input_scale.copy_(1.0 / x.std(0).clamp(min=1e-6))
+    data = _router_data(tables, q, routers, train_rows, val_rows, next(model.parameters()).device)
     params = [p for r in routers.values() for p in r.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -274,6 +256,31 @@ def fit_routers(
 
 
 @torch.no_grad()
+
+def _router_data(tables: CalibrationTables, q: dict, routers: dict, train_rows: torch.Tensor, val_rows: torch.Tensor,
+                 device) -> dict[int, tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]:
+    """{DPE k: ((train inputs, train cost-to-go), (held-out inputs, held-out cost-to-go))} of the samples
+    routed at k; sets each router's input standardisation from its training inputs."""
+
+    def gather(rows: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, qs = [], []
+        for prefix, x in tables.states.items():
+            if len(prefix) != k:
+                continue
+            mask = tables.routed[prefix][rows]
+            xs.append(x[rows][mask])
+            qs.append(q[prefix][rows][mask])
+        return torch.cat(xs).to(device), torch.cat(qs).to(device)
+
+    data = {k: (gather(train_rows, k), gather(val_rows, k)) for k in routers}
+    with torch.no_grad():
+        for k, r in routers.items():
+            x = data[k][0][0]
+            if len(x) > 1:
+                r.input_shift.copy_(x.mean(0))
+                r.input_scale.copy_(1.0 / x.std(0).clamp(min=1e-6))
+    return data
+
 def replay(model, tables: CalibrationTables, bias: float) -> torch.Tensor:
     """(N,) index into `tables.paths` of the path each sample takes under `route_bias = bias`, replayed from
     the stored router inputs (the model's own argmax rule, `dpn.pyramid.choose_experts`)."""

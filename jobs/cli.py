@@ -25,12 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpn", description="Dynamic Pyramid Network pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # sub-command not built yet
-                continue
-            raise
+        # A listed sub-command whose module is missing is a broken install: fail, naming it, rather than
+        # drop the command from `dpn --help`.
+        module = importlib.import_module(name)
         module.register(sub)
     return parser
 

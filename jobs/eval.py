@@ -112,7 +112,7 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- `dpn eval run`: the Ray fan-out (pipelines/evaluate.py) ----------------------------------------
+# ---- `dpn eval run`: the Ray fan-out (pipelines/evaluation/) ----------------------------------------
 def _register_run(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "run",
@@ -167,14 +167,9 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from dpn.eval.scoring import EvalDataError
-    from pipelines.evaluate import (
-        EvalConfig,
-        EvalShardsFailed,
-        EvalTarget,
-        TrackingOptions,
-        format_table,
-        run_evaluation,
-    )
+    from pipelines.evaluation.config import EvalConfig, EvalTarget
+    from pipelines.evaluation.report import format_table
+    from pipelines.evaluation.run import EvalShardsFailed, TrackingOptions, run_evaluation
     from pipelines.tracking import resolve_parent_run_id
 
     name = args.name or re.sub(r"[^A-Za-z0-9._-]", "_", Path(args.model).resolve().name).lstrip("._-") or "model"

@@ -73,7 +73,7 @@ def run_and_report(recipe: str | None, config_file: str | None, work_dir: str | 
         # Flush Ray's forwarded worker logs now, so the JSON summary really is the last stdout line.
         ray.shutdown()
     if demo and summary["eval_summary"]:
-        from pipelines.evaluate import format_category_table, format_routing_table, format_table
+        from pipelines.evaluation.report import format_category_table, format_routing_table, format_table
 
         with open(summary["eval_summary"]) as f:
             eval_summary = json.load(f)
@@ -82,7 +82,7 @@ def run_and_report(recipe: str | None, config_file: str | None, work_dir: str | 
             print(f"chance on the synthetic benchmark (a uniform guess per question type): "
                   f"{summary['synthetic_chance_pct']:.2f}")
         if summary.get("synthetic_chance_by_category_pct"):
-            from pipelines.synth import DIFFICULTIES
+            from pipelines.data.synth.questions import DIFFICULTIES
 
             print("\n" + format_category_table(eval_summary, summary["synthetic_chance_by_category_pct"],
                                                difficulties=DIFFICULTIES))

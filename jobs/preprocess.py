@@ -1,5 +1,5 @@
 """`dpn preprocess`: validate, tokenize and shard a LLaVA annotations file with Ray Data
-(see `pipelines/preprocess.py`)."""
+(see `pipelines/data/preprocess.py`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from dpn.conversation import TEMPLATES  # no transformers at import: `dpn --help` stays fast
+
     p = subparsers.add_parser(
         "preprocess",
         help="LLaVA JSON + images -> validated, tokenized Parquet shards (Ray Data)",
@@ -18,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--annotations", required=True, help="LLaVA annotations: one JSON array of records")
     p.add_argument("--image-root", required=True, help="directory the records' image paths are relative to")
     p.add_argument("--tokenizer", required=True, help="saved fast tokenizer directory (with <image>)")
-    p.add_argument("--template", required=True, choices=("plain", "vicuna_v1"), help="conversation template")
+    p.add_argument("--template", required=True, choices=sorted(TEMPLATES), help="conversation template")
     p.add_argument("--out", required=True, help="output root; the run publishes OUT/<fingerprint>/")
     p.add_argument("--config", default="tiny",
                    help="model geometry: a preset name (tiny, llava-1.5-7b, ...) or a DPN config.json / saved "
@@ -62,7 +64,7 @@ def _run(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from pipelines.preprocess import PreprocessConfig, preprocess
+    from pipelines.data.preprocess import PreprocessConfig, preprocess
 
     try:
         image_size, num_image_tokens = model_geometry(args.config)

@@ -1,4 +1,4 @@
-"""`dpn synth`: write the synthetic LLaVA-format corpus (see `pipelines/synth.py`)."""
+"""`dpn synth`: write the synthetic LLaVA-format corpus (see `pipelines/data/synth/`)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipelines.synth import generate_corpus
+    from pipelines.data.synth.corpus import generate_corpus
 
     try:
         summary = generate_corpus(

@@ -24,7 +24,7 @@ import shutil
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +103,28 @@ class Step:
             raise ValueError(f"step name must be a plain non-empty name, got {self.name!r}")
         if self.cpus < 0:
             raise ValueError(f"step {self.name!r}: cpus must be >= 0, got {self.cpus}")
+
+
+def select(steps: list[Step], targets: Sequence[str]) -> list[Step]:
+    """The steps `targets` need: the targets and, transitively, every step they read, in the given order.
+    Fingerprints depend only on a step's own inputs, so a selection runs (and caches) exactly as the whole.
+
+    Raises:
+        ValueError naming a target that is not a step.
+    """
+    by_name = {s.name: s for s in steps}
+    unknown = [t for t in targets if t not in by_name]
+    if unknown:
+        raise ValueError(f"unknown target step(s) {unknown}; steps: {list(by_name)}")
+    needed: set[str] = set()
+    todo = list(targets)
+    while todo:
+        name = todo.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        todo += [i for i in by_name[name].inputs if i in by_name]
+    return [s for s in steps if s.name in needed]
 
 
 class RunHooks:

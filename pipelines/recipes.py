@@ -28,18 +28,19 @@ from pathlib import Path
 from typing import Any
 
 from dpn.compressors import COMPRESSORS, ROUTER_OBJECTIVES
+from dpn.conversation import TEMPLATES
 
 STAGES = (1, 2)
-TEMPLATES = ("plain", "vicuna_v1")
 INITS = ("random", "pretrained", "llava_hf", "components")
 PRECISIONS = ("fp32", "bf16")  # fp16 is not offered: DeepSpeed on CPU lacks it and bf16 needs no loss scaling
 SCHEDULES = ("cosine", "linear", "constant")
 ZERO_STAGES = (0, 1, 2, 3)
 MODEL_PRESETS = ("tiny", "test-tiny", "llava-1.5-7b", "llava-1.5-13b")  # as `dpn.presets.PRESETS`
-# Placeholder that `pipelines.train.run_recipe` replaces with the stage-1 output directory of the recipe.
+# Placeholder (model.path / model.projector_path of stage 2) for the outputs of the recipe's stage 1: the
+# pipeline's stage-2 steps read the stage1 step and fill it in (`chain_stage2`).
 STAGE1_OUTPUT = "<stage1>"
-# Placeholder (model.vision_path / model.llm_path) for the vision tower / LLM that stage 0 trains
-# (`pipelines.vision_pretrain` / `pipelines.llm_pretrain`).
+# Placeholder (model.vision_path / model.llm_path of stage 1) for the vision tower / LLM that stage 0 trains
+# (`pipelines.training.stage0`): the pipeline's stage0_vision / stage0_llm steps.
 STAGE0_OUTPUT = "<stage0>"
 
 
@@ -61,6 +62,20 @@ def _check_number(field_name: str, value: Any, kind: type, low: float | None = N
         _fail(field_name, value, f"must be {'>' if low_open else '>='} {low}")
     if high is not None and value > high:
         _fail(field_name, value, f"must be <= {high}")
+
+
+def check_names(field_name: str, values: Sequence[str], valid: Sequence[str], what: str) -> list[str]:
+    """`values` as a list, checked to be non-empty, known (in `valid`) and distinct; ValueError naming the
+    field and the bad names otherwise. Shared by every config that lists compressors or benchmarks."""
+    values = list(values)
+    if not values:
+        raise ValueError(f"{field_name} must name at least one {what}")
+    bad = [v for v in values if v not in valid]
+    if bad:
+        raise ValueError(f"{field_name}: unknown {what}(s) {bad}; valid: {list(valid)}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{field_name} must be distinct, got {values}")
+    return values
 
 
 @dataclass(kw_only=True)
@@ -131,22 +146,24 @@ class ModelSpec:
 
 @dataclass(kw_only=True)
 class DataSpec:
-    """Training data: preprocessed Parquet shards, or a LLaVA JSON preprocessed on the fly (cached by
-    content fingerprint), or the synthetic corpus generated under the work dir."""
+    """Training data. Exactly one source: preprocessed Parquet shards, a LLaVA JSON, or the synthetic
+    corpus. `dpn train` maps the source onto the pipeline's inputs (`pipelines.workflow.training_pipeline`:
+    the synth and preprocess steps, cached like every step); the stage itself (`run_stage`) always reads
+    shards, which the pipeline fills in."""
 
     shards: str | None = None
-    """Directory of Parquet shards written by `dpn preprocess`; used as is when set."""
+    """Directory of Parquet shards written by `dpn preprocess`; used as they are."""
     annotations: str | None = None
-    """LLaVA-format JSON (LCS-558K / mix665K schema) preprocessed first when `shards` is unset."""
+    """LLaVA-format JSON (LCS-558K / mix665K schema), preprocessed by the pipeline first."""
     image_root: str | None = None
     """Root the records' `image` paths are relative to (with `annotations`)."""
     tokenizer: str | None = None
     """Tokenizer directory (`save_pretrained`); copied next to the trained model."""
     synthetic: bool = False
-    """Use the synthetic corpus (`dpn synth`) in <work_dir>/synth: its pretrain.json for stage 1, its
-    instruct.json for stage 2, its tokenizer. Generated when missing."""
+    """Train on the synthetic corpus (`dpn synth`, the pipeline's synth step): its pretrain.json for stage
+    1, its instruct.json for stage 2, its tokenizer."""
     synth_records: int = 256
-    """Records per split of a generated synthetic corpus."""
+    """Records per split of the synthetic corpus `dpn train` generates (with `synthetic`)."""
     template: str = "plain"
     """Conversation template: "plain" (stage 1) or "vicuna_v1" (stage 2)."""
     add_router_token: bool = False
@@ -231,7 +248,7 @@ def _check_stage0_loop(section: str, spec: Any) -> None:
 @dataclass(kw_only=True)
 class VisionPretrainSpec:
     """Stage 0 (embedded default only): pre-train the random vision tower to name the colour and shape of
-    the object under every patch of synthetic scenes (`pipelines.vision_pretrain`). The real recipes start
+    the object under every patch of synthetic scenes (`pipelines.training.stage0.vision`). The real recipes start
     from CLIP; a random tiny tower gives the LLM nothing readable for hundreds of steps
     (bench/RESULTS_learnability.md). Runs when stage 1's `model.vision_path` is "<stage0>"."""
 
@@ -260,7 +277,7 @@ class VisionPretrainSpec:
 @dataclass(kw_only=True)
 class LLMPretrainSpec:
     """Stage 0 (embedded default only), language side: train the random LLM on the corpus' questions with
-    each scene given as object tokens, bare form first, then LLaVA's template (`pipelines.llm_pretrain`).
+    each scene given as object tokens, bare form first, then LLaVA's template (`pipelines.training.stage0.llm`).
     The real recipes start from Vicuna; a random tiny LLM learning the questions and the images at once
     stays near chance in the demo's budget (bench/RESULTS_learnability.md, round 7). Runs when stage 1's
     `model.llm_path` is "<stage0>"."""
@@ -348,11 +365,12 @@ class CheckpointSpec:
 
 @dataclass(kw_only=True)
 class TrackingSpec:
-    """MLflow (through `pipelines.tracking`, from the rank-0 worker)."""
+    """MLflow logging of a stage (through `pipelines.tracking`, from the rank-0 worker). Which tracking
+    server is not a training setting: `pipelines.tracking.resolve_tracking_uri` decides it for every run
+    ($MLFLOW_TRACKING_URI, else the SQLite store under the work dir)."""
 
-    tracking_uri: str | None = None
-    """None: $MLFLOW_TRACKING_URI, else sqlite:///<work_dir>/mlflow.db."""
     experiment: str = "dpn"
+    """Experiment of a run `run_stage` creates itself (a pipeline step's run is in the pipeline's)."""
     log_every_n_steps: int = 1
     system_metrics: bool = True
     """Sample CPU/memory/GPU into `system/*` metrics while the stage runs."""
@@ -389,7 +407,7 @@ class TrainConfig:
     llm_pretrain: LLMPretrainSpec = field(default_factory=LLMPretrainSpec)
     """Stage 0 (LLM), used only when `model.llm_path` is "<stage0>"."""
     work_dir: str = ".dpn_work"
-    """Root of outputs, Ray storage, the synthetic corpus and the default MLflow store."""
+    """Root of outputs, Ray storage and the default MLflow store."""
     run_name: str | None = None
     """Run name (Ray storage folder, MLflow run); None = "<recipe>-stage<N>-<config fingerprint>", so
     re-running the same command resumes the same run."""
@@ -550,6 +568,25 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**kwargs)
 
 
+def chain_stage2(stage2: TrainConfig, model_dir: str | None, projector_dir: str | None) -> TrainConfig:
+    """Point a stage-2 config's "<stage1>" placeholders at stage 1's outputs (its model directory and
+    projector directory; model_dir is None when stage 1 was skipped for a given projector)."""
+    model = stage2.model
+    if model.path == STAGE1_OUTPUT:
+        if not model_dir:
+            raise ValueError("model.path: stage 1 was skipped (a projector was given), so it has no full model to "
+                             "start stage 2 from; set model.path or model.init")
+        model = dataclasses.replace(model, path=model_dir)
+    if model.projector_path == STAGE1_OUTPUT:
+        model = dataclasses.replace(model, projector_path=projector_dir)
+    return dataclasses.replace(stage2, model=model)
+
+
+def reads_stage1(stage2: TrainConfig) -> bool:
+    """Whether a stage-2 config starts from stage 1's outputs (a "<stage1>" placeholder)."""
+    return STAGE1_OUTPUT in (stage2.model.path, stage2.model.projector_path)
+
+
 # ----- recipes --------------------------------------------------------------------------------------
 def tiny(stage: int) -> TrainConfig:
     """The embedded default: `tiny` geometry from random weights, synthetic corpus, 2 CPU workers, fp32.
@@ -571,7 +608,7 @@ def tiny(stage: int) -> TrainConfig:
         )
     return TrainConfig(
         recipe="tiny", stage=2,
-        # model.path is filled in with stage 1's output by `pipelines.train.run_recipe`.
+        # model.path is filled in with stage 1's output by the pipeline (`chain_stage2`).
         model=ModelSpec(preset="tiny", init="pretrained", path=STAGE1_OUTPUT, compressor="dpn"),
         data=DataSpec(synthetic=True, template="vicuna_v1", add_router_token=True, max_length=512, micro_batch_size=8),
         # 5e-4 for the 4-layer tiny LLM (38 / 47 / 49% after 200 / 400 / 600 steps, against 24 / 44 / 50% at
@@ -651,6 +688,9 @@ __all__ = [
     "VisionPretrainSpec",
     "LLMPretrainSpec",
     "apply_overrides",
+    "chain_stage2",
+    "check_names",
     "config_from_dict",
     "get_recipe",
+    "reads_stage1",
 ]

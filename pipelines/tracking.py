@@ -1,4 +1,5 @@
-"""The one module that talks to MLflow: training, the pipeline DAG and evaluation all log through it.
+"""The one module that talks to MLflow: training, the pipeline DAG, evaluation and the registry gate
+(`pipelines.registry`) all log through it.
 
 Design:
 - Every call goes through an explicit `MlflowClient` bound to one tracking URI: no fluent "active run",
@@ -34,8 +35,6 @@ DEFAULT_EXPERIMENT = "dpn"
 DEFAULT_WORK_DIR = ".dpn_work"
 RUN_KEY_TAG = "dpn.run_key"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests child runs under it
-CHAMPION = "champion"
-CHALLENGER = "challenger"
 # MLflow 3 rejects param values over 6000 characters; longer values are cut (the full config is also
 # logged as a JSON artifact by callers that need it).
 MAX_PARAM_LENGTH = 6000
@@ -470,7 +469,7 @@ def register_model(
 
 
 def set_alias(name: str, alias: str, version: str | int, tracking_uri: str | None = None) -> None:
-    """Point `alias` (e.g. "champion", "challenger") of registered model `name` at `version`."""
+    """Point `alias` (`pipelines.registry.CHAMPION`, `CHALLENGER`) of registered model `name` at `version`."""
     client(tracking_uri).set_registered_model_alias(name, alias, str(version))
 
 
@@ -506,8 +505,6 @@ def download_model(
 
 
 __all__ = [
-    "CHALLENGER",
-    "CHAMPION",
     "check_reachable",
     "DEFAULT_EXPERIMENT",
     "RunTracker",

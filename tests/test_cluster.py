@@ -140,7 +140,7 @@ def postgres(tmp: Path):
 
 
 def submit_and_check(tmp: Path, tracking_uri: str) -> None:
-    from pipelines import tracking
+    from pipelines import registry, tracking
 
     cfg = tmp / "pipeline.yaml"
     cfg.write_text(SMALL)
@@ -158,12 +158,14 @@ def submit_and_check(tmp: Path, tracking_uri: str) -> None:
     parent = tracking.get_run(summary["parent_run_id"], tracking_uri=tracking_uri)
     assert parent["tags"]["dpn.trigger"] == "manual" and parent["status"] == "FINISHED"
     steps = {c["run_name"]: c for c in tracking.child_runs(summary["parent_run_id"], tracking_uri=tracking_uri)}
-    assert {"synth", "stage0_vision", "stage0_llm", "stage1", "stage2_dpn", "stage2_none", "evaluate", "register"} <= set(steps)
+    assert {"synth", "stage0_vision", "stage0_llm", "stage1", "stage2_dpn", "stage2_none", "route_calibrate",
+            "evaluate", "register"} <= set(steps)
     assert tracking.metric_history(steps["stage2_dpn"]["run_id"], "loss/lm", tracking_uri=tracking_uri)
     model = tracking.download_artifacts(steps["stage2_dpn"]["run_id"], "model", tmp / "dl", tracking_uri=tracking_uri)
     assert (model / "model.safetensors").is_file() and (model / "config.json").is_file()
-    champion = tracking.get_alias("dpn", tracking.CHAMPION, tracking_uri=tracking_uri)
-    assert champion is not None and champion["run_id"] == steps["stage2_dpn"]["run_id"]
+    champion = tracking.get_alias("dpn", registry.CHAMPION, tracking_uri=tracking_uri)
+    # The dpn variant is registered as calibrated: the model logged by the route_calibrate step's run.
+    assert champion is not None and champion["run_id"] == steps["route_calibrate"]["run_id"]
 
 
 @pytest.mark.slow

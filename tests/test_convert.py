@@ -22,9 +22,10 @@ from dpn.eval.benchmarks import (
     scienceqa_question_text,
     write_answers,
 )
-from dpn.eval.convert import CONVERTIBLE, POPE_ID_OFFSETS, convert, convert_files, seed_question_id
+from dpn.eval.convert import CONVERTIBLE, convert, convert_files
+from dpn.eval.converters import POPE_ID_OFFSETS, seed_question_id
 from dpn.eval.scoring import EvalDataError, load_jsonl, score_files
-from pipelines.evaluate import load_benchmark
+from pipelines.evaluation.benchmarks import load_benchmark
 
 
 def _json(path, obj):

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from pipelines.dag import SUCCESS_FILE, Pipeline, RunHooks, Step
+from pipelines.dag import SUCCESS_FILE, Pipeline, RunHooks, Step, select
 
 
 def writer(text):
@@ -162,3 +162,15 @@ def test_bad_graphs_are_rejected(tmp_path):
         Pipeline([Step(name="a", fn=writer("A"), inputs=["b"]), Step(name="b", fn=writer("B"), inputs=["a"])], tmp_path)
     with pytest.raises(ValueError, match="duplicate"):
         Pipeline([Step(name="a", fn=writer("A")), Step(name="a", fn=writer("A"))], tmp_path)
+
+
+def test_select_keeps_what_the_targets_read_and_their_fingerprints(tmp_path):
+    steps = [Step(name="a", fn=lambda ctx: {}), Step(name="b", inputs=["a"], fn=lambda ctx: {}),
+             Step(name="c", inputs=["a"], fn=lambda ctx: {}), Step(name="d", inputs=["b", "c"], fn=lambda ctx: {})]
+    assert [s.name for s in select(steps, ["b"])] == ["a", "b"]
+    assert [s.name for s in select(steps, ["d"])] == ["a", "b", "c", "d"]
+    whole = Pipeline(steps, tmp_path, version="v")
+    part = Pipeline(select(steps, ["b"]), tmp_path, version="v")
+    assert part.out_dir("b") == whole.out_dir("b")  # a selection caches exactly as the whole DAG
+    with pytest.raises(ValueError, match="unknown target step.*'e'"):
+        select(steps, ["e"])

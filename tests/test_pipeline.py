@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.workflow import PipelineConfig, load_pipeline_config, promotion_decision
+from pipelines.registry import promotion_decision
+from pipelines.workflow import PipelineConfig, load_pipeline_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DPN = str(Path(sys.executable).parent / "dpn")
@@ -102,7 +103,7 @@ def test_killed_driver_resumes_without_recomputing_or_duplicate_runs(tmp_path):
     for shares in routing["path_share_by_difficulty"].values():
         assert sum(shares.values()) == pytest.approx(1.0)
 
-    from pipelines import tracking
+    from pipelines import registry, tracking
 
     uri = summary["tracking_uri"]
     children = tracking.child_runs(summary["parent_run_id"], tracking_uri=uri)
@@ -112,7 +113,7 @@ def test_killed_driver_resumes_without_recomputing_or_duplicate_runs(tmp_path):
     stage1 = next(c for c in children if c["run_name"] == "stage1")
     assert stage1["run_id"] == before["steps"]["stage1"]["run_id"], "the killed step's run is resumed"
     assert tracking.metric_history(stage1["run_id"], "loss/lm", tracking_uri=uri)
-    champion = tracking.get_alias("dpn", tracking.CHAMPION, tracking_uri=uri)
+    champion = tracking.get_alias("dpn", registry.CHAMPION, tracking_uri=uri)
     assert champion is not None and champion["tags"]["compressor"] == "dpn"
 
     # A second run is all cache hits and returns in seconds.
@@ -199,3 +200,58 @@ def test_tiny_pipeline_trains_variants_side_by_side_with_stage0_first(tmp_path):
     # Stage 0 is keyed by what it trains: other training overrides leave its config (and cache) alone.
     assert steps2["stage0_vision"].config == steps["stage0_vision"].config
     assert steps2["stage0_llm"].config == steps["stage0_llm"].config
+
+
+def test_stage0_llm_is_keyed_by_its_spec_and_the_corpus_tokenizer(tmp_path):
+    from pipelines.workflow import build_pipeline, tiny_pipeline
+
+    def fp(**overrides):
+        pipe = build_pipeline(tiny_pipeline(work_dir=str(tmp_path), **overrides))
+        return {name: pipe.out_dir(name).name for name in ("synth", "stage0_llm", "stage0_vision")}
+
+    base = fp()
+    assert fp() == base  # deterministic
+    other_spec = fp(train_overrides={"llm_pretrain.bare_mix": 0.5})
+    assert other_spec["stage0_llm"] != base["stage0_llm"] and other_spec["stage0_vision"] == base["stage0_vision"]
+    # Another corpus is another tokenizer: the synth step's fingerprint feeds the LLM's, not the tower's.
+    other_corpus = fp(corpus={"seed": 1, "n_pretrain": 512, "n_instruct": 9600, "n_eval": 300})
+    assert other_corpus["synth"] != base["synth"] and other_corpus["stage0_llm"] != base["stage0_llm"]
+    assert other_corpus["stage0_vision"] == base["stage0_vision"]
+
+
+def test_dpn_train_maps_its_data_and_stages_onto_the_dag(tmp_path):
+    from pipelines.workflow import build_pipeline, training_pipeline
+
+    work = f"work_dir={tmp_path}"
+    one = training_pipeline("tiny", "1", [work, "data.synth_records=32", "optim.max_steps=2"])
+    assert (one.until, one.corpus.synthetic, one.corpus.n_pretrain, one.corpus.n_calibration) == ("stage1", True, 32, 0)
+    assert one.train_overrides == {"optim.max_steps": "2"} and one.work_dir == str(tmp_path)
+    assert set(build_pipeline(one).steps) == {"synth", "stage0_vision", "stage0_llm", "preprocess_pretrain", "stage1"}
+    # Stage 2 alone still needs stage 1 (the recipe starts it from "<stage1>"): the DAG pulls it in.
+    two = training_pipeline("tiny", "2", [work, "model.compressor=static"])
+    assert two.variants == ["static"] and "model.compressor" not in two.train_overrides
+    assert {"stage1", "preprocess_instruct", "stage2_static"} <= set(build_pipeline(two).steps)
+    assert "evaluate" not in build_pipeline(two).steps
+    # One DAG, one cache: `dpn train` and `dpn pipeline run` share every step whose config agrees (stage 0's).
+    from pipelines.workflow import tiny_pipeline
+
+    demo = build_pipeline(tiny_pipeline(work_dir=str(tmp_path)))
+    assert build_pipeline(one).out_dir("stage0_vision") == demo.out_dir("stage0_vision")
+
+    # A LLaVA JSON: preprocessed by the DAG; the corpus fields come from data.*.
+    from pipelines.data.synth.corpus import generate_corpus
+
+    generate_corpus(tmp_path / "c", n_pretrain=16, n_instruct=16, n_eval=15)
+    c = tmp_path / "c"
+    real = training_pipeline("tiny", "1", [work, "data.synthetic=false", f"data.annotations={c / 'pretrain.json'}",
+                                           f"data.image_root={c / 'images'}", f"data.tokenizer={c / 'tokenizer'}"])
+    assert (real.corpus.synthetic, real.corpus.pretrain_annotations) == (False, str(c / "pretrain.json"))
+    assert "synth" not in build_pipeline(real).steps and "preprocess_pretrain" in build_pipeline(real).steps
+    with pytest.raises(ValueError, match=r"model\.path: '<stage1>' stands for stage 1's output"):
+        training_pipeline("tiny", "2", [work, "data.synthetic=false", f"data.annotations={c / 'instruct.json'}",
+                                        f"data.image_root={c / 'images'}", f"data.tokenizer={c / 'tokenizer'}"])
+    with pytest.raises(FileNotFoundError, match=r"data\.annotations"):
+        training_pipeline("tiny", "1", [work, "data.synthetic=false", "data.annotations=/nope.json",
+                                        f"data.image_root={c}", f"data.tokenizer={c / 'tokenizer'}"])
+    with pytest.raises(ValueError, match=r"optim\.lr"):
+        training_pipeline("tiny", "all", [work, "optim.lr=-1"])

@@ -22,15 +22,10 @@ from dpn.constants import IGNORE_INDEX
 from dpn.conversation import tokenize_conversation
 from dpn.image_processing import build_image_processor, preprocess_images
 from dpn.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_tokenizer
+from pipelines.data.annotations import scan_annotations_file
 from pipelines.data.loader import iter_micro_batches, open_shards, read_quarantine, read_shards
+from pipelines.data.preprocess import PreprocessConfig, fingerprint_inputs, plan_blocks, preprocess
 from pipelines.data.records import QUARANTINE_REASONS, RecordProcessor
-from pipelines.preprocess import (
-    PreprocessConfig,
-    fingerprint_inputs,
-    plan_blocks,
-    preprocess,
-    scan_annotations_file,
-)
 
 IMAGE_SIZE, N_IMG_TOK = 16, 16
 
@@ -40,7 +35,7 @@ def ray_session():
     """One Ray instance for this module's tests (reused when the session already has one)."""
     import ray
 
-    from pipelines.preprocess import ensure_ray
+    from pipelines.data.preprocess import ensure_ray
 
     started = not ray.is_initialized()
     ensure_ray(2)
@@ -373,10 +368,10 @@ def test_array_splitter_finds_the_separators_whatever_the_chunking(tmp_path):
     expected.append(len(text.encode()) - 1)
     data = text.encode()
     assert [data[i] for i in expected] == [ord("[")] + [ord(",")] * (len(TRICKY) - 1) + [ord("]")]
-    from pipelines.preprocess import _ArraySplitter
+    from pipelines.data.annotations import ArraySplitter
 
     for chunk in (1, 2, 3, 5, 8, 13, len(data)):
-        splitter = _ArraySplitter()
+        splitter = ArraySplitter()
         for i in range(0, len(data), chunk):
             splitter.feed(data[i:i + chunk])
         assert splitter.separators().tolist() == expected, chunk

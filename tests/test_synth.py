@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import synth
-from pipelines.synth import SynthConfig, generate_corpus
+from pipelines.data.synth.corpus import SynthConfig, content_hash, generate_corpus
+from pipelines.data.synth.questions import ANSWERS, CAPTION_INSTRUCTIONS, CATEGORIES, DIFFICULTIES, eval_plan
+from pipelines.data.synth.rendering import pooled_cell_collisions
+from pipelines.data.synth.scenes import COLORS, INSTRUCT_DIFFICULTY, LEVELS, Obj, Scene
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(n_pretrain=40, n_instruct=60, n_eval=45, vocab_size=512)
@@ -106,12 +108,12 @@ def _check_pixels(path: Path, scene: dict) -> None:
     px = np.asarray(img).astype(int)
     lossless = path.suffix == ".png"
     for o in scene["objects"]:
-        want = np.array(synth.COLORS[o["color"]])
+        want = np.array(COLORS[o["color"]])
         got = px[o["y"], o["x"]]
         assert np.abs(got - want).max() <= (0 if lossless else 40), (path.name, o, got)
     if lossless:
         counts = Counter(o["color"] for o in scene["objects"])
-        for name, rgb in synth.COLORS.items():
+        for name, rgb in COLORS.items():
             assert _components(np.all(px == np.array(rgb), axis=-1)) == counts[name], (path.name, name)
 
 
@@ -151,7 +153,7 @@ def test_pretrain_records_follow_lcs558k(corpus):
         assert human["value"].startswith("<image>\n") or human["value"].endswith("\n<image>")
         placements["start" if human["value"].startswith("<image>") else "end"] += 1
         instruction = human["value"].replace("<image>", "").strip()
-        assert instruction in synth.CAPTION_INSTRUCTIONS
+        assert instruction in CAPTION_INSTRUCTIONS
         # The caption lists every object: groups "<count> <size> <colour> <shape(s)>", sizes match the scene.
         scene = scenes[r["image"]]
         groups = re.findall(r"(a|two|three|four|five|six|seven|eight|nine|ten) (large|medium|small) (\w+) (\w+)", gpt["value"])
@@ -217,10 +219,10 @@ def test_instruct_records_follow_mix665k(corpus):
     for rel in set().union(*images_by_id.values()):
         (size,) = {o["size"] for o in scenes[rel]["objects"]}  # one size word per scene
         sizes[size] += 1
-    levels = {lv.size: name for name, lv in synth._LEVELS.items()}
+    levels = {lv.size: name for name, lv in LEVELS.items()}
     shares = {levels[k]: v / sum(sizes.values()) for k, v in sizes.items()}
-    assert set(shares) == set(synth.DIFFICULTIES)
-    assert all(abs(shares[d] - w) < 0.15 for d, w in synth.INSTRUCT_DIFFICULTY.items()), shares
+    assert set(shares) == set(DIFFICULTIES)
+    assert all(abs(shares[d] - w) < 0.15 for d, w in INSTRUCT_DIFFICULTY.items()), shares
 
 
 def test_eval_layout_and_answers_match_the_drawn_scene(corpus):
@@ -238,7 +240,7 @@ def test_eval_layout_and_answers_match_the_drawn_scene(corpus):
         scene = scenes[q["question_id"]]
         assert scene["image"] == q["image"]
         assert _answer(q["text"].removesuffix(SUFFIX), scene) == t["answer"]
-        assert t["answer"] in synth.ANSWERS[q["category"]]
+        assert t["answer"] in ANSWERS[q["category"]]
         _check_pixels(bench / "images" / q["image"], scene)
 
 
@@ -248,11 +250,11 @@ def test_difficulty_axis_is_balanced_and_hard_means_small_and_many(corpus):
     truth = {t["question_id"]: t["answer"] for t in _jsonl(corpus / "eval" / "synthetic" / "ground_truth.jsonl")}
     # 45 questions over 5 categories x 3 difficulties: 3 in every cell.
     cells = Counter((q["category"], q["difficulty"]) for q in questions)
-    assert cells == {(c, d): 3 for c in synth.CATEGORIES for d in synth.DIFFICULTIES}
+    assert cells == {(c, d): 3 for c in CATEGORIES for d in DIFFICULTIES}
     # Answers cycle inside each cell: no answer appears twice in a cell unless all were used.
     for (c, d) in cells:
         got = Counter(truth[q["question_id"]] for q in questions if (q["category"], q["difficulty"]) == (c, d))
-        assert max(got.values()) - min(got.values()) <= 1 and len(got) == min(3, len(synth.ANSWERS[c]))
+        assert max(got.values()) - min(got.values()) <= 1 and len(got) == min(3, len(ANSWERS[c]))
 
     def width_at_48(o, s):  # object width once the canvas is padded to square and resized to 48 px
         return 2 * o["r"] * 48 / max(s["width"], s["height"])
@@ -289,8 +291,8 @@ def test_hard_questions_need_more_visual_tokens_pooling_merges_their_objects(cor
         for q in questions:
             if q["difficulty"] == level:
                 d = scenes[q["question_id"]]
-                scene = synth.Scene(d["width"], d["height"], d["background"], [synth.Obj(**o) for o in d["objects"]])
-                values.append(synth.pooled_cell_collisions(scene, 48, cell_px))
+                scene = Scene(d["width"], d["height"], d["background"], [Obj(**o) for o in d["objects"]])
+                values.append(pooled_cell_collisions(scene, 48, cell_px))
         return sum(values) / len(values)
 
     for cell in (8, 16):
@@ -299,13 +301,13 @@ def test_hard_questions_need_more_visual_tokens_pooling_merges_their_objects(cor
     assert mean_collisions("hard", 16) >= 0.6
     assert mean_collisions("hard", 4) <= 0.35  # at full resolution most hard objects still have own tokens
     # Hand-checked: two 4-px objects 6 px apart share an 8-px cell but not a 4-px patch.
-    two = synth.Scene(48, 48, "white", [synth.Obj("circle", "red", "small", 1, 1, 1),
-                                        synth.Obj("square", "blue", "small", 6, 1, 1)])
-    assert synth.pooled_cell_collisions(two, 48, 8) == 1.0 and synth.pooled_cell_collisions(two, 48, 4) == 0.0
+    two = Scene(48, 48, "white", [Obj("circle", "red", "small", 1, 1, 1),
+                                        Obj("square", "blue", "small", 6, 1, 1)])
+    assert pooled_cell_collisions(two, 48, 8) == 1.0 and pooled_cell_collisions(two, 48, 4) == 0.0
 
 
 def test_eval_plan_spreads_a_remainder_over_both_axes():
-    plan = synth._eval_plan(random.Random(0), 47)
+    plan = eval_plan(random.Random(0), 47)
     # 47 = 3 x 15 + 2: the two extra questions go to cells 0 (easy, color) and 1 (medium, shape).
     assert Counter(d for _, d, _ in plan) == {"easy": 16, "medium": 16, "hard": 15}
     assert Counter(c for c, _, _ in plan) == {"color": 10, "shape": 10, "count": 9, "position": 9, "existence": 9}
@@ -314,7 +316,7 @@ def test_eval_plan_spreads_a_remainder_over_both_axes():
 def test_manifest_counts_chance_and_hash(corpus):
     m = json.loads((corpus / "manifest.json").read_text())
     assert m["config"] == SynthConfig(seed=0, **SMALL).to_dict()
-    assert m["content_sha256"] == synth.content_hash(corpus)
+    assert m["content_sha256"] == content_hash(corpus)
     n_images = sum(1 for p in (corpus / "images").rglob("*") if p.is_file())
     assert m["counts"]["images"]["pretrain"] + m["counts"]["images"]["instruct"] == n_images
     assert m["counts"]["images"]["eval"] == SMALL["n_eval"]

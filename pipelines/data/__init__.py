@@ -1,2 +1,4 @@
-"""Data layer of the Ray pipeline: record validation (`records`) and the training-side shard loader
-(`loader`). `pipelines.preprocess` is the Ray Data step that writes the shards."""
+"""The data side of the pipeline, in the order data flows: where it comes from (`sources`; the synthetic
+corpus in `synth/`), reading LLaVA annotation files (`annotations`), record validation and tokenization
+(`records`), the Ray Data step that writes validated Parquet shards (`preprocess`), and the training-side
+shard loader (`loader`)."""

@@ -1,4 +1,4 @@
-"""Training-side reading of the shards written by `dpn preprocess` (`pipelines.preprocess`).
+"""Training-side reading of the shards written by `dpn preprocess` (`pipelines.data.preprocess`).
 
 API (all keyword arguments are validated eagerly; errors name the bad value):
 

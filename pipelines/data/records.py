@@ -1,6 +1,6 @@
 """Validation and processing of one LLaVA record: the per-record work of `dpn preprocess`.
 
-Pure Python (no Ray): `pipelines.preprocess` runs `RecordProcessor.process_records` inside Ray Data tasks,
+Pure Python (no Ray): `pipelines.data.preprocess` runs `RecordProcessor.process_records` inside Ray Data tasks,
 and the benchmark's single-process loop runs the very same code. A record either becomes one shard row
 or one quarantine row `(index, id, reason, detail)`; nothing is dropped silently and no record can
 crash the job (an unexpected exception becomes reason `internal_error`).

@@ -1,33 +1,39 @@
 """Stage 0 of the tiny recipe, language side: the scene as object tokens, the curriculum's forms, the
-early stop, the saved LLM (object tokens dropped) loading into the model, caching, validation."""
+early stop, the saved LLM (object tokens dropped) loading into the model, validation (its caching is the
+DAG's: tests/test_pipeline.py)."""
 
 from __future__ import annotations
 
-import json
 import random
 
 import pytest
 import torch
 
-from pipelines import synth
-from pipelines.llm_pretrain import (
+from pipelines.data.synth.corpus import SynthConfig, write_corpus
+from pipelines.data.synth.questions import (
+    ANSWERS,
+    CATEGORIES,
+    DIFFICULTIES,
+    draw_instruct_item,
+    eval_items,
+    short_question,
+)
+from pipelines.data.synth.scenes import COLOR_NAMES, SHAPES, Obj, Scene
+from pipelines.recipes import LLMPretrainSpec, get_recipe
+from pipelines.training.stage0.llm import (
     GROUPED_BATCHES,
-    RESULT_FILE,
     bare_sample,
     length_grouped_batches,
     object_tokens,
     pretrain_llm,
-    run_llm_pretrain,
     scene_text,
-    spec_fingerprint,
 )
-from pipelines.recipes import LLMPretrainSpec, get_recipe
 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("llm0") / "corpus"
-    synth.write_corpus(out, synth.SynthConfig(n_pretrain=16, n_instruct=32, n_eval=15))
+    write_corpus(out, SynthConfig(n_pretrain=16, n_instruct=32, n_eval=15))
     return out / "tokenizer"
 
 
@@ -38,15 +44,15 @@ def _tokenizer(path):
 
 
 def test_scene_text_names_each_object_left_to_right_with_one_token(tokenizer_dir):
-    scene = synth.Scene(width=96, height=96, background="white", objects=[
-        synth.Obj(shape="cross", color="blue", size="small", x=70, y=20, r=6),
-        synth.Obj(shape="circle", color="red", size="large", x=20, y=60, r=12),
+    scene = Scene(width=96, height=96, background="white", objects=[
+        Obj(shape="cross", color="blue", size="small", x=70, y=20, r=6),
+        Obj(shape="circle", color="red", size="large", x=20, y=60, r=12),
     ])
     assert scene_text(scene) == "Scene: <red_circle> <blue_cross>."
     tok = _tokenizer(tokenizer_dir)
     n = len(tok)
     tok.add_tokens(object_tokens())
-    assert len(object_tokens()) == len(synth.COLOR_NAMES) * len(synth.SHAPES) == len(tok) - n
+    assert len(object_tokens()) == len(COLOR_NAMES) * len(SHAPES) == len(tok) - n
     ids = tok(scene_text(scene), add_special_tokens=False).input_ids
     objects = [tok.convert_tokens_to_ids("<red_circle>"), tok.convert_tokens_to_ids("<blue_cross>")]
     assert [i for i in ids if i >= n] == objects  # one id each, appended after the corpus' (which keep theirs)
@@ -54,7 +60,7 @@ def test_scene_text_names_each_object_left_to_right_with_one_token(tokenizer_dir
 
 def test_bare_form_drops_the_instruction_and_supervises_only_the_answer(tokenizer_dir):
     tok = _tokenizer(tokenizer_dir)
-    question = synth.short_question("What color is the circle?")
+    question = short_question("What color is the circle?")
     ids, labels = bare_sample(tok, "Scene: x.", question, "red")
     prompt = bare_sample(tok, "Scene: x.", question)
     assert ids[:len(prompt)] == prompt and ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
@@ -66,15 +72,15 @@ def test_bare_form_drops_the_instruction_and_supervises_only_the_answer(tokenize
 
 def test_fresh_records_are_drawn_like_the_corpus_instruct_records():
     rng = random.Random(0)
-    items = [synth.draw_instruct_item(rng) for _ in range(200)]
-    short = {a for answers in synth.ANSWERS.values() for a in answers}
+    items = [draw_instruct_item(rng) for _ in range(200)]
+    short = {a for answers in ANSWERS.values() for a in answers}
     assert all(scene.objects and pairs for scene, pairs in items)
     assert any(len(pairs) > 1 for _, pairs in items)  # multi-turn
     assert any(a in short for _, pairs in items for _, a in pairs)  # VQA short answers
     assert any(a.startswith("The image shows") for _, pairs in items for _, a in pairs)  # captions
-    held_out = synth.eval_items(random.Random(1), 30)
-    assert {qa.category for _, qa, _ in held_out} == set(synth.CATEGORIES)
-    assert {d for _, _, d in held_out} == set(synth.DIFFICULTIES)
+    held_out = eval_items(random.Random(1), 30)
+    assert {qa.category for _, qa, _ in held_out} == set(CATEGORIES)
+    assert {d for _, _, d in held_out} == set(DIFFICULTIES)
 
 
 def test_length_grouped_batches_use_every_sample_once_and_pad_little():
@@ -131,41 +137,8 @@ def test_the_llm_learns_stops_at_the_target_and_loads_into_the_model(tokenizer_d
         load_language_model(model, tmp_path / "llm", other)
 
 
-def test_stage0_llm_is_cached_by_fingerprint(tokenizer_dir, tmp_path, monkeypatch):
-    import pipelines.llm_pretrain as lp
-
-    calls = []
-
-    def in_process(spec, preset, tok_dir, out_dir):  # the Ray task's body, without starting Ray
-        calls.append(spec.steps)
-        return pretrain_llm(spec, preset, tok_dir, out_dir)
-
-    monkeypatch.setattr(lp, "pretrain_llm_on_ray", in_process)
-    small = ["llm_pretrain.steps=2", "llm_pretrain.bare_steps=1", "llm_pretrain.eval_questions=5",
-             f"work_dir={tmp_path}"]
-    cfg = get_recipe("tiny", 1, small)
-    fp = spec_fingerprint(cfg.llm_pretrain, "tiny", _tokenizer(tokenizer_dir))
-    stale = tmp_path / "stage0-llm" / f".{fp}.tmp"  # a crashed attempt's leftovers
-    stale.mkdir(parents=True)
-    (stale / "model.safetensors").write_bytes(b"half")
-
-    out, summary, cached = run_llm_pretrain(cfg, tokenizer_dir)
-    assert (out, cached, calls) == (tmp_path / "stage0-llm" / fp, False, [2])
-    assert not stale.exists() and (out / "model.safetensors").stat().st_size > 4
-    assert json.loads((out / RESULT_FILE).read_text())["summary"]["steps"] == 2
-    again, summary2, cached2 = run_llm_pretrain(cfg, tokenizer_dir)
-    assert (again, cached2, calls) == (out, True, [2]) and summary2 == summary
-    # Another spec or another tokenizer: not the cached LLM.
-    assert spec_fingerprint(get_recipe("tiny", 1, [*small, "llm_pretrain.bare_mix=0.5"]).llm_pretrain, "tiny",
-                            _tokenizer(tokenizer_dir)) != fp
-    other = _tokenizer(tokenizer_dir)
-    other.add_tokens(["<extra>"])
-    assert spec_fingerprint(cfg.llm_pretrain, "tiny", other) != fp
-    assert spec_fingerprint(cfg.llm_pretrain, "tiny", _tokenizer(tokenizer_dir)) == fp  # deterministic
-
-
 def test_stage0_llm_placeholder_and_spec_are_validated():
-    from pipelines.train import run_stage
+    from pipelines.training.driver import run_stage
 
     with pytest.raises(ValueError, match=r"model\.llm_path.*stage 2"):
         get_recipe("tiny", 2, ["model.init=random", "model.llm_path=<stage0>"])

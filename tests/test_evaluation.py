@@ -1,4 +1,4 @@
-"""The evaluation fan-out (pipelines/evaluate.py) on a tiny random model and a small synthetic benchmark:
+"""The evaluation fan-out (pipelines/evaluation/) on a tiny random model and a small synthetic benchmark:
 fan-out vs one worker, retry of a failing shard, resume from finished shards, MLflow child runs."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from dpn import inference
 from dpn.eval.scoring import EvalDataError, load_jsonl, score_files
 from dpn.flops import llm_prefill_flops
-from pipelines import evaluate as ev
+from pipelines.evaluation import benchmarks, config, fanout, report, run
 
-N_EVAL = 15  # the synthetic generator's minimum: one question per (category, difficulty) cell
 SHARD_SIZE = 4  # -> 4 shards per (model, compressor); a multiple of BATCH_SIZE
 BATCH_SIZE = 2
 
@@ -27,45 +27,14 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A synthetic corpus (eval set in LLaVA's layout + tokenizer) and two tiny random checkpoints: one with
-    routers (saved as dpn) and one saved as none."""
-    import torch
-
-    from dpn.modeling_dpn import DPNForConditionalGeneration
-    from dpn.presets import test_tiny
-    from dpn.tokenizer import ROUTER_ID, load_tokenizer
-    from pipelines.synth import generate_corpus
-
-    root = tmp_path_factory.mktemp("eval")
-    generate_corpus(root / "corpus", n_pretrain=20, n_instruct=20, n_eval=N_EVAL, vocab_size=300)
-    tok = load_tokenizer(root / "corpus" / "tokenizer")
-    dirs = {}
-    for compressor in ("dpn", "none"):
-        torch.manual_seed(0)
-        cfg = test_tiny(vocab_size=len(tok), image_token_id=4, pad_token_id=3, router_token_id=ROUTER_ID,
-                        compressor=compressor)
-        model = DPNForConditionalGeneration(cfg)
-        # A larger output projection makes greedy answers depend on the input, so mixed-up questions or
-        # batches would show in the predictions.
-        with torch.no_grad():
-            model.language_model.lm_head.weight.normal_(0.0, 2.0)
-        d = root / f"model-{compressor}"
-        model.save_pretrained(d)
-        tok.save_pretrained(d)
-        dirs[compressor] = d
-    return {"root": root, "data_root": root / "corpus" / "eval", "model": dirs["dpn"], "model_none": dirs["none"]}
-
-
-def _config(assets, out: Path, **overrides) -> ev.EvalConfig:
+def _config(assets, out: Path, **overrides) -> config.EvalConfig:
     kw = dict(
-        targets=[ev.EvalTarget(name="tiny", model_dir=str(assets["model"]), compressors=["dpn", "none"])],
+        targets=[config.EvalTarget(name="tiny", model_dir=str(assets["model"]), compressors=["dpn", "none"])],
         benchmarks=["synthetic"], data_root=str(assets["data_root"]), out_dir=str(out),
         batch_size=BATCH_SIZE, shard_size=SHARD_SIZE, max_new_tokens=3,
     )
     kw.update(overrides)
-    return ev.EvalConfig(**kw)
+    return config.EvalConfig(**kw)
 
 
 def _read(path) -> list[dict]:
@@ -73,15 +42,12 @@ def _read(path) -> list[dict]:
 
 
 # ----- pure functions --------------------------------------------------------------------------------
-def test_path_label_and_aggregate_hand_computed():
-    assert ev.path_label([2, 1, 0], [1, 2, 4]) == "4-2-1"
-    assert ev.path_label([1, -1, -1], [1, 2, 4]) == "2-n-n"
-
+def test_aggregate_hand_computed():
     def rec(path, tflops, base, difficulty):
         return {"metadata": {"routing_path": path, "prefill_tflops": tflops, "prefill_tflops_exact": 2 * tflops,
                              "baseline_prefill_tflops": base, "vision_tflops": 0.5, "difficulty": difficulty}}
 
-    agg = ev.aggregate([rec("4-2-1", 1.0, 4.0, "easy"), rec("4-2-1", 2.0, 4.0, "easy"),
+    agg = report.aggregate([rec("4-2-1", 1.0, 4.0, "easy"), rec("4-2-1", 2.0, 4.0, "easy"),
                         rec("1-1-1", 4.0, 4.0, "hard"), rec("2-2-2", 3.0, 4.0, "hard")])
     assert agg["num_samples"] == 4
     assert agg["prefill_tflops_per_sample"] == pytest.approx(2.5)
@@ -93,20 +59,20 @@ def test_path_label_and_aggregate_hand_computed():
 
 def test_pareto_front():
     # (TFLOPs, accuracy): (2, 60) is dominated by (1, 70); the front runs from cheapest to most accurate.
-    assert ev._pareto_front([(3.0, 80.0), (1.0, 70.0), (2.0, 60.0), (4.0, 79.0)]) == [(1.0, 70.0), (3.0, 80.0)]
+    assert report._pareto_front([(3.0, 80.0), (1.0, 70.0), (2.0, 60.0), (4.0, 79.0)]) == [(1.0, 70.0), (3.0, 80.0)]
 
 
 def test_config_validation_names_bad_values():
     with pytest.raises(ValueError, match="unknown benchmark.*'nope'"):
-        ev.EvalConfig(targets=[ev.EvalTarget(name="m", model_dir="x")], benchmarks=["nope"], data_root=".", out_dir=".")
+        config.EvalConfig(targets=[config.EvalTarget(name="m", model_dir="x")], benchmarks=["nope"], data_root=".", out_dir=".")
     with pytest.raises(ValueError, match="unknown compressor.*'fast'"):
-        ev.EvalTarget(name="m", model_dir="x", compressors=["fast"])
+        config.EvalTarget(name="m", model_dir="x", compressors=["fast"])
     with pytest.raises(ValueError, match="target name"):
-        ev.EvalTarget(name="a/b", model_dir="x")
+        config.EvalTarget(name="a/b", model_dir="x")
 
 
 def test_load_benchmark_limit_and_missing_ground_truth(assets, tmp_path):
-    data = ev.load_benchmark("synthetic", assets["data_root"], limit=5)
+    data = benchmarks.load_benchmark("synthetic", assets["data_root"], limit=5)
     assert [it.question_id for it in data.items] == [0, 1, 2, 3, 4]
     assert sorted(r["question_id"] for r in data.ground_truth) == [0, 1, 2, 3, 4]
     assert data.items[0].extra["difficulty"] in ("easy", "medium", "hard")
@@ -117,31 +83,21 @@ def test_load_benchmark_limit_and_missing_ground_truth(assets, tmp_path):
     rows = [r for r in _read(gt) if r["question_id"] != 3]
     gt.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(EvalDataError, match=r"no ground truth.*\[3\]"):
-        ev.load_benchmark("synthetic", broken)
-
-
-def test_dpn_needs_router_weights(assets):
-    ev.check_checkpoint(assets["model_none"], "static")  # no routers needed
-    with pytest.raises(ValueError, match="no router weights"):
-        ev.check_checkpoint(assets["model_none"], "dpn")
-    with pytest.raises(ValueError, match="no router weights"):
-        ev.load_model(assets["model_none"], "dpn")
-    model = ev.load_model(assets["model"], "static")
-    assert model.config.compressor == "static" and not model.training
+        benchmarks.load_benchmark("synthetic", broken)
 
 
 def test_shard_fingerprint_tracks_inputs(assets, tmp_path):
     cfg = _config(assets, tmp_path)
-    data = {"synthetic": ev.load_benchmark("synthetic", cfg.data_root)}
+    data = {"synthetic": benchmarks.load_benchmark("synthetic", cfg.data_root)}
     comps = {"tiny": ["dpn", "none"]}
-    tasks = ev.plan_shards(cfg, data, comps, "code-1", "float32")
+    tasks = fanout.plan_shards(cfg, data, comps, "code-1", "float32")
     assert [t.key for t in tasks[:5]] == [f"tiny/dpn/synthetic/{i}" for i in range(4)] + ["tiny/none/synthetic/0"]
     assert [len(t.items) for t in tasks[:4]] == [4, 4, 4, 3]
-    same = ev.plan_shards(_config(assets, tmp_path), data, comps, "code-1", "float32")
+    same = fanout.plan_shards(_config(assets, tmp_path), data, comps, "code-1", "float32")
     assert [t.fingerprint for t in same] == [t.fingerprint for t in tasks]
-    for changed in (ev.plan_shards(_config(assets, tmp_path, max_new_tokens=5), data, comps, "code-1", "float32"),
-                    ev.plan_shards(cfg, data, comps, "code-2", "float32"),
-                    ev.plan_shards(cfg, data, comps, "code-1", "bfloat16")):
+    for changed in (fanout.plan_shards(_config(assets, tmp_path, max_new_tokens=5), data, comps, "code-1", "float32"),
+                    fanout.plan_shards(cfg, data, comps, "code-2", "float32"),
+                    fanout.plan_shards(cfg, data, comps, "code-1", "bfloat16")):
         assert all(a.fingerprint != b.fingerprint for a, b in zip(changed, tasks, strict=True))
 
 
@@ -163,40 +119,40 @@ def test_file_identity_is_the_content_hash(tmp_path):
     src.parent.mkdir()
     src.write_bytes(data)
     (tmp_path / "a" / "config.json").write_text("{}")
-    assert ev._file_identity(src) == hashlib.sha256(data).hexdigest()
+    assert fanout._file_identity(src) == hashlib.sha256(data).hexdigest()
 
     copy = tmp_path / "b"
     shutil.copytree(tmp_path / "a", copy, copy_function=shutil.copy)  # new files, new mtimes
-    assert ev._dir_identity(copy) == ev._dir_identity(tmp_path / "a")
+    assert fanout._dir_identity(copy) == fanout._dir_identity(tmp_path / "a")
 
     changed = bytearray(data)
     changed[-1] ^= 0xFF
     _rewrite_in_place(copy / "model.safetensors", bytes(changed))
-    assert ev._file_identity(copy / "model.safetensors") == hashlib.sha256(changed).hexdigest()
-    assert ev._dir_identity(copy) != ev._dir_identity(tmp_path / "a")
+    assert fanout._file_identity(copy / "model.safetensors") == hashlib.sha256(changed).hexdigest()
+    assert fanout._dir_identity(copy) != fanout._dir_identity(tmp_path / "a")
 
 
 def test_file_identity_hashes_a_file_once_per_process(tmp_path, monkeypatch):
     calls = []
-    real = ev._sha256_file
-    monkeypatch.setattr(ev, "_CONTENT_HASHES", {})
-    monkeypatch.setattr(ev, "_sha256_file", lambda p: calls.append(p) or real(p))
+    real = fanout._sha256_file
+    monkeypatch.setattr(fanout, "_CONTENT_HASHES", {})
+    monkeypatch.setattr(fanout, "_sha256_file", lambda p: calls.append(p) or real(p))
     weights = tmp_path / "w.bin"
     weights.write_bytes(b"x" * 1000)
-    first = ev._file_identity(weights)
-    assert ev._file_identity(weights) == first and len(calls) == 1
+    first = fanout._file_identity(weights)
+    assert fanout._file_identity(weights) == first and len(calls) == 1
     # A rewrite in place with the mtime set back still moves ctime: hashed again, new identity.
     _rewrite_in_place(weights, b"y" * 1000)
-    assert ev._file_identity(weights) != first and len(calls) == 2
+    assert fanout._file_identity(weights) != first and len(calls) == 2
 
 
 def test_copied_checkpoint_reuses_shards_changed_weights_do_not(assets, tmp_path):
-    data = {"synthetic": ev.load_benchmark("synthetic", assets["data_root"])}
+    data = {"synthetic": benchmarks.load_benchmark("synthetic", assets["data_root"])}
     comps = {"tiny": ["dpn"]}
 
-    def plan(model_dir: Path) -> list[ev.ShardTask]:
-        target = [ev.EvalTarget(name="tiny", model_dir=str(model_dir), compressors=["dpn"])]
-        return ev.plan_shards(_config(assets, tmp_path, targets=target), data, comps, "code-1", "float32")
+    def plan(model_dir: Path) -> list[fanout.ShardTask]:
+        target = [config.EvalTarget(name="tiny", model_dir=str(model_dir), compressors=["dpn"])]
+        return fanout.plan_shards(_config(assets, tmp_path, targets=target), data, comps, "code-1", "float32")
 
     # The tiny checkpoint plus a shard of weights the size of real ones (over 4 MiB: once fingerprinted
     # by size and mtime only).
@@ -224,8 +180,8 @@ def fanned_out(ray_cluster, assets):
     out = assets["root"] / "out-2w"
     cfg = _config(assets, out, num_workers=2, inject_failures={"tiny/dpn/synthetic/1": 1})
     uri = f"sqlite:///{assets['root'] / 'mlflow.db'}"
-    tracking = ev.TrackingOptions(tracking_uri=uri, work_dir=str(assets["root"]), experiment="eval-test")
-    summary = ev.run_evaluation(cfg, tracking=tracking, log=lambda m: None)
+    tracking = run.TrackingOptions(tracking_uri=uri, work_dir=str(assets["root"]), experiment="eval-test")
+    summary = run.run_evaluation(cfg, tracking=tracking, log=lambda m: None)
     return {"summary": summary, "out": out, "uri": uri}
 
 
@@ -280,16 +236,16 @@ def test_outputs_and_metrics(fanned_out, assets):
     assert expected > 0
     for fig in summary["figures"].values():
         assert Path(fig).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "tiny" in ev.format_table(summary) and "acc/hard" in ev.format_table(summary)
+    assert "tiny" in report.format_table(summary) and "acc/hard" in report.format_table(summary)
     chance = {"color": 16.67, "shape": 25.0, "count": 25.0, "position": 50.0, "existence": 50.0}
-    table = ev.format_category_table(summary, chance).splitlines()
+    table = report.format_category_table(summary, chance).splitlines()
     assert table[0].split() == ["per", "question", "type", *chance]
     assert table[1].split() == ["chance", "16.67", "25.00", "25.00", "50.00", "50.00"]
     for line, row in zip(table[2:], summary["rows"], strict=True):
         per = row["metrics"]["synthetic"]["per_category"]
         assert line.split() == [f"{row['model']}/{row['compressor']}", *[f"{per[c]:.2f}" for c in chance]]
     # With difficulties: each model's line, then one line per difficulty from the category x difficulty cells.
-    table = ev.format_category_table(summary, chance, difficulties=("easy", "hard")).splitlines()
+    table = report.format_category_table(summary, chance, difficulties=("easy", "hard")).splitlines()
     assert len(table) == 2 + 3 * len(summary["rows"])
     for i, row in enumerate(summary["rows"]):
         cells = row["metrics"]["synthetic"]["per_category_difficulty"]
@@ -333,7 +289,7 @@ def test_mlflow_child_runs_hold_metrics_and_artifacts(fanned_out):
 @pytest.mark.slow
 def test_one_worker_gives_the_same_results(fanned_out, assets, ray_cluster):
     out = assets["root"] / "out-1w"
-    summary = ev.run_evaluation(_config(assets, out, num_workers=1), log=lambda m: None)
+    summary = run.run_evaluation(_config(assets, out, num_workers=1), log=lambda m: None)
     assert summary["shards"]["computed"] == 8
     two = {(r["model"], r["compressor"]): r for r in fanned_out["summary"]["rows"]}
     for row in summary["rows"]:
@@ -354,8 +310,8 @@ def test_persistent_failure_is_reported_then_resumed(fanned_out, assets, ray_clu
     out = assets["root"] / "out-fail"
     bad = "tiny/none/synthetic/2"
     cfg = _config(assets, out, num_workers=2, max_attempts=2, inject_failures={bad: 2})
-    with pytest.raises(ev.EvalShardsFailed, match=bad) as info:
-        ev.run_evaluation(cfg, log=lambda m: None)
+    with pytest.raises(run.EvalShardsFailed, match=bad) as info:
+        run.run_evaluation(cfg, log=lambda m: None)
     summary = info.value.summary
     assert list(summary["shards"]["failed"]) == [bad]
     assert "InjectedShardFailure" in summary["shards"]["failed"][bad]
@@ -365,7 +321,7 @@ def test_persistent_failure_is_reported_then_resumed(fanned_out, assets, ray_clu
     assert not (out / "tiny" / "none" / "synthetic" / "predictions.jsonl").exists()
     assert json.loads((out / "summary.json").read_text())["status"] == "failed"
 
-    resumed = ev.run_evaluation(_config(assets, out, num_workers=1), log=lambda m: None)
+    resumed = run.run_evaluation(_config(assets, out, num_workers=1), log=lambda m: None)
     assert resumed["status"] == "succeeded"
     assert (resumed["shards"]["computed"], resumed["shards"]["reused"]) == (1, 7)
     ref = assets["root"] / "out-2w" / "tiny" / "none" / "synthetic" / "predictions.jsonl"
@@ -404,53 +360,7 @@ def test_cli_eval_run_bad_input_exits_2(assets, capsys):
 def test_injection_seam_rejects_unknown_shard_keys(assets, tmp_path, ray_cluster):
     cfg = _config(assets, tmp_path, inject_failures={"tiny/dpn/synthetic/99": 1})
     with pytest.raises(ValueError, match="inject_failures names no shard.*synthetic/99"):
-        ev.run_evaluation(cfg, log=lambda m: None)
-
-
-def test_predictions_at_batch_8_equal_batch_1_with_routes_that_differ(assets):
-    """Evaluation batches of 8 (equal-length prompts among them, samples on different routing paths) answer
-    exactly as one question at a time."""
-    import torch
-
-    from dpn.conversation import encode_prompt
-    from dpn.image_processing import build_image_processor
-    from dpn.tokenizer import load_tokenizer
-
-    class SensitiveRouter(torch.nn.Module):
-        # A random tiny LLM's router inputs differ little between questions; this router turns small input
-        # differences into different experts, so that one batch holds samples on different paths.
-        def __init__(self, d, n_experts):
-            super().__init__()
-            self.norm = torch.nn.LayerNorm(d)
-            self.register_buffer("v", torch.randn(d, n_experts, generator=torch.Generator().manual_seed(0)))
-
-        def forward(self, x):
-            return 100.0 * torch.sin(50.0 * self.norm(x) @ self.v).float()
-
-    model = ev.load_model(assets["model"], "dpn")
-    for name in list(model.routers):
-        model.routers[name] = SensitiveRouter(model.config.text_config.hidden_size, len(model.config.experts))
-    tok = load_tokenizer(assets["model"])
-    proc = build_image_processor(model.config.vision_config.image_size)
-    import dataclasses
-
-    items = ev.load_benchmark("synthetic", assets["data_root"]).items
-    # Eight questions of one text on eight images (one prompt length: no padding at all), then the benchmark.
-    same = [dataclasses.replace(items[0], question_id=1000 + i, image=it.image) for i, it in enumerate(items[:8])]
-    items = same + items
-    n_img = model.config.num_image_tokens
-    length = {it.question_id: len(encode_prompt(it.text, tok, "vicuna_v1", n_img, it.has_image, True)) for it in items}
-    kw = dict(compressor="dpn", benchmark="synthetic", model_id="m", max_new_tokens=4)
-    one = ev.predict(model, tok, proc, items, batch_size=1, **kw)
-    eight = ev.predict(model, tok, proc, items, batch_size=8, **kw)
-    paths = [r["metadata"]["routing_path"] for r in one]
-    # The case that used to go wrong: a batch whose prompts all have one length, on different paths.
-    assert any(
-        len({length[it.question_id] for it in items[s : s + 8]}) == 1 and len(set(paths[s : s + 8])) > 1
-        for s in range(0, len(items), 8)
-    ), ([length[it.question_id] for it in items], paths)
-    assert [r["text"] for r in eight] == [r["text"] for r in one]
-    assert [r["metadata"]["routing_path"] for r in eight] == paths
+        run.run_evaluation(cfg, log=lambda m: None)
 
 
 def test_routing_summary_and_table_order_levels_easiest_first():
@@ -460,21 +370,21 @@ def test_routing_summary_and_table_order_levels_easiest_first():
 
     records = [rec("4-2-1", 1.0, "hard"), rec("1-1-1", 4.0, "hard"), rec("4-2-1", 1.0, "easy"),
                rec("4-2-1", 1.0, "easy"), rec("2-2-2", 2.0, "medium")]
-    bench = {"primary": 60.0, **ev.aggregate(records),
+    bench = {"primary": 60.0, **report.aggregate(records),
              "metrics": {"accuracy": 60.0, "num_samples": 5,
                          "per_difficulty": {"hard": 50.0, "easy": 100.0, "medium": 0.0}},
              "predictions": "p.jsonl"}
-    row = ev._row("m", "dpn", {"synthetic": bench})
-    rs = ev.routing_summary(row)
+    row = report.summary_row("m", "dpn", {"synthetic": bench})
+    rs = report.routing_summary(row)
     assert list(rs["path_share_by_difficulty"]) == ["easy", "medium", "hard"]
     assert rs["path_share"] == pytest.approx({"1-1-1": 0.2, "2-2-2": 0.2, "4-2-1": 0.6})
     assert rs["path_share_by_difficulty"]["hard"] == pytest.approx({"1-1-1": 0.5, "4-2-1": 0.5})
     assert rs["mean_tflops_by_difficulty"] == pytest.approx({"easy": 1.0, "medium": 2.0, "hard": 2.5})
     assert list(rs["accuracy_by_difficulty"]) == ["easy", "medium", "hard"]
-    metrics = ev.child_metrics(row)
+    metrics = report.child_metrics(row)
     assert metrics["routing/synthetic/hard/prefill_tflops_per_sample"] == pytest.approx(2.5)
     assert metrics["routing/synthetic/hard/share_pct/1-1-1"] == pytest.approx(50.0)
-    table = ev.format_routing_table({"rows": [row]}).splitlines()
+    table = report.format_routing_table({"rows": [row]}).splitlines()
     assert table[0].split()[:4] == ["m/dpn", "4-2-1", "1-1-1", "2-2-2"]
     assert [line.split()[0] for line in table[1:4]] == ["easy", "medium", "hard"]
     assert table[3].split()[1:3] == ["50.0", "50.0"]  # hard: half on 4-2-1, half on 1-1-1
@@ -496,5 +406,5 @@ def test_budget_outside_the_calibrated_range_is_refused_naming_it(assets, tmp_pa
     err = capsys.readouterr().err
     assert rc == 2 and "budget 0.3 is outside" in err and "[0.550, 1.000]" in err and "Traceback" not in err
     with pytest.raises(ValueError, match="has no budget_curve"):
-        ev.check_checkpoint(assets["model"], "dpn", budget=0.7)
-    assert ev.check_checkpoint(model, "dpn", budget=0.7)["budget_curve"]
+        inference.check_checkpoint(assets["model"], "dpn", budget=0.7)
+    assert inference.check_checkpoint(model, "dpn", budget=0.7)["budget_curve"]

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
 import math
 import os
@@ -57,6 +56,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpn.conversation import TEMPLATES
+from pipelines.data.annotations import AnnotationsScan, block_ranges, read_records, scan_annotations_file
 from pipelines.data.records import IMAGE_STORAGES, QUARANTINE_REASONS, RecordError, resolve_image_path
 
 # Bump when the shard layout or the meaning of a column changes (also part of the fingerprint).
@@ -65,13 +66,13 @@ MANIFEST = "manifest.json"
 LATEST = "LATEST"
 SHARDS_DIR = "shards"
 QUARANTINE_DIR = "quarantine"
-TEMPLATES = ("plain", "vicuna_v1")
 IMAGE_IDENTITIES = ("stat", "content")
 
-_REPO = Path(__file__).resolve().parent.parent
+_REPO = Path(__file__).resolve().parents[2]
 # The sources whose behaviour shapes a shard row: a change in any of them changes the fingerprint.
 _CODE_FILES = (
-    "pipelines/preprocess.py",
+    "pipelines/data/preprocess.py",
+    "pipelines/data/annotations.py",
     "pipelines/data/records.py",
     "dpn/conversation.py",
     "dpn/image_processing.py",
@@ -132,7 +133,7 @@ class PreprocessConfig:
         if not (Path(self.tokenizer) / "tokenizer.json").is_file():
             raise ValueError(f"tokenizer {self.tokenizer!r} must be a directory holding tokenizer.json "
                              f"(a saved fast tokenizer)")
-        for name, valid in (("template", TEMPLATES), ("image_storage", IMAGE_STORAGES),
+        for name, valid in (("template", tuple(TEMPLATES)), ("image_storage", IMAGE_STORAGES),
                             ("image_identity", IMAGE_IDENTITIES)):
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} must be one of {valid}; got {getattr(self, name)!r}")
@@ -197,146 +198,6 @@ class PreprocessSummary:
 
 # ----------------------------------------------------------------------------------------------------
 # Fingerprint
-
-
-class _HashingReader:
-    """A binary file wrapper that hashes every byte the parser reads (one pass for hash and parse)."""
-
-    def __init__(self, f):
-        self._f = f
-        self.sha = hashlib.sha256()
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        self.sha.update(data)
-        return data
-
-
-class _ArraySplitter:
-    """Finds the byte offsets of a JSON array's top-level separators (its `[`, the `,` between elements,
-    its `]`) from the chunks of the file as they stream past, so blocks of records can be read back by
-    byte range. ijson validates the file but reports no byte positions; this runs on the very chunks
-    ijson parses and its result is used only when ijson accepted the file. In valid JSON a byte is
-    structural iff it lies outside strings, and a quote closes a string iff an even run of backslashes
-    precedes it; both are computed with numpy, about as fast as ijson parses.
-    """
-
-    def __init__(self) -> None:
-        import numpy as np
-
-        self._np = np
-        # delta of the bracket depth per byte value: [ { open, ] } close.
-        self._delta = np.zeros(256, np.int8)
-        for ch, d in ((b"[", 1), (b"{", 1), (b"]", -1), (b"}", -1)):
-            self._delta[ch[0]] = d
-        self._pos = 0  # file offset of the next chunk
-        self._in_string = False  # the previous chunk ended inside a string
-        self._backslashes = 0  # length of the backslash run that ended the previous chunk
-        self._depth = 0  # bracket depth after the previous chunk
-        self._found: list[Any] = []  # int64 arrays of separator offsets, per chunk
-        self.seconds = 0.0  # time spent here (the benchmark adds it to the Ray Data time)
-
-    def feed(self, chunk: bytes) -> None:
-        np = self._np
-        start = time.perf_counter()
-        b = np.frombuffer(chunk, np.uint8)
-        quotes = np.flatnonzero(b == ord('"'))
-        # A quote right after a backslash is escaped iff the backslash run before it is odd.
-        after_backslash = np.zeros(quotes.size, bool)
-        inner = quotes > 0
-        after_backslash[inner] = b[quotes[inner] - 1] == ord("\\")
-        if quotes.size and quotes[0] == 0:
-            after_backslash[0] = self._backslashes > 0
-        candidates = np.flatnonzero(after_backslash)
-        if candidates.size:
-            q = quotes[candidates]
-            plain = np.flatnonzero(b != ord("\\"))  # non-empty: it holds the quotes
-            last = np.searchsorted(plain, q) - 1  # the last non-backslash before q, if in this chunk
-            run = np.where(last >= 0, q - 1 - plain[np.maximum(last, 0)], q + self._backslashes)
-            quotes = np.delete(quotes, candidates[run % 2 == 1])
-        marks = np.flatnonzero((self._delta[b] != 0) | (b == ord(",")))
-        # Outside strings: an even number of string quotes before the byte (counting the carry).
-        marks = marks[(np.searchsorted(quotes, marks) + self._in_string) % 2 == 0]
-        kind = b[marks]
-        delta = self._delta[kind].astype(np.int64)
-        depth_before = np.cumsum(delta) - delta + self._depth
-        is_sep = (((kind == ord("[")) & (depth_before == 0)) | ((kind == ord(",")) & (depth_before == 1))
-                  | ((kind == ord("]")) & (depth_before == 1)))
-        self._found.append(marks[is_sep] + self._pos)
-        self._depth += int(delta.sum())
-        self._in_string = bool((quotes.size + self._in_string) % 2)
-        rest = chunk.rstrip(b"\\")
-        self._backslashes = len(chunk) - len(rest) + (0 if rest else self._backslashes)
-        self._pos += len(chunk)
-        self.seconds += time.perf_counter() - start
-
-    def separators(self):
-        """int64 offsets [open, comma, ..., comma, close]: element i lies strictly between entries i and
-        i + 1 (for an empty array: [open, close] and no element)."""
-        np = self._np
-        return np.concatenate(self._found) if self._found else np.zeros(0, np.int64)
-
-
-class _SplittingReader(_HashingReader):
-    """_HashingReader that also feeds every chunk to an _ArraySplitter."""
-
-    def __init__(self, f):
-        super().__init__(f)
-        self.splitter = _ArraySplitter()
-
-    def read(self, n: int = -1) -> bytes:
-        data = super().read(n)
-        self.splitter.feed(data)
-        return data
-
-
-@dataclass(kw_only=True)
-class AnnotationsScan:
-    """What one streaming pass over the annotations file found."""
-
-    sha256: str
-    count: int
-    """Number of array elements (records, good or bad)."""
-    images: list[str]
-    """Sorted unique image paths of the object records."""
-    separators: Any
-    """int64 array of count + 1 byte offsets: record i lies strictly between separators[i] and [i + 1]."""
-    split_s: float
-    """Seconds spent finding the separators."""
-
-
-def scan_annotations_file(path: str | os.PathLike[str]) -> AnnotationsScan:
-    """Stream the annotations once with ijson: their hash, record count, image paths and the byte
-    offsets that cut them into records. Raises ValueError when the file is not one well-formed JSON
-    array."""
-    import ijson
-
-    count, images = 0, set()
-    with open(path, "rb") as f:
-        reader = _SplittingReader(f)
-        try:
-            _check_array_start(f)
-            for item in ijson.items(reader, "item", use_float=True, buf_size=1 << 20):
-                count += 1
-                if isinstance(item, dict) and isinstance(item.get("image"), str):
-                    images.add(item["image"])
-        except ijson.JSONError as e:
-            raise ValueError(f"annotations {str(path)!r} is not valid JSON (after {count} records): {e}") from None
-    separators = reader.splitter.separators()
-    if len(separators) != max(count, 1) + 1:
-        # Cannot happen for a file ijson accepted; never cut records at wrong offsets.
-        raise RuntimeError(f"annotations {str(path)!r}: found {len(separators)} array separators for "
-                           f"{count} records")
-    return AnnotationsScan(sha256=reader.sha.hexdigest(), count=count, images=sorted(images),
-                           separators=separators, split_s=reader.splitter.seconds)
-
-
-def _check_array_start(f) -> None:
-    """The file must be one JSON array (LLaVA's layout), not JSON lines or an object."""
-    head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    f.seek(0)
-    if not head.startswith(b"["):
-        raise ValueError(f"annotations must be one JSON array (LLaVA layout); the file starts with {head[:40]!r}")
 
 
 def _images_digest(image_root: Path, images: list[str], identity: str) -> str:
@@ -462,16 +323,10 @@ def _process_range(path: str, first: int, start: int, end: int, count: int, spec
     Writing inside the task (instead of returning the rows to a Ray Data sink) keeps the processed rows,
     image bytes included, out of Ray's object store: they go from the processing code straight into the
     Parquet file."""
-    import ijson
     import pyarrow as pa
 
     t0, cpu = time.perf_counter(), time.process_time()
-    with open(path, "rb") as f:
-        f.seek(start)
-        data = f.read(end - start)
-    records = list(ijson.items(io.BytesIO(b"[" + data + b"]"), "item", use_float=True))
-    if len(records) != count:  # the driver's offsets disagree with the parser: a bug, never silent
-        raise RuntimeError(f"bytes {start}..{end} of {path!r} hold {len(records)} records, expected {count}")
+    records = read_records(path, start, end, count)
     block = build_processor(spec).process_records(range(first, first + count), records)
     result = write_block(block, out_dir)
     result.update(task_s=time.perf_counter() - t0, task_cpu_s=time.process_time() - cpu)
@@ -498,16 +353,6 @@ def plan_blocks(rows: int, cpus: int, max_rows: int, min_rows: int = MIN_BLOCK_R
         sizes.append(n)
         left -= n
     return sizes
-
-
-def _block_ranges(separators, block_rows: list[int]) -> list[tuple[int, int, int, int]]:
-    """(first record, record count, start byte, end byte) of each block: its records lie in bytes
-    [start, end) of the annotations, from after the separator before the first to the one after the last."""
-    ranges, first = [], 0
-    for n in block_rows:
-        ranges.append((first, n, int(separators[first]) + 1, int(separators[first + n])))
-        first += n
-    return ranges
 
 
 def _make_datasource(path: str, ranges: list[tuple[int, int, int, int]], spec: _WorkerSpec, out_dir: str):
@@ -623,6 +468,54 @@ def _publish_latest(out: Path, fp: str) -> None:
     os.replace(tmp, out / LATEST)  # atomic: readers see the old or the new name, never half a file
 
 
+def _run_blocks(cfg: PreprocessConfig, scan: AnnotationsScan, block_rows: list[int], tmp: Path) -> list[dict[str, Any]]:
+    """Process the blocks with Ray Data, one read task per block writing its shard + quarantine files under
+    `tmp`; returns the blocks' counts, ordered by shard file."""
+    import ray
+
+    if not scan.count:
+        return []
+    ds = ray.data.read_datasource(
+        _make_datasource(cfg.annotations, block_ranges(scan.separators, block_rows), _WorkerSpec.from_config(cfg),
+                         str(tmp)),
+        # One block per read task, as planned (Ray would otherwise split or merge them).
+        override_num_blocks=len(block_rows),
+    )
+    # Without per-operator reservations Ray Data submits every CPU's task at once and queues the next
+    # ones; with them it held the read operator to one running task at a time here (measured: the
+    # second CPU idle) and paid a scheduling round trip between tasks. Safe: the pipeline is this one
+    # operator and a queued task holds four integers.
+    ds.context.op_resource_reservation_enabled = False
+    results = [json.loads(row["result"]) for row in ds.iter_rows()]
+    results.sort(key=lambda r: r["shard"] or "")
+    return results
+
+
+def _counts(results: list[dict[str, Any]], rows_in: int) -> dict[str, Any]:
+    """The manifest's "counts" and "shards" from the blocks' counts. Raises RuntimeError when records were
+    lost or duplicated, or a quarantine reason is unknown: such a run is never published."""
+    quarantined: Counter[str] = Counter()
+    for r in results:
+        quarantined.update(r["quarantined"])
+    rows_out = sum(r["rows"] for r in results)
+    if rows_out + sum(quarantined.values()) != rows_in:
+        raise RuntimeError(f"record accounting failed: {rows_in} records read, {rows_out} written + "
+                           f"{sum(quarantined.values())} quarantined")
+    unknown = set(quarantined) - set(QUARANTINE_REASONS)
+    if unknown:
+        raise RuntimeError(f"unknown quarantine reasons {sorted(unknown)}")
+    shards = [{"file": r["shard"], "rows": r["rows"], "bytes": r["bytes"]} for r in results if r["shard"]]
+    return {
+        "counts": {
+            "rows_in": rows_in, "rows_out": rows_out, "images_out": sum(r["images"] for r in results),
+            "quarantined": dict(sorted(quarantined.items())), "shard_bytes": sum(s["bytes"] for s in shards),
+            "tokens": sum(r["tokens"] for r in results),
+            "max_length": max((r["max_length"] for r in results), default=0),
+        },
+        "shards": shards,
+    }
+
+
 def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
     """Validate, tokenize and shard a LLaVA annotations file with Ray Data (a pipeline step).
 
@@ -648,8 +541,6 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
 
     token_ids = _token_ids(cfg.tokenizer, cfg.add_router_token)
     num_cpus = ensure_ray(cfg.num_cpus)
-    import ray
-
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".tmp-{fp}-{secrets.token_hex(4)}"
     (tmp / SHARDS_DIR).mkdir(parents=True)
@@ -657,35 +548,8 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
     try:
         block_rows = plan_blocks(rows_in, num_cpus, cfg.rows_per_shard)
         process_start = time.perf_counter()
-        results = []
-        if rows_in:
-            ds = ray.data.read_datasource(
-                _make_datasource(cfg.annotations, _block_ranges(scan.separators, block_rows),
-                                 _WorkerSpec.from_config(cfg), str(tmp)),
-                # One block per read task, as planned (Ray would otherwise split or merge them).
-                override_num_blocks=len(block_rows),
-            )
-            # Without per-operator reservations Ray Data submits every CPU's task at once and queues the next
-            # ones; with them it held the read operator to one running task at a time here (measured: the
-            # second CPU idle) and paid a scheduling round trip between tasks. Safe: the pipeline is this one
-            # operator and a queued task holds four integers.
-            ds.context.op_resource_reservation_enabled = False
-            results = [json.loads(row["result"]) for row in ds.iter_rows()]
+        results = _run_blocks(cfg, scan, block_rows, tmp)
         process_s = time.perf_counter() - process_start
-        results.sort(key=lambda r: r["shard"] or "")
-        quarantined: Counter[str] = Counter()
-        for r in results:
-            quarantined.update(r["quarantined"])
-        rows_out = sum(r["rows"] for r in results)
-        if rows_out + sum(quarantined.values()) != rows_in:
-            # Never publish a run that lost or duplicated records.
-            raise RuntimeError(f"record accounting failed: {rows_in} records read, {rows_out} written + "
-                               f"{sum(quarantined.values())} quarantined")
-        unknown = set(quarantined) - set(QUARANTINE_REASONS)
-        if unknown:
-            raise RuntimeError(f"unknown quarantine reasons {sorted(unknown)}")
-        seconds = time.perf_counter() - start
-        shards = [{"file": r["shard"], "rows": r["rows"], "bytes": r["bytes"]} for r in results if r["shard"]]
         manifest = {
             "format": FORMAT_VERSION,
             "fingerprint": fp,
@@ -693,14 +557,8 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
             "config": {**cfg.row_options(), "annotations": cfg.annotations, "image_root": cfg.image_root,
                        "tokenizer": cfg.tokenizer, "cpus": num_cpus, "blocks": len(block_rows)},
             "tokens": token_ids,
-            "counts": {
-                "rows_in": rows_in, "rows_out": rows_out, "images_out": sum(r["images"] for r in results),
-                "quarantined": dict(sorted(quarantined.items())), "shard_bytes": sum(s["bytes"] for s in shards),
-                "tokens": sum(r["tokens"] for r in results),
-                "max_length": max((r["max_length"] for r in results), default=0),
-            },
-            "shards": shards,
-            "seconds": round(seconds, 3),
+            **_counts(results, rows_in),
+            "seconds": round(time.perf_counter() - start, 3),
             "fingerprint_s": round(fingerprint_s, 3),
             "split_s": round(scan.split_s, 3),
             "process_s": round(process_s, 3),

@@ -1,32 +1,25 @@
-"""Stage 0 of the tiny recipe: per-patch labels, the tower learns, the saved tower loads, caching."""
+"""Stage 0 of the tiny recipe: per-patch labels, the tower learns, the saved tower loads (its caching is
+the DAG's: tests/test_pipeline.py, tests/test_training.py)."""
 
 from __future__ import annotations
-
-import json
 
 import pytest
 import torch
 
-from pipelines import synth
+from pipelines.data.synth.scenes import COLOR_NAMES, SHAPES, Obj, Scene
 from pipelines.recipes import VisionPretrainSpec, get_recipe
-from pipelines.vision_pretrain import (
-    RESULT_FILE,
-    patch_labels,
-    pretrain_vision,
-    run_vision_pretrain,
-    spec_fingerprint,
-)
+from pipelines.training.stage0.vision import patch_labels, pretrain_vision
 
-RED, BLUE = 1 + synth.COLOR_NAMES.index("red"), 1 + synth.COLOR_NAMES.index("blue")
-SQUARE, CIRCLE = synth.SHAPES.index("square"), synth.SHAPES.index("circle")
+RED, BLUE = 1 + COLOR_NAMES.index("red"), 1 + COLOR_NAMES.index("blue")
+SQUARE, CIRCLE = SHAPES.index("square"), SHAPES.index("circle")
 
 
 def test_patch_labels_follow_the_scene_geometry_on_the_padded_canvas():
     # 48 x 24 canvas padded to 48 x 48 (12 px above and below); 4-px patches -> a 12 x 12 grid whose patch
     # (i, j) centre lies at canvas (4j + 2, 4i + 2 - 12).
-    scene = synth.Scene(width=48, height=24, background="white", objects=[
-        synth.Obj(shape="square", color="red", size="large", x=12, y=12, r=6),   # x, y in [6, 18]
-        synth.Obj(shape="circle", color="blue", size="small", x=36, y=12, r=4),
+    scene = Scene(width=48, height=24, background="white", objects=[
+        Obj(shape="square", color="red", size="large", x=12, y=12, r=6),   # x, y in [6, 18]
+        Obj(shape="circle", color="blue", size="small", x=36, y=12, r=4),
     ])
     colours, shapes = patch_labels(scene, image_size=48, patch=4)
     assert len(colours) == len(shapes) == 144
@@ -70,51 +63,8 @@ def test_the_tower_learns_colour_and_loads_into_the_model(tmp_path):
         load_vision_tower(other, tmp_path / "tower")
 
 
-def test_stage0_is_cached_by_fingerprint_and_never_takes_a_half_written_tower(tmp_path, monkeypatch):
-    import pipelines.vision_pretrain as vp
-
-    calls = []
-
-    def in_process(spec, preset, out_dir):  # the Ray task's body, without starting Ray
-        calls.append(spec.steps)
-        return pretrain_vision(spec, preset, out_dir)
-
-    monkeypatch.setattr(vp, "pretrain_vision_on_ray", in_process)
-    small = ["vision_pretrain.steps=2", "vision_pretrain.batch_size=2", "vision_pretrain.eval_images=2",
-             f"work_dir={tmp_path}"]
-    cfg = get_recipe("tiny", 1, small)
-    fp = spec_fingerprint(cfg.vision_pretrain, "tiny")
-    stale = tmp_path / "stage0" / f".{fp}.tmp"  # a crashed attempt's leftovers
-    stale.mkdir(parents=True)
-    (stale / "model.safetensors").write_bytes(b"half")
-
-    out, summary, cached = run_vision_pretrain(cfg)
-    assert (out, cached, calls) == (tmp_path / "stage0" / fp, False, [2])
-    assert not stale.exists() and (out / "model.safetensors").stat().st_size > 4
-    assert json.loads((out / RESULT_FILE).read_text())["summary"]["steps"] == 2
-
-    again, summary2, cached2 = run_vision_pretrain(cfg)
-    assert (again, cached2, calls) == (out, True, [2]) and summary2 == summary
-    longer = get_recipe("tiny", 1, [*small, "vision_pretrain.steps=3"])
-    assert spec_fingerprint(longer.vision_pretrain, "tiny") != fp
-    # Same preset name, another tower geometry: not the cached tower.
-    import dpn.presets
-
-    tiny = dpn.presets.PRESETS["tiny"]
-
-    def larger_images(**kw):
-        c = tiny(**kw)
-        c.vision_config.image_size = 64
-        return c
-
-    monkeypatch.setitem(dpn.presets.PRESETS, "tiny", larger_images)
-    assert spec_fingerprint(cfg.vision_pretrain, "tiny") != fp
-    monkeypatch.setitem(dpn.presets.PRESETS, "tiny", tiny)
-    assert spec_fingerprint(cfg.vision_pretrain, "tiny") == fp  # deterministic
-
-
 def test_stage0_placeholder_is_validated():
-    from pipelines.train import run_stage
+    from pipelines.training.driver import run_stage
 
     with pytest.raises(ValueError, match=r"model\.vision_path.*stage 2"):
         get_recipe("tiny", 2, ["model.init=random", "model.vision_path=<stage0>"])

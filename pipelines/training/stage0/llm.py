@@ -6,7 +6,7 @@ visual token to look at all at once from the images, which the demo's budget doe
 against 33% chance; bench/RESULTS_learnability.md, round 7). This stage trains the LLM alone on the
 corpus' own instruct records with every image replaced by its scene as **object tokens** (`<red_circle>`,
 one per object, left to right: what a patch feature of the stage-0 tower names), drawn fresh every step
-by the corpus generator (`pipelines.synth.draw_instruct_item`). A curriculum, because the LLaVA form
+by the corpus generator (`pipelines.data.synth.questions.draw_instruct_item`). A curriculum, because the LLaVA form
 from the start was measured at 55% after 3,000 steps: the first `bare_steps` train the *bare* form (one
 short-answer question, no system prompt, no "Answer the question using a single word or phrase."), then
 LLaVA's records in vicuna_v1 with `bare_mix` of the samples still bare. The LLM learns to bind (which
@@ -17,23 +17,32 @@ The object tokens are scaffolding, as stage 0's vision heads: their embedding ro
 saving, so the saved LLM (`LlamaForCausalLM` directory, with the corpus tokenizer) has exactly the
 stage's vocabulary and stage 1 loads it with `model.llm_path` as the real recipes load Vicuna.
 
-Entry points mirror `pipelines.vision_pretrain`: `pretrain_llm` (the loop, in-process, one thread),
-`pretrain_llm_on_ray` (a one-CPU Ray task: the pipeline's `stage0_llm` step) and `run_llm_pretrain`
-(cached by fingerprint under the work dir, published atomically: `dpn train`). Both run when stage 1's
-`model.llm_path` is "<stage0>".
+Entry points mirror `stage0.vision`: `pretrain_llm` (the loop, in-process, one thread) and
+`pretrain_llm_on_ray` (a one-CPU Ray task: the pipeline's `stage0_llm` step, cached by the DAG). It runs
+when stage 1's `model.llm_path` is "<stage0>".
 """
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pipelines.recipes import LLMPretrainSpec, TrainConfig
-from pipelines.stage0 import RESULT_FILE, on_one_cpu, publish
+from pipelines.data.synth.questions import (
+    ANSWERS,
+    CATEGORIES,
+    SHORT_ANSWER_PROMPT,
+    draw_instruct_item,
+    eval_items,
+    short_question,
+)
+from pipelines.data.synth.scenes import COLOR_NAMES, SHAPES
+from pipelines.recipes import LLMPretrainSpec
+from pipelines.training.model_setup import random_vocab_size
+from pipelines.training.schedule import lr_factor
+from pipelines.training.stage0.common import on_one_cpu
 
 TEMPLATE = "vicuna_v1"  # stage 2's template: the form the LLM must answer in
 
@@ -44,13 +53,11 @@ def object_token(color: str, shape: str) -> str:
 
 
 def object_tokens() -> list[str]:
-    from pipelines import synth
-
-    return [object_token(c, s) for c in synth.COLOR_NAMES for s in synth.SHAPES]
+    return [object_token(c, s) for c in COLOR_NAMES for s in SHAPES]
 
 
 def scene_text(scene) -> str:
-    """A `pipelines.synth.Scene` as the text that stands in for its image: "Scene: <red_circle> ...."
+    """A `pipelines.data.synth.scenes.Scene` as the text that stands in for its image: "Scene: <red_circle> ...."
     (objects left to right)."""
     return "Scene: " + " ".join(object_token(o.color, o.shape) for o in sorted(scene.objects, key=lambda o: o.x)) + "."
 
@@ -58,9 +65,7 @@ def scene_text(scene) -> str:
 def bare_sample(tokenizer, scene: str, question: str, answer: str | None = None) -> tuple[list[int], list[int]] | list[int]:
     """The curriculum's first form: [bos] "{scene}\\n{question} ASSISTANT:" [" answer" eos], the question
     without the short-answer instruction. Returns (input ids, labels), or the prompt ids without `answer`."""
-    from pipelines import synth
-
-    question = question.replace(f"\n{synth.SHORT_ANSWER_PROMPT}", "")
+    question = question.replace(f"\n{SHORT_ANSWER_PROMPT}", "")
     ids = [tokenizer.bos_token_id] + tokenizer(f"{scene}\n{question} ASSISTANT:", add_special_tokens=False).input_ids
     if answer is None:
         return ids
@@ -72,12 +77,10 @@ def _samples(rng: random.Random, tokenizer, bare: bool) -> list[tuple[list[int],
     """One freshly drawn instruct record: in the bare form, one sample per short-answer turn (records of
     sentences or a caption only give none); else the whole record in the template, scene for `<image>`."""
     from dpn.conversation import tokenize_conversation
-    from pipelines import synth
-
-    scene, pairs = synth.draw_instruct_item(rng)
+    scene, pairs = draw_instruct_item(rng)
     text = scene_text(scene)
     if bare:
-        short = {a for answers in synth.ANSWERS.values() for a in answers}
+        short = {a for answers in ANSWERS.values() for a in answers}
         return [bare_sample(tokenizer, text, q, a) for q, a in pairs if a in short]
     turns = []
     for i, (human, gpt) in enumerate(pairs):
@@ -109,17 +112,44 @@ def length_grouped_batches(rng: random.Random, draw: Callable[[], list], batch_s
         yield from batches
 
 
-def spec_fingerprint(spec: LLMPretrainSpec, preset: str, tokenizer) -> str:
-    """sha256 (first 12 hex) of what the stage trains: the spec, the LLM geometry (the preset's text
-    config itself), the tokenizer's vocabulary and the generator."""
-    from dpn.presets import get_preset
-    from pipelines import synth
-    from pipelines.dag import fingerprint
+def _held_out(tokenizer, spec: LLMPretrainSpec) -> dict[str, list[tuple[list[int], Any, str]]]:
+    """Held-out questions drawn as the eval split's (balanced categories x difficulties) from a seed stream
+    the training draws never use, as prompts in both forms: {"bare": ..., "template": ...} of (ids, qa,
+    difficulty)."""
+    from dpn.conversation import encode_prompt
 
-    llm = get_preset(preset).text_config.to_dict()
-    llm.pop("vocab_size", None)  # set from the tokenizer, fingerprinted below
-    return fingerprint({"spec": dataclasses.asdict(spec), "preset": preset, "llm": llm,
-                        "vocab": sorted(tokenizer.get_vocab().items()), "generator": synth.GENERATOR_VERSION})[:12]
+    tests: dict[str, list[tuple[list[int], Any, str]]] = {"bare": [], "template": []}
+    for scene, qa, difficulty in eval_items(random.Random(1_000_003 + spec.seed), spec.eval_questions):
+        question = short_question(qa.question)
+        tests["bare"].append((bare_sample(tokenizer, scene_text(scene), question), qa, difficulty))
+        tests["template"].append((encode_prompt(f"{scene_text(scene)}\n{question}", tokenizer, TEMPLATE, 1, False,
+                                                False), qa, difficulty))
+    return tests
+
+
+def _score(model, pad_id: int, items, first: dict[str, dict[str, int]]) -> dict[str, float]:
+    """Accuracy (percent) over `items` overall, per category and per difficulty, scored by the answer's first
+    token: the argmax over the category's answers (`first`: category -> answer -> first token id)."""
+    import torch
+
+    model.eval()
+    right: dict[str, list[bool]] = {}
+    with torch.no_grad():
+        for i in range(0, len(items), 50):
+            chunk = items[i:i + 50]
+            width = max(len(ids) for ids, _, _ in chunk)
+            ids = torch.full((len(chunk), width), pad_id)  # (B, T) left-padded
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for j, (x, _, _) in enumerate(chunk):
+                ids[j, width - len(x):], mask[j, width - len(x):] = torch.tensor(x), 1
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]  # (B, V): the answer's first token
+            for j, (_, qa, difficulty) in enumerate(chunk):
+                options = first[qa.category]
+                ok = max(options, key=lambda a: float(logits[j, options[a]])) == qa.answer
+                for key in ("all", qa.category, difficulty):
+                    right.setdefault(key, []).append(ok)
+    model.train()
+    return {k: round(100 * sum(v) / len(v), 1) for k, v in sorted(right.items())}
 
 
 def pretrain_llm(spec: LLMPretrainSpec, preset: str, tokenizer_dir: str | Path, out_dir: str | Path | None = None,
@@ -131,11 +161,8 @@ def pretrain_llm(spec: LLMPretrainSpec, preset: str, tokenizer_dir: str | Path, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dpn.conversation import encode_prompt
     from dpn.presets import get_preset
     from dpn.tokenizer import load_tokenizer
-    from pipelines import synth
-    from pipelines.train import lr_factor, random_vocab_size
 
     tokenizer = load_tokenizer(tokenizer_dir)
     vocab = random_vocab_size(preset, tokenizer)
@@ -159,36 +186,12 @@ def pretrain_llm(spec: LLMPretrainSpec, preset: str, tokenizer_dir: str | Path, 
             ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
-    # Held-out questions drawn as the eval split's (balanced categories x difficulties) from a seed stream
-    # the training draws never use; scored by the first answer token, argmax over the category's answers.
-    tests: dict[str, list[tuple[list[int], Any, str]]] = {"bare": [], "template": []}
-    for scene, qa, difficulty in synth.eval_items(random.Random(1_000_003 + spec.seed), spec.eval_questions):
-        question = synth.short_question(qa.question)
-        tests["bare"].append((bare_sample(tokenizer, scene_text(scene), question), qa, difficulty))
-        tests["template"].append((encode_prompt(f"{scene_text(scene)}\n{question}", tokenizer, TEMPLATE, 1, False,
-                                                False), qa, difficulty))
+    tests = _held_out(tokenizer, spec)
     first = {c: {a: tokenizer(f" {a}", add_special_tokens=False).input_ids[0] for a in answers}
-             for c, answers in synth.ANSWERS.items()}
+             for c, answers in ANSWERS.items()}
 
     def score(items) -> dict[str, float]:
-        model.eval()
-        right: dict[str, list[bool]] = {}
-        with torch.no_grad():
-            for i in range(0, len(items), 50):
-                chunk = items[i:i + 50]
-                width = max(len(ids) for ids, _, _ in chunk)
-                ids = torch.full((len(chunk), width), tokenizer.pad_token_id)  # (B, T) left-padded
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for j, (x, _, _) in enumerate(chunk):
-                    ids[j, width - len(x):], mask[j, width - len(x):] = torch.tensor(x), 1
-                logits = model(input_ids=ids, attention_mask=mask).logits[:, -1]  # (B, V): the answer's first token
-                for j, (_, qa, difficulty) in enumerate(chunk):
-                    options = first[qa.category]
-                    ok = max(options, key=lambda a: float(logits[j, options[a]])) == qa.answer
-                    for key in ("all", qa.category, difficulty):
-                        right.setdefault(key, []).append(ok)
-        model.train()
-        return {k: round(100 * sum(v) / len(v), 1) for k, v in sorted(right.items())}
+        return _score(model, tokenizer.pad_token_id, items, first)
 
     rng, rows, t0, step = random.Random(spec.seed), [], time.perf_counter(), 0
     # `step` is read when a group is drawn: the curriculum's form switches within GROUPED_BATCHES steps.
@@ -210,7 +213,7 @@ def pretrain_llm(spec: LLMPretrainSpec, preset: str, tokenizer_dir: str | Path, 
         if step % spec.eval_every == 0 or step == spec.steps:
             template = score(tests["template"])
             row = {"step": step, "accuracy_pct": template["all"], "bare_accuracy_pct": score(tests["bare"])["all"],
-                   "per_category_pct": {c: template[c] for c in synth.CATEGORIES},
+                   "per_category_pct": {c: template[c] for c in CATEGORIES},
                    "loss": round(float(loss.detach()), 4), "seconds": round(time.perf_counter() - t0, 1)}
             rows.append(row)
             if on_eval is not None:
@@ -229,24 +232,9 @@ def pretrain_llm(spec: LLMPretrainSpec, preset: str, tokenizer_dir: str | Path, 
 
 def pretrain_llm_on_ray(spec: LLMPretrainSpec, preset: str, tokenizer_dir: str | Path, out_dir: str | Path
                         ) -> dict[str, Any]:
-    """`pretrain_llm` as a one-CPU Ray task (`pipelines.stage0.on_one_cpu`)."""
+    """`pretrain_llm` as a one-CPU Ray task (`stage0.common.on_one_cpu`)."""
     return on_one_cpu(pretrain_llm, "stage0_llm", spec, preset, str(Path(tokenizer_dir).absolute()), str(Path(out_dir).absolute()))
 
 
-def run_llm_pretrain(cfg: TrainConfig, tokenizer_dir: str | Path, out_root: str | Path | None = None
-                     ) -> tuple[Path, dict[str, Any], bool]:
-    """Stage 0 (LLM) of `cfg` (a stage-1 config with model.llm_path "<stage0>"): train the LLM unless
-    `<out_root>/<fingerprint>` holds a finished one (default out_root: <work_dir>/stage0-llm), as a
-    one-CPU Ray task, published atomically (`pipelines.stage0.publish`). Returns (LLM directory,
-    summary, whether it was cached)."""
-    from dpn.tokenizer import load_tokenizer
-
-    spec, preset = cfg.llm_pretrain, cfg.model.preset
-    root = Path(out_root) if out_root is not None else Path(cfg.work_dir).absolute() / "stage0-llm"
-    out = root / spec_fingerprint(spec, preset, load_tokenizer(tokenizer_dir))
-    return publish(out, lambda tmp: pretrain_llm_on_ray(spec, preset, tokenizer_dir, tmp),
-                   {"preset": preset, "spec": dataclasses.asdict(spec), "tokenizer": str(tokenizer_dir)})
-
-
-__all__ = ["GROUPED_BATCHES", "RESULT_FILE", "bare_sample", "length_grouped_batches", "object_token", "object_tokens", "pretrain_llm", "pretrain_llm_on_ray", "run_llm_pretrain",
-           "scene_text", "spec_fingerprint"]
+__all__ = ["GROUPED_BATCHES", "bare_sample", "length_grouped_batches", "object_token", "object_tokens",
+           "pretrain_llm", "pretrain_llm_on_ray", "scene_text"]

@@ -6,48 +6,34 @@ steps (bench/RESULTS_learnability.md: 33% = chance after 400 stage-2 steps from 
 this stage). Stage 0 trains the tower alone, with two linear heads on the features the projector reads
 (`vision_feature_layer`, CLS dropped), to name for every patch the colour (or background) and the shape of
 the object under its centre. Scenes are drawn fresh every step by the corpus generator
-(`pipelines.synth.random_scene`, the caption mix of difficulties); labels come from the scene geometry,
-not from pixels. The heads are thrown away; the tower is saved as a `CLIPVisionModel` directory, which
-stage 1 loads with `model.vision_path` exactly as the real recipes load CLIP.
+(`pipelines.data.synth.scenes.random_scene`, the caption mix of difficulties); labels come from the scene
+geometry, not from pixels. The heads are thrown away; the tower is saved as a `CLIPVisionModel`
+directory, which stage 1 loads with `model.vision_path` exactly as the real recipes load CLIP.
 
-Entry points: `pretrain_vision` (the loop, in-process; one torch thread is plenty),
+Entry points: `pretrain_vision` (the loop, in-process; one torch thread is plenty) and
 `pretrain_vision_on_ray` (the same as a one-CPU Ray task: the pipeline's `stage0_vision` step, cached by
-the DAG) and `run_vision_pretrain` (cached by fingerprint under the work dir, published atomically:
-`pipelines.train.run_recipe`, i.e. `dpn train`). Both run when stage 1's `model.vision_path` is "<stage0>".
+the DAG like every step). It runs when stage 1's `model.vision_path` is "<stage0>".
 """
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipelines.recipes import TrainConfig, VisionPretrainSpec
-from pipelines.stage0 import RESULT_FILE, on_one_cpu, publish
-
-
-def _covers(o, x: float, y: float) -> bool:
-    """Whether point (x, y) of the canvas lies on object `o` as `pipelines.synth.render` draws it."""
-    dx, dy = x - o.x, y - o.y
-    if o.shape == "circle":
-        return dx * dx + dy * dy <= o.r * o.r
-    if o.shape == "square":
-        return abs(dx) <= o.r and abs(dy) <= o.r
-    if o.shape == "triangle":  # apex (x, y - r), base y + r: half-width grows from 0 to r downwards
-        return -o.r <= dy <= o.r and abs(dx) <= (dy + o.r) / 2
-    h = max(1, round(o.r * 0.35))  # cross
-    return (abs(dx) <= o.r and abs(dy) <= h) or (abs(dx) <= h and abs(dy) <= o.r)
+from pipelines.data.synth.rendering import covers, render
+from pipelines.data.synth.scenes import COLOR_NAMES, PRETRAIN_LEVELS, SHAPES, draw_level, random_scene
+from pipelines.recipes import VisionPretrainSpec
+from pipelines.training.schedule import lr_factor
+from pipelines.training.stage0.common import on_one_cpu
 
 
 def patch_labels(scene, image_size: int, patch: int) -> tuple[list[int], list[int]]:
-    """Colour class (0 = background, 1 + index in `synth.COLOR_NAMES`) and shape index (-100 = background,
+    """Colour class (0 = background, 1 + index in `COLOR_NAMES`) and shape index (-100 = background,
     left out of the loss) of the object under each patch centre, row-major, on the padded-to-square canvas
     the image processor makes (scene centred)."""
-    from pipelines import synth
-
     side = max(scene.width, scene.height)
     ox, oy = (side - scene.width) // 2, (side - scene.height) // 2
     grid = image_size // patch
@@ -56,25 +42,12 @@ def patch_labels(scene, image_size: int, patch: int) -> tuple[list[int], list[in
         for j in range(grid):
             x = (j * patch + patch / 2) * side / image_size - ox
             y = (i * patch + patch / 2) * side / image_size - oy
-            hit = next((o for o in reversed(scene.objects) if _covers(o, x, y)), None)  # drawn last = on top
-            colours.append(0 if hit is None else 1 + synth.COLOR_NAMES.index(hit.color))
+            hit = next((o for o in reversed(scene.objects) if covers(o, x, y)), None)  # drawn last = on top
+            colours.append(0 if hit is None else 1 + COLOR_NAMES.index(hit.color))
             # Background patches carry no shape: with background in the shape loss, the object-patch shape
             # accuracy was 41% after 600 steps; without, 60% after 500 and 88% after 1,500.
-            shapes.append(-100 if hit is None else synth.SHAPES.index(hit.shape))
+            shapes.append(-100 if hit is None else SHAPES.index(hit.shape))
     return colours, shapes
-
-
-def spec_fingerprint(spec: VisionPretrainSpec, preset: str) -> str:
-    """sha256 (first 12 hex) of what the stage trains: the spec, the tower geometry, the scene generator.
-    The geometry is the preset's vision config itself, not its name: a preset whose tower changes (image
-    size, patches, width) must not pick up a tower cached under the old one."""
-    from dpn.presets import get_preset
-    from pipelines import synth
-    from pipelines.dag import fingerprint
-
-    tower = get_preset(preset).vision_config.to_dict()
-    return fingerprint({"spec": dataclasses.asdict(spec), "preset": preset, "tower": tower,
-                        "generator": synth.GENERATOR_VERSION})[:12]
 
 
 def pretrain_vision(spec: VisionPretrainSpec, preset: str, out_dir: str | Path | None = None,
@@ -88,22 +61,19 @@ def pretrain_vision(spec: VisionPretrainSpec, preset: str, out_dir: str | Path |
 
     from dpn.image_processing import build_image_processor, preprocess_images
     from dpn.presets import get_preset
-    from pipelines import synth
-    from pipelines.train import lr_factor
-
     cfg = get_preset(preset)
     vcfg = cfg.vision_config
     torch.manual_seed(spec.seed)
     tower = AutoModel.from_config(vcfg)  # CLIPVisionModel, as `DPNForConditionalGeneration.vision_tower`
-    heads = nn.ModuleDict({"color": nn.Linear(vcfg.hidden_size, 1 + len(synth.COLOR_NAMES)),
-                           "shape": nn.Linear(vcfg.hidden_size, len(synth.SHAPES))})
+    heads = nn.ModuleDict({"color": nn.Linear(vcfg.hidden_size, 1 + len(COLOR_NAMES)),
+                           "shape": nn.Linear(vcfg.hidden_size, len(SHAPES))})
     params = list(tower.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
     processor = build_image_processor(vcfg.image_size)
 
     def batch(rng: random.Random, size: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        scenes = [synth.random_scene(rng, synth.draw_level(rng, synth.PRETRAIN_LEVELS)) for _ in range(size)]
-        pixels = preprocess_images([synth.render(sc) for sc in scenes], processor)  # (N, 3, S, S)
+        scenes = [random_scene(rng, draw_level(rng, PRETRAIN_LEVELS)) for _ in range(size)]
+        pixels = preprocess_images([render(sc) for sc in scenes], processor)  # (N, 3, S, S)
         labels = [patch_labels(sc, vcfg.image_size, vcfg.patch_size) for sc in scenes]
         return pixels, {k: torch.tensor([lab[n] for lab in labels]) for n, k in enumerate(("color", "shape"))}
 
@@ -147,19 +117,8 @@ def pretrain_vision(spec: VisionPretrainSpec, preset: str, out_dir: str | Path |
 
 
 def pretrain_vision_on_ray(spec: VisionPretrainSpec, preset: str, out_dir: str | Path) -> dict[str, Any]:
-    """`pretrain_vision` as a one-CPU Ray task (`pipelines.stage0.on_one_cpu`)."""
+    """`pretrain_vision` as a one-CPU Ray task (`stage0.common.on_one_cpu`)."""
     return on_one_cpu(pretrain_vision, "stage0_vision", spec, preset, str(Path(out_dir).absolute()))
 
 
-def run_vision_pretrain(cfg: TrainConfig, out_root: str | Path | None = None) -> tuple[Path, dict[str, Any], bool]:
-    """Stage 0 of `cfg` (a stage-1 config with model.vision_path "<stage0>"): train the tower unless
-    `<out_root>/<fingerprint>` holds a finished one (default out_root: <work_dir>/stage0), as a one-CPU
-    Ray task, published atomically (`pipelines.stage0.publish`). Returns (tower directory, summary,
-    whether it was cached)."""
-    spec, preset = cfg.vision_pretrain, cfg.model.preset
-    root = Path(out_root) if out_root is not None else Path(cfg.work_dir).absolute() / "stage0"
-    return publish(root / spec_fingerprint(spec, preset), lambda tmp: pretrain_vision_on_ray(spec, preset, tmp),
-                   {"preset": preset, "spec": dataclasses.asdict(spec)})
-
-
-__all__ = ["RESULT_FILE", "patch_labels", "pretrain_vision", "pretrain_vision_on_ray", "run_vision_pretrain", "spec_fingerprint"]
+__all__ = ["patch_labels", "pretrain_vision", "pretrain_vision_on_ray"]

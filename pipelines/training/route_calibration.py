@@ -20,7 +20,7 @@ from typing import Any
 
 @dataclass(kw_only=True)
 class CalibrationSpec:
-    """What `calibrate` does; the pipeline's `routing` section (`pipelines.workflow.RoutingConfig`)."""
+    """What `calibrate` does; the pipeline's `routing` section (`pipelines.workflow.PipelineConfig.routing`)."""
 
     budget: float | None = None
     """Target mean LLM prefill FLOPs (fraction of the uncompressed model) of the calibrated model; None:
@@ -119,8 +119,8 @@ def calibrate(model_dir: str, shards: str, spec: CalibrationSpec, out_dir: str, 
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.to("cpu").save_pretrained(tmp)
-    for f in Path(model_dir).iterdir():  # the tokenizer travels with the model
-        if f.is_file() and f.name.startswith(("tokenizer", "special_tokens")):
+    for f in Path(model_dir).iterdir():  # the tokenizer and the processor travel with the model
+        if f.is_file() and f.name.startswith(("tokenizer", "special_tokens", "processor_config")):
             shutil.copy2(f, tmp / f.name)
     (tmp / "route_calibration.json").write_text(json.dumps(report, indent=2))
     shutil.rmtree(out, ignore_errors=True)

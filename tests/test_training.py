@@ -1,8 +1,11 @@
-"""Stage training with Ray Train + DeepSpeed on CPU, tracked in MLflow, surviving a killed worker.
+"""Stage training with Ray Train + DeepSpeed on CPU, tracked in MLflow, surviving a killed worker, run as
+steps of the pipeline DAG (as `dpn train` runs them).
 
-The slow tests share one Ray session (2 CPUs) and one pair of trained stages (module fixtures): stage 1
-then stage 2 of the `tiny` recipe on a small synthetic corpus with 2 workers. A third run of stage 1
-has its rank-0 worker killed by pid mid-run and must finish like the uninterrupted one.
+The slow tests share one Ray session (2 CPUs) and one pair of trained stages (module fixtures): stage 0,
+stage 1 then stage 2 of the `tiny` recipe, steps of the DAG up to stage 2, on a small synthetic corpus in
+LLaVA layout (given as annotation files, as real corpora are) with 2 workers. A third run of stage 1 has
+its rank-0 worker killed by pid mid-run and must finish like the uninterrupted one; `dpn train` on given
+shards runs stage 1 through the same DAG, and a second run is all cache hits.
 """
 
 from __future__ import annotations
@@ -13,30 +16,22 @@ import signal
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from pipelines import tracking
-from pipelines.recipes import apply_overrides, get_recipe
-from pipelines.train import (
-    PROGRESS_DIR,
-    AlignedBatches,
-    StepStats,
-    build_model,
-    chain_stage2,
-    check_zero3,
-    deepspeed_config,
-    lr_factor,
-    resolve_stage0,
-    run_stage,
-    total_steps,
-)
+from pipelines import registry, tracking
+from pipelines.recipes import apply_overrides, config_from_dict, get_recipe
+from pipelines.training.driver import PROGRESS_DIR, run_stage
+from pipelines.training.model_setup import build_model, check_zero3
+from pipelines.training.schedule import deepspeed_config, lr_factor, total_steps
+from pipelines.training.worker import AlignedBatches, StepStats
 
 # Global batch 16 = 2 workers x micro-batch 4 x 2 accumulation; 8 optimizer steps per stage (stage 1:
 # 32 caption records = 2 steps per epoch, 4 epochs; stage 2: 48 instruction records, a third text-only).
 OVERRIDES = [
-    "data.synthetic=false", "data.micro_batch_size=4", "optim.global_batch_size=16", "optim.max_steps=8",
+    "data.micro_batch_size=4", "optim.global_batch_size=16", "optim.max_steps=8",
     "checkpoint.every_n_steps=2", "tracking.system_metrics_interval_s=1",
     "vision_pretrain.steps=3", "vision_pretrain.batch_size=4", "vision_pretrain.eval_images=4",
     "llm_pretrain.steps=3", "llm_pretrain.bare_steps=1", "llm_pretrain.eval_questions=5",
@@ -202,10 +197,10 @@ def test_tracking_resume_by_key_params_metrics_registry(tmp_path, monkeypatch):
     assert [(d.dataset.name, d.dataset.digest) for d in inputs] == [("shards", "abc123")]
     assert (tmp_path / "mlartifacts").is_dir()  # explicit artifact root under the work dir, not ./mlruns
     v = tracking.register_model(run.run_id, "dpn-test", tracking_uri=uri)
-    tracking.set_alias("dpn-test", tracking.CHAMPION, v, uri)
-    assert tracking.get_alias("dpn-test", tracking.CHAMPION, uri)["run_id"] == run.run_id
-    assert tracking.get_alias("dpn-test", tracking.CHALLENGER, uri) is None
-    got = tracking.download_model("dpn-test", alias=tracking.CHAMPION, dst_dir=tmp_path / "dl", tracking_uri=uri)
+    tracking.set_alias("dpn-test", registry.CHAMPION, v, uri)
+    assert tracking.get_alias("dpn-test", registry.CHAMPION, uri)["run_id"] == run.run_id
+    assert tracking.get_alias("dpn-test", registry.CHALLENGER, uri) is None
+    got = tracking.download_model("dpn-test", alias=registry.CHAMPION, dst_dir=tmp_path / "dl", tracking_uri=uri)
     assert (got / "config.json").read_text() == "{}"
     inert = tracking.RunTracker.open(work_dir=tmp_path, enabled=False)  # ranks != 0
     inert.log_metrics({"x": 1.0}, step=1)
@@ -250,7 +245,7 @@ def monkeypatch_module():
 
 @pytest.fixture(scope="module")
 def corpus(work):
-    from pipelines.synth import SynthConfig, write_corpus
+    from pipelines.data.synth.corpus import SynthConfig, write_corpus
 
     # More text-only records than the default 10%, so that stage 2 sees text-only micro-batches.
     out = work / "corpus"
@@ -258,17 +253,31 @@ def corpus(work):
     return out
 
 
+def _stage(result, name: str) -> SimpleNamespace:
+    """A stage step's outputs, paths absolute, and the config it trained."""
+    out = result.outputs
+    return SimpleNamespace(name=name, run_id=out["train_run_id"], steps=out["steps"], status=out["status"],
+                           model_dir=str(result.out_dir / out["model_dir"]), config=config_from_dict(out["config"]))
+
+
 @pytest.fixture(scope="module")
 def stages(ray_session, work, corpus):
-    overrides = [f"work_dir={work}", f"data.image_root={corpus / 'images'}", f"data.tokenizer={corpus / 'tokenizer'}",
-                 *OVERRIDES]
-    cfg1 = resolve_stage0(get_recipe("tiny", 1, [*overrides, f"data.annotations={corpus / 'pretrain.json'}"]))
-    r1 = run_stage(cfg1)
+    from pipelines.data.sources import CorpusConfig
+    from pipelines.workflow import PipelineConfig, execute
+
+    cfg = PipelineConfig(
+        name="test-train", work_dir=str(work), train_recipe="tiny", variants=["dpn"], until="stage2",
+        corpus=CorpusConfig(synthetic=False, pretrain_annotations=str(corpus / "pretrain.json"),
+                            instruct_annotations=str(corpus / "instruct.json"), image_root=str(corpus / "images"),
+                            tokenizer=str(corpus / "tokenizer")),
+        train_overrides=dict(item.split("=", 1) for item in OVERRIDES),
+    )
+    status, parent, results = execute(cfg)
     _wait_cpus_free(ray_session)
-    cfg2 = chain_stage2(get_recipe("tiny", 2, [*overrides, f"data.annotations={corpus / 'instruct.json'}"]), r1)
-    r2 = run_stage(cfg2)
-    _wait_cpus_free(ray_session)
-    return {"cfg1": cfg1, "r1": r1, "cfg2": cfg2, "r2": r2, "uri": tracking.resolve_tracking_uri(work_dir=work)}
+    assert status == "succeeded", {n: r.error for n, r in results.items()}
+    r1, r2 = _stage(results["stage1"], "stage1"), _stage(results["stage2_dpn"], "stage2_dpn")
+    return {"pipeline": cfg, "results": results, "cfg1": r1.config, "r1": r1, "cfg2": r2.config, "r2": r2,
+            "uri": tracking.resolve_tracking_uri(work_dir=work)}
 
 
 def _tokenizer(result):
@@ -292,8 +301,11 @@ def _changed(a: dict, b: dict, prefix: str) -> tuple[int, int]:
 @pytest.mark.slow
 def test_both_stages_train_to_the_planned_step_count(stages):
     r1, r2 = stages["r1"], stages["r2"]
-    assert (r1.steps, r1.total_steps, r2.steps, r2.total_steps) == (8, 8, 8, 8)
-    assert r1.status == r2.status == "trained"
+    assert (r1.steps, r2.steps) == (8, 8) and r1.status == r2.status == "trained"
+    # The stages read the DAG's shards and stage 0's tower / LLM; stage 2 starts from stage 1's model.
+    assert stages["cfg1"].data.shards.startswith(str(stages["results"]["preprocess_pretrain"].out_dir))
+    assert stages["cfg1"].model.vision_path == str(stages["results"]["stage0_vision"].out_dir / "vision_tower")
+    assert stages["cfg2"].model.path == r1.model_dir and stages["cfg2"].data.add_router_token
     # Stage 2 trained text-only micro-batches too (modality aligned across the two ranks), stage 1 none.
     share = dict(tracking.metric_history(r2.run_id, "data/image_share", stages["uri"]))
     assert min(share.values()) < 1.0 and max(share.values()) > 0.0
@@ -328,7 +340,7 @@ def test_stage1_trains_only_the_projector(stages):
                                _tokenizer(stages["r1"])).state_dict()
     n, total = _changed(random_tower, trained, "vision_tower.")
     assert n > total // 2
-    # So is the LLM (stage 0's, `pipelines.llm_pretrain`), with the stage's vocabulary.
+    # So is the LLM (stage 0's, `pipelines.training.stage0.llm`), with the stage's vocabulary.
     from transformers import AutoModelForCausalLM
 
     llm = AutoModelForCausalLM.from_pretrained(stages["cfg1"].model.llm_path, local_files_only=True).state_dict()
@@ -347,8 +359,11 @@ def test_stage2_trains_llm_projector_and_fresh_routers(stages):
 
     for i in range(tiny().text_config.num_hidden_layers):  # every decoder layer's attention projections moved
         assert _changed(before, after, f"language_model.model.layers.{i}.self_attn.")[0] == 4
-    n, total = _changed(fresh, after, "routers.")
-    assert total == 12 and n >= 9  # 3 routers x (norm w/b, fc1, fc2); each routed DPE got gradients
+    params = [k for k in fresh if k.startswith("routers.") and not k.endswith(("input_shift", "input_scale"))]
+    changed = [k for k in params if not torch.equal(fresh[k], after[k])]
+    assert len(params) == 12 and len(changed) >= 9  # 3 routers x (norm w/b, fc1, fc2); each routed DPE got gradients
+    # The input standardisation is a buffer set by route calibration only (`dpn.routing.fit_routers`).
+    assert _changed(fresh, after, "routers.")[0] == len(changed)
 
 
 @pytest.mark.slow
@@ -381,7 +396,7 @@ def test_mlflow_holds_params_metrics_dataset_and_artifacts(stages):
     c = tracking.client(uri)
     for r, cfg in ((stages["r1"], stages["cfg1"]), (stages["r2"], stages["cfg2"])):
         info = tracking.get_run(r.run_id, uri)
-        assert info["status"] == "FINISHED" and info["run_name"] == cfg.resolved_run_name()
+        assert info["status"] == "FINISHED" and info["run_name"] == r.name  # the DAG step's run
         assert info["params"]["optim.lr"] == str(cfg.optim.lr) and info["params"]["derived.total_steps"] == "8"
         keys = set(info["metrics"])
         for k in ("loss/lm", "lr", "throughput/samples_per_s", "throughput/tokens_per_s",
@@ -398,9 +413,6 @@ def test_mlflow_holds_params_metrics_dataset_and_artifacts(stages):
     assert any(k.startswith("router/path_share/") for k in m2)
     assert m2["flops/saving"] > 0.1  # DPN pools: deeper layers see fewer tokens
     assert tracking.get_run(stages["r1"].run_id, uri)["metrics"]["flops/saving"] == 0.0  # stage 1: plain LLaVA
-    # Re-running a finished stage trains nothing.
-    again = run_stage(stages["cfg1"])
-    assert again.status == "cached" and again.run_id == stages["r1"].run_id
 
 
 @pytest.mark.slow
@@ -448,15 +460,25 @@ def test_killed_worker_resumes_to_the_same_step_count_in_one_mlflow_run(stages, 
 
 
 @pytest.mark.slow
-def test_synthetic_data_is_generated_and_preprocessed_for_the_stage(ray_session, work):
-    from pipelines.train import prepare_data
+def test_dpn_train_runs_stage1_through_the_dag_on_given_shards_then_all_cached(stages, work, corpus, capsys):
+    from jobs.cli import main
 
-    # model.init=random: the geometry comes from the preset (stage 1 has not produced a model here).
-    data = prepare_data(get_recipe("tiny", 2, [f"work_dir={work}", "data.synth_records=16", "model.init=random"]))
-    cfg = data.manifest["config"]
-    assert cfg["template"] == "vicuna_v1" and cfg["add_router_token"] is True and cfg["num_image_tokens"] == 144
-    assert data.rows + sum(data.manifest["counts"]["quarantined"].values()) == 16
-    assert Path(data.tokenizer, "tokenizer.json").is_file() and Path(data.shards, "manifest.json").is_file()
+    shards = stages["cfg1"].data.shards
+    argv = ["train", "--recipe", "tiny", "--stage", "1", "--set", f"work_dir={work}", "--set", "data.synthetic=false",
+            "--set", f"data.shards={shards}", "--set", f"data.tokenizer={corpus / 'tokenizer'}",
+            *[a for item in OVERRIDES for a in ("--set", item)]]
+    assert main(argv) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    steps = {s["name"]: s["status"] for s in first["steps"]}
+    # Stage 0 is the fixture's (same spec, same tokenizer): one cache for every command.
+    assert steps == {"stage0_vision": "cached", "stage0_llm": "cached", "preprocess_pretrain": "ran", "stage1": "ran"}
+    (stage1,) = first["stages"]
+    assert stage1["steps"] == 8 and Path(stage1["model_dir"], "processor_config.json").is_file()
+    assert stage1["status"] == "trained" and first["recipe"] == "tiny"
+    assert main(argv) == 0  # `dpn train` shut its Ray down at the end: this run starts its own
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {s["status"] for s in again["steps"]} == {"cached"}
+    assert again["stages"][0]["model_dir"] == stage1["model_dir"]
 
 
 def test_deepspeed_never_waits_on_a_stale_extension_lock(tmp_path, monkeypatch):
@@ -466,7 +488,7 @@ def test_deepspeed_never_waits_on_a_stale_extension_lock(tmp_path, monkeypatch):
 
     from deepspeed.comm.torch import build_shm_op
 
-    from pipelines.train import _skip_shm_comm_op
+    from pipelines.training.worker import _skip_shm_comm_op
 
     lock = tmp_path / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir()

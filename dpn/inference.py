@@ -1,0 +1,253 @@
+"""Inference on one device: load a checkpoint for a compressor (checked first, so that nothing is silently
+initialised at random) and answer questions with greedy batched generation.
+
+    model, processor = load_model_and_processor(model_dir, "dpn")
+    records = predict(model, processor, items, compressor="dpn", benchmark="synthetic", model_id="m")
+
+No Ray, no MLflow: the evaluation fan-out (`pipelines.evaluation.fanout`) runs this in every worker, and
+a serving path, an MLflow pyfunc model or an lmms-eval plugin would call the same functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dpn.compressors import COMPRESSORS, format_path
+from dpn.constants import ROUTER_TOKEN
+from dpn.eval.benchmarks import EvalItem, answer_record
+from dpn.eval.scoring import EvalDataError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def find_tokenizer_dir(model_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike | None = None) -> Path:
+    """`tokenizer_dir` if given, else `model_dir` when it holds tokenizer files (our checkpoints do), else
+    `model_dir/tokenizer`. Raises FileNotFoundError naming the directories looked in."""
+    if tokenizer_dir is not None:
+        path = Path(tokenizer_dir)
+        if not path.is_dir():
+            raise FileNotFoundError(f"tokenizer_dir {path} is not a directory")
+        return path
+    model_dir = Path(model_dir)
+    for candidate in (model_dir, model_dir / "tokenizer"):
+        if (candidate / "tokenizer_config.json").is_file() or (candidate / "tokenizer.json").is_file():
+            return candidate
+    raise FileNotFoundError(f"no tokenizer in {model_dir} or {model_dir / 'tokenizer'}; pass tokenizer_dir")
+
+
+def _checkpoint_keys(model_dir: Path) -> set[str] | None:
+    """Weight names of a safetensors checkpoint (headers only), or None when it is not one."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as f:
+            return set(f.keys())
+    return None
+
+
+def check_checkpoint(model_dir: str | os.PathLike, compressor: str, budget: float | None = None) -> dict[str, Any]:
+    """Validate that `model_dir` can run with `compressor` (and `budget`) without loading the weights;
+    returns its config.json. A `dpn` run of a checkpoint without router weights (trained as "none" or
+    "static") would silently route with random routers, so it is an error here, as is a budget the
+    checkpoint's calibrated curve does not reach (the message names the reachable range)."""
+    model_dir = Path(model_dir)
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{model_dir}: not a save_pretrained directory (no config.json)")
+    config = json.loads(config_file.read_text())
+    if compressor not in COMPRESSORS:
+        raise ValueError(f"compressor must be one of {COMPRESSORS}, got {compressor!r}")
+    if compressor == "dpn":
+        keys = _checkpoint_keys(model_dir)
+        if keys is not None and not any(k.startswith("routers.") for k in keys):
+            raise ValueError(
+                f"{model_dir} has no router weights (saved with compressor={config.get('compressor')!r}); "
+                "the dpn compressor needs a checkpoint trained with routers. Evaluate it with "
+                "static / none / fastv / pdrop instead."
+            )
+        if config.get("router_token_id") is None:
+            raise ValueError(
+                f"{model_dir}/config.json has no router_token_id: the <ROUTER> token appended to dpn prompts "
+                "would not be where the router reads; set it to the tokenizer's <ROUTER> id"
+            )
+    if budget is not None:
+        if compressor != "dpn":
+            raise ValueError(f"a budget steers dpn routers; compressor {compressor!r} has none")
+        curve = config.get("budget_curve")
+        if not curve:
+            raise ValueError(f"{model_dir} has no budget_curve: calibrate it first (the pipeline's route_calibrate "
+                             "step, or dpn.routing.budget_curve)")
+        lo, hi = min(curve["flops_fraction"]), max(curve["flops_fraction"])
+        if not lo - 1e-9 <= budget <= hi + 1e-9:
+            raise ValueError(f"budget {budget:g} is outside what {model_dir}'s routing paths reach on its calibration "
+                             f"data: [{lo:.3f}, {hi:.3f}] of the uncompressed model's prefill FLOPs")
+    return config
+
+
+def load_model(model_dir: str | os.PathLike, compressor: str, dtype: str = "float32", device: str = "cpu",
+               budget: float | None = None, **config_overrides: Any):
+    """`DPNForConditionalGeneration.from_pretrained(model_dir, compressor=compressor)` in eval mode, with
+    the dpn routers steered to `budget` when given (else the checkpoint's own) and further config fields
+    overridden (e.g. `random_path_shares` for compressor "random").
+
+    Raises ValueError when the checkpoint lacks weights the compressor needs (e.g. routers for `dpn`),
+    instead of transformers' default of initialising them randomly with a warning.
+    """
+    import torch
+
+    from dpn.modeling_dpn import DPNForConditionalGeneration
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if budget is not None:
+        config_overrides["budget"] = budget
+    model, info = DPNForConditionalGeneration.from_pretrained(
+        str(model_dir), compressor=compressor, dtype=getattr(torch, dtype), output_loading_info=True,
+        **config_overrides,
+    )
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        hint = (
+            " (no router weights: the checkpoint was not trained with compressor='dpn')"
+            if any(k.startswith("routers.") for k in missing)
+            else ""
+        )
+        raise ValueError(
+            f"{model_dir}: loading with compressor={compressor!r} leaves {len(missing)} weight(s) uninitialised"
+            f"{hint}, e.g. {missing[:4]}"
+        )
+    return model.to(device).eval()
+
+
+def load_model_and_processor(model_dir: str | os.PathLike, compressor: str, *,
+                             tokenizer_dir: str | os.PathLike | None = None, template: str = "vicuna_v1",
+                             dtype: str = "float32", device: str = "cpu", budget: float | None = None):
+    """`load_model` plus the matching `DPNProcessor` (the tokenizer from `find_tokenizer_dir`). For dpn,
+    the tokenizer's `<ROUTER>` id must be the one the model's router reads (ValueError otherwise)."""
+    from dpn.processing_dpn import DPNProcessor
+    from dpn.tokenizer import load_tokenizer
+
+    model = load_model(model_dir, compressor, dtype=dtype, device=device, budget=budget)
+    tokenizer_dir = find_tokenizer_dir(model_dir, tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if compressor == "dpn":
+        router_id = tokenizer.convert_tokens_to_ids(ROUTER_TOKEN)
+        if router_id != model.config.router_token_id:
+            raise ValueError(
+                f"{model_dir}: router_token_id {model.config.router_token_id} differs from the tokenizer's "
+                f"{ROUTER_TOKEN} id {router_id} ({tokenizer_dir})"
+            )
+    return model, DPNProcessor.from_model_config(model.config, tokenizer, template=template)
+
+
+def path_label(experts: Sequence[int], factors: Sequence[int]) -> str:
+    """Routing path as compression factors per DPE, e.g. [2, 1, 0] with factors [1, 2, 4] -> "4-2-1";
+    a DPE that did not pool the sample (-1) shows as "n"."""
+    return format_path([None if int(j) < 0 else factors[int(j)] for j in experts])
+
+
+def predict(
+    model,
+    processor,
+    items: Sequence[EvalItem],
+    *,
+    compressor: str,
+    benchmark: str,
+    model_id: str,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    answer_salt: str = "",
+    path: Sequence[int] | None = None,
+) -> list[dict[str, Any]]:
+    """Answer `items` with greedy batched generation; returns LLaVA answer records in item order.
+
+    Inputs come from `processor` (a `DPNProcessor`: its template, `<ROUTER>` for the dpn compressor, left
+    padded). `metadata` of each record holds the per-sample measurements (routing path, tokens per layer,
+    prefill TFLOPs, category, difficulty). `answer_id` is derived from `answer_salt` and the question id,
+    so a re-run writes identical files. `path` (compression factor per DPE, e.g. [4, 2, 1]) sends every
+    sample down that path instead of its router's choice (the fixed paths of a dpn model's own weights).
+    """
+    import torch
+
+    config = model.config
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    forced = None if path is None else torch.tensor([config.expert_index(int(f)) for f in path])
+    tokenizer = processor.tokenizer
+    eos = tokenizer.eos_token_id
+    records: list[dict[str, Any]] = []
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        samples = []
+        for item in batch:
+            try:
+                image = item.open_image() if item.has_image else None
+                samples.append(processor.encode(item.text, image, add_router_token=compressor == "dpn"))
+            except (OSError, ValueError) as e:
+                raise EvalDataError(f"{benchmark} question {item.question_id!r}: {e}") from e
+        inputs = processor.pad(samples)
+        pixel_values = inputs.get("pixel_values")
+        out = model.generate(
+            inputs["input_ids"].to(device),
+            pixel_values=None if pixel_values is None else pixel_values.to(device=device, dtype=dtype),
+            attention_mask=inputs["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+            force_path=None if forced is None else forced.expand(len(batch), -1).to(device),
+        )
+        records += _answer_records(out, batch, tokenizer, config, compressor=compressor, benchmark=benchmark,
+                                   model_id=model_id, answer_salt=answer_salt)
+    return records
+
+
+def _answer_records(out, batch: Sequence[EvalItem], tokenizer, config, *, compressor: str, benchmark: str,
+                    model_id: str, answer_salt: str) -> list[dict[str, Any]]:
+    """One LLaVA answer record per item of a generated batch, with the per-sample measurements."""
+    from dpn.flops import flops_report
+
+    eos = tokenizer.eos_token_id
+    sequences = out.new_tokens.cpu()
+    n_new = out.num_new_tokens.cpu().tolist()
+    paths = out.routing_paths.cpu().tolist()
+    vis = out.visual_tokens_per_layer.cpu().tolist()
+    txt = out.text_tokens_per_layer.cpu().tolist()
+    records = []
+    for b, item in enumerate(batch):
+        tokens = sequences[b, : n_new[b]].tolist()
+        if tokens and eos is not None and tokens[-1] == eos:
+            tokens = tokens[:-1]
+        text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        report = flops_report(config, vis[b], txt[b])
+        difficulty = item.extra.get("difficulty")
+        metadata = {
+            "benchmark": benchmark,
+            "compressor": compressor,
+            "category": item.category,
+            "difficulty": difficulty if isinstance(difficulty, str) else None,
+            "routing_experts": paths[b],
+            "routing_path": path_label(paths[b], config.expert_factors),
+            "visual_tokens_per_layer": vis[b],
+            "text_tokens_per_layer": txt[b],
+            "prefill_tflops": report["tflops"],
+            "prefill_tflops_exact": report["tflops_exact"],
+            "baseline_prefill_tflops": report["baseline_tflops"],
+            "vision_tflops": report["vision_tflops"],
+            "num_new_tokens": n_new[b],
+        }
+        answer_id = hashlib.sha1(f"{answer_salt}:{item.question_id!r}".encode()).hexdigest()[:22]
+        records.append(answer_record(item, text, model_id=model_id, answer_id=answer_id, metadata=metadata))
+    return records
+
+
+__all__ = ["check_checkpoint", "find_tokenizer_dir", "load_model", "load_model_and_processor", "path_label", "predict"]
