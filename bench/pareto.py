@@ -30,7 +30,7 @@ samples), scaled so the uncompressed grid counts 576: the unit of the FastV / PD
 ("64 / 128 / 192 of 576"); LLaVA-1.5 uncompressed = 576, static 4-2-1 at 7B = (576 + 144 + 72 + 72) / 4 = 216.
 
 Evaluation set: by default `--n-eval` (1,200) questions freshly generated with the work dir's synthetic-corpus
-generator config (seed included, `pipelines.synth`) into `OUT/eval-N` (reused on a re-run). The generator
+generator config (seed included, `pipelines.data.synth`) into `OUT/eval-N` (reused on a re-run). The generator
 shuffles its whole question plan, so this set is NOT an extension of the demo's 300-question benchmark: its
 first 300 questions differ from the demo's (checked: none of the first 30 of n_eval=60 equals n_eval=30's,
 and no image repeats). It is an independent draw from the same distribution, held out from training like the
@@ -194,7 +194,7 @@ def solve_ratio(config, method: str, target_tflops: float, text_lengths: Sequenc
 # ----- frontier and verdict ----------------------------------------------------------------------------
 def frontier(points: Sequence[Mapping[str, Any]], methods: Sequence[str] = COMPETITORS) -> list[dict[str, Any]]:
     """The Pareto frontier (fewer TFLOPs, higher accuracy) of the points of `methods`, by TFLOPs."""
-    from pipelines.evaluate import _pareto_front
+    from pipelines.evaluation.report import _pareto_front
 
     pool = [p for p in points if p["method"] in methods]
     front = _pareto_front([(p["tflops"], p["accuracy"]) for p in pool])
@@ -331,7 +331,7 @@ def _step_model(root: Path, step: str, override: str | None, flag: str) -> Path:
 def resolve_work_dir(path: str, dpn_model: str | None = None, none_model: str | None = None) -> WorkDir:
     """The checkpoints and corpus of a finished work dir; `dpn_model` / `none_model` replace its route_calibrate /
     stage2_none checkpoints (e.g. a dpn variant calibrated outside the pipeline)."""
-    from pipelines.evaluate import check_checkpoint
+    from dpn.inference import check_checkpoint
 
     root = Path(path)
     if not root.is_dir():
@@ -355,7 +355,7 @@ def resolve_work_dir(path: str, dpn_model: str | None = None, none_model: str | 
 
 def resolve_budgets(wd: WorkDir, budgets: Sequence[float] | None) -> list[float]:
     """The budgets to run: the given ones (each checked against the reachable range), else 3 spread inside it."""
-    from pipelines.evaluate import check_checkpoint
+    from dpn.inference import check_checkpoint
 
     lo, hi = wd.budget_range
     if budgets is None:
@@ -376,7 +376,7 @@ def eval_root(wd: WorkDir, args: argparse.Namespace, out_dir: Path) -> Path:
         if not (root / "synthetic").is_dir():
             raise BadInput(f"--data-root {args.data_root!r} holds no synthetic/ benchmark folder")
         return root
-    from pipelines.synth import SynthConfig, write_corpus
+    from pipelines.data.synth.corpus import SynthConfig, write_corpus
 
     manifest = json.loads((wd.corpus_dir / "manifest.json").read_text())
     config = dict(manifest["config"])
@@ -482,14 +482,18 @@ class Runner:
         self.done, self.total = 0, 0  # forward points answered / planned, for the progress lines
 
     def load(self, which: str, compressor: str, **kw):
-        from pipelines.evaluate import load_model
+        from dpn.inference import load_model
 
         return load_model(self.wd.dpn_dir if which == "dpn" else self.wd.none_dir, compressor, **kw)
 
     def answer(self, model, *, prompt_compressor: str, tokenizer=None, path: Sequence[int] | None = None):
-        from pipelines.evaluate import predict
+        from dpn.inference import predict
+        from dpn.processing_dpn import DPNProcessor
 
-        return predict(model, tokenizer or self.tokenizer, self.processor, self.bench.items,
+        # <ROUTER> follows `prompt_compressor` (predict adds it for "dpn"), not the processor's default.
+        processor = DPNProcessor(self.processor, tokenizer or self.tokenizer, template="vicuna_v1",
+                                 num_image_tokens=model.config.num_image_tokens)
+        return predict(model, processor, self.bench.items,
                        compressor=prompt_compressor, benchmark="synthetic", model_id="pareto", path=path,
                        batch_size=self.args.batch_size, max_new_tokens=self.args.max_new_tokens)
 
@@ -732,7 +736,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise BadInput(f"--fastv-layer must be < the LLM's {n_layers} layers, got {args.fastv_layer}")
         out_dir = Path(args.out_dir) if args.out_dir else wd.root / "bench" / "pareto"
         root = eval_root(wd, args, out_dir)
-        from pipelines.evaluate import load_benchmark
+        from pipelines.evaluation.benchmarks import load_benchmark
 
         try:
             bench = load_benchmark("synthetic", root, limit=args.n_eval)
