@@ -13,6 +13,11 @@ Recipes:
                     global batch 256, ZeRO-2; stage 2: lr 2e-5, global batch 128, cosine, warmup 0.03,
                     gradient checkpointing, max length 2048, ZeRO-2.
     llava-1.5-13b   the same with Vicuna-13B v1.5, stage 2 with ZeRO-3.
+    llava-hr-tiny   LLaVA-HR's dual-resolution tower in miniature (`llava-hr-tiny` geometry, random weights,
+                    no stage 0) on the synthetic corpus: the HR path end to end on CPU.
+    llava-hr-7b     LLaVA-HR-7B + DPN as the reference trains it (aihao2000/DPN-LLaVA
+    llava-hr-x-13b  scripts/v1_5/train_dpn_llava_hr{,_x}.sh): 1024-px images, stage 2 lr 2e-5, global batch
+                    128, max length 2496, ZeRO-3, the vision tower (both branches, MR-adapters) trained.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ INITS = ("random", "pretrained", "llava_hf", "components")
 PRECISIONS = ("fp32", "bf16")  # fp16 is not offered: DeepSpeed on CPU lacks it and bf16 needs no loss scaling
 SCHEDULES = ("cosine", "linear", "constant")
 ZERO_STAGES = (0, 1, 2, 3)
-MODEL_PRESETS = ("tiny", "test-tiny", "llava-1.5-7b", "llava-1.5-13b")  # as `dpn.presets.PRESETS`
+MODEL_PRESETS = ("tiny", "test-tiny", "llava-1.5-7b", "llava-1.5-13b", "llava-hr-7b", "llava-hr-x-13b",
+                 "llava-hr-tiny")  # as `dpn.presets.PRESETS`
 # Placeholder that `pipelines.train.run_recipe` replaces with the stage-1 output directory of the recipe.
 STAGE1_OUTPUT = "<stage1>"
 # Placeholder (model.vision_path / model.llm_path) for the vision tower / LLM that stage 0 trains
@@ -624,10 +630,78 @@ def llava_1_5_13b(stage: int) -> TrainConfig:
     return _llava_1_5("llava-1.5-13b", "llava-1.5-13b", stage, stage2_zero=3)
 
 
+def llava_hr_tiny(stage: int) -> TrainConfig:
+    """LLaVA-HR in miniature on the synthetic corpus: the `llava-hr-tiny` geometry from random weights (no
+    stage 0: this recipe checks the HR path end to end, it is not tuned to learn), stage 2 training the
+    vision tower as LLaVA-HR's stage 2 does."""
+    if stage == 1:
+        return TrainConfig(
+            recipe="llava-hr-tiny", stage=1,
+            model=ModelSpec(preset="llava-hr-tiny", init="random", compressor="none"),
+            data=DataSpec(synthetic=True, template="plain", max_length=512, micro_batch_size=8),
+            optim=OptimSpec(lr=1e-3, global_batch_size=32, warmup_ratio=0.03, schedule="cosine"),
+            scaling=ScalingSpec(num_workers=2, cpus_per_worker=0.5, precision="fp32", zero_stage=2),
+            checkpoint=CheckpointSpec(every_n_steps=16),
+        )
+    return TrainConfig(
+        recipe="llava-hr-tiny", stage=2,
+        model=ModelSpec(preset="llava-hr-tiny", init="pretrained", path=STAGE1_OUTPUT, compressor="dpn",
+                        train_vision_tower=True),
+        data=DataSpec(synthetic=True, template="vicuna_v1", add_router_token=True, max_length=512, micro_batch_size=8),
+        optim=OptimSpec(lr=5e-4, global_batch_size=16, warmup_ratio=0.03, schedule="constant"),
+        scaling=ScalingSpec(num_workers=2, cpus_per_worker=0.5, precision="fp32", zero_stage=2),
+        checkpoint=CheckpointSpec(every_n_steps=50),
+    )
+
+
+def _llava_hr(name: str, stage: int) -> TrainConfig:
+    # `model.path` is our `save_pretrained` directory of the untrained LLaVA-HR assembled from its parts
+    # (`dpn.loading_hr.from_hr_components`: Vicuna v1.5, CLIP ViT-L/14-336, the timm ConvNeXt; `dpn convert
+    # llava-hr-components`). Stage 1 trains the projector at 1024 px (LLaVA-HR's ran at 384 px and also trained
+    # the final fusion); to start from LLaVA-HR's released stage-1 file instead (projector + fusion), set
+    # model.projector_path=<.../llava-hr-7b-pretrain-384/mm_projector.bin>: stage 1 is then skipped.
+    scaling = dict(num_workers=8, use_gpu=True, cpus_per_worker=8.0, precision="bf16")
+    if stage == 1:
+        return TrainConfig(
+            recipe=name, stage=1,
+            model=ModelSpec(preset=name, init="pretrained", path=f"<{name}-base>", compressor="none",
+                            gradient_checkpointing=True),
+            data=DataSpec(annotations="<blip_laion_cc_sbu_558k.json>", image_root="<images>", tokenizer="<tokenizer>",
+                          template="plain", max_length=2048, micro_batch_size=32),
+            optim=OptimSpec(lr=1e-3, global_batch_size=256, warmup_ratio=0.03, schedule="cosine", weight_decay=0.0),
+            scaling=ScalingSpec(zero_stage=2, **scaling),
+            checkpoint=CheckpointSpec(every_n_steps=500),
+        )
+    return TrainConfig(
+        recipe=name, stage=2,
+        model=ModelSpec(preset=name, init="pretrained", path=f"<{name}-base>", projector_path=STAGE1_OUTPUT,
+                        compressor="dpn", train_vision_tower=True, gradient_checkpointing=True),
+        # The reference: per-device batch 8, accumulation 2 on 8 GPUs; model_max_length 2496 (1024 visual tokens).
+        data=DataSpec(annotations="<llava_v1_5_mix665k.json>", image_root="<images>", tokenizer="<tokenizer>",
+                      template="vicuna_v1", add_router_token=True, max_length=2496, micro_batch_size=8),
+        optim=OptimSpec(lr=2e-5, global_batch_size=128, warmup_ratio=0.03, schedule="cosine", weight_decay=0.0),
+        scaling=ScalingSpec(zero_stage=3, **scaling),
+        checkpoint=CheckpointSpec(every_n_steps=500),
+    )
+
+
+def llava_hr_7b(stage: int) -> TrainConfig:
+    """LLaVA-HR-7B (CLIP-L + ConvNeXt-L, Vicuna-7B) + DPN with the reference's hyper-parameters."""
+    return _llava_hr("llava-hr-7b", stage)
+
+
+def llava_hr_x_13b(stage: int) -> TrainConfig:
+    """LLaVA-HR-X-13B (CLIP-L + ConvNeXt-XXL, Vicuna-13B) + DPN with the reference's hyper-parameters."""
+    return _llava_hr("llava-hr-x-13b", stage)
+
+
 RECIPES: dict[str, Callable[[int], TrainConfig]] = {
     "tiny": tiny,
     "llava-1.5-7b": llava_1_5_7b,
     "llava-1.5-13b": llava_1_5_13b,
+    "llava-hr-tiny": llava_hr_tiny,
+    "llava-hr-7b": llava_hr_7b,
+    "llava-hr-x-13b": llava_hr_x_13b,
 }
 
 
