@@ -405,3 +405,23 @@ def test_analytic_counts_match_the_model_on_every_path():
         assert out.visual_tokens_per_layer[0].tolist() == vis and out.text_tokens_per_layer[0].tolist() == txt
         rep = flops_report(cfg, vis, txt)
         assert rep["vision_tflops"] == pytest.approx(sum(hr_vision_flops(cfg.vision_config).values()) / 1e12)
+
+
+def test_dpn_convert_writes_our_format_with_the_same_logits(tmp_path, capsys):
+    write_original(tmp_path / "llava-hr", 64, 24)
+    out = tmp_path / "ours"
+    assert cli_main(["convert", "llava-hr", "--checkpoint", str(tmp_path / "llava-hr"), "--out", str(out),
+                     "--dtype", "float32"]) == 0
+    info = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert info["visual_tokens"] == 64 and info["image_size"] == 64
+    ours = DPNForConditionalGeneration.from_pretrained(out, compressor="none").eval()
+    original = from_llava_hr(tmp_path / "llava-hr", compressor="none")
+    img = original.config.image_token_id
+    ids, px = torch.tensor([_prompt([1, 7], [9, 10], img=img)]), torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(ours(ids, pixel_values=px).logits, original(ids, pixel_values=px).logits, atol=1e-5)
+    # An existing --out or a directory that is not an LLaVA-HR checkpoint: exit 2, the value named.
+    assert cli_main(["convert", "llava-hr", "--checkpoint", str(tmp_path / "llava-hr"), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert cli_main(["convert", "llava-hr", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) == 2
+    assert "nope" in capsys.readouterr().err and not (tmp_path / "o2").exists()
