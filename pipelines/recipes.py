@@ -631,58 +631,34 @@ def llava_1_5_13b(stage: int) -> TrainConfig:
 
 
 def llava_hr_tiny(stage: int) -> TrainConfig:
-    """LLaVA-HR in miniature on the synthetic corpus: the `llava-hr-tiny` geometry from random weights (no
-    stage 0: this recipe checks the HR path end to end, it is not tuned to learn), stage 2 training the
-    vision tower as LLaVA-HR's stage 2 does."""
-    if stage == 1:
-        return TrainConfig(
-            recipe="llava-hr-tiny", stage=1,
-            model=ModelSpec(preset="llava-hr-tiny", init="random", compressor="none"),
-            data=DataSpec(synthetic=True, template="plain", max_length=512, micro_batch_size=8),
-            optim=OptimSpec(lr=1e-3, global_batch_size=32, warmup_ratio=0.03, schedule="cosine"),
-            scaling=ScalingSpec(num_workers=2, cpus_per_worker=0.5, precision="fp32", zero_stage=2),
-            checkpoint=CheckpointSpec(every_n_steps=16),
-        )
-    return TrainConfig(
-        recipe="llava-hr-tiny", stage=2,
-        model=ModelSpec(preset="llava-hr-tiny", init="pretrained", path=STAGE1_OUTPUT, compressor="dpn",
-                        train_vision_tower=True),
-        data=DataSpec(synthetic=True, template="vicuna_v1", add_router_token=True, max_length=512, micro_batch_size=8),
-        optim=OptimSpec(lr=5e-4, global_batch_size=16, warmup_ratio=0.03, schedule="constant"),
-        scaling=ScalingSpec(num_workers=2, cpus_per_worker=0.5, precision="fp32", zero_stage=2),
-        checkpoint=CheckpointSpec(every_n_steps=50),
-    )
+    """LLaVA-HR in miniature on the synthetic corpus: the tiny recipe on the `llava-hr-tiny` geometry from
+    random weights (no stage 0: this recipe checks the HR path end to end, it is not tuned to learn), stage 2
+    training the vision tower as LLaVA-HR's stage 2 does."""
+    from dataclasses import replace
+
+    base = tiny(stage)
+    model = replace(base.model, preset="llava-hr-tiny", vision_path=None, llm_path=None, train_vision_tower=stage == 2)
+    return replace(base, recipe="llava-hr-tiny", model=model)
 
 
 def _llava_hr(name: str, stage: int) -> TrainConfig:
-    # `model.path` is our `save_pretrained` directory of the untrained LLaVA-HR assembled from its parts
-    # (`dpn.loading_hr.from_hr_components`: Vicuna v1.5, CLIP ViT-L/14-336, the timm ConvNeXt; `dpn convert
-    # llava-hr-components`). Stage 1 trains the projector at 1024 px (LLaVA-HR's ran at 384 px and also trained
-    # the final fusion); to start from LLaVA-HR's released stage-1 file instead (projector + fusion), set
-    # model.projector_path=<.../llava-hr-7b-pretrain-384/mm_projector.bin>: stage 1 is then skipped.
-    scaling = dict(num_workers=8, use_gpu=True, cpus_per_worker=8.0, precision="bf16")
+    """LLaVA-1.5's recipe with the reference's HR differences (aihao2000/DPN-LLaVA train_dpn_llava_hr{,_x}.sh):
+    stage 2 at per-device batch 8 with accumulation 2 (global 128), model_max_length 2496 (1024 visual tokens),
+    ZeRO-3, the vision tower (both branches and the MR-adapters) trained.
+
+    `model.path` is our `save_pretrained` directory of the untrained LLaVA-HR assembled from its parts
+    (`dpn convert llava-hr-components`: Vicuna v1.5, CLIP ViT-L/14-336, the timm ConvNeXt). Stage 1 trains
+    the projector at 1024 px (LLaVA-HR's ran at 384 px and also trained the final fusion); to start from
+    LLaVA-HR's released stage-1 file instead (projector + fusion), set
+    model.projector_path=<.../llava-hr-7b-pretrain-384/mm_projector.bin>: stage 1 is then skipped."""
+    from dataclasses import replace
+
+    base = _llava_1_5(name, name, stage, stage2_zero=3)
+    model = replace(base.model, init="pretrained", path=f"<{name}-base>", llm_path=None, vision_path=None,
+                    train_vision_tower=stage == 2)
     if stage == 1:
-        return TrainConfig(
-            recipe=name, stage=1,
-            model=ModelSpec(preset=name, init="pretrained", path=f"<{name}-base>", compressor="none",
-                            gradient_checkpointing=True),
-            data=DataSpec(annotations="<blip_laion_cc_sbu_558k.json>", image_root="<images>", tokenizer="<tokenizer>",
-                          template="plain", max_length=2048, micro_batch_size=32),
-            optim=OptimSpec(lr=1e-3, global_batch_size=256, warmup_ratio=0.03, schedule="cosine", weight_decay=0.0),
-            scaling=ScalingSpec(zero_stage=2, **scaling),
-            checkpoint=CheckpointSpec(every_n_steps=500),
-        )
-    return TrainConfig(
-        recipe=name, stage=2,
-        model=ModelSpec(preset=name, init="pretrained", path=f"<{name}-base>", projector_path=STAGE1_OUTPUT,
-                        compressor="dpn", train_vision_tower=True, gradient_checkpointing=True),
-        # The reference: per-device batch 8, accumulation 2 on 8 GPUs; model_max_length 2496 (1024 visual tokens).
-        data=DataSpec(annotations="<llava_v1_5_mix665k.json>", image_root="<images>", tokenizer="<tokenizer>",
-                      template="vicuna_v1", add_router_token=True, max_length=2496, micro_batch_size=8),
-        optim=OptimSpec(lr=2e-5, global_batch_size=128, warmup_ratio=0.03, schedule="cosine", weight_decay=0.0),
-        scaling=ScalingSpec(zero_stage=3, **scaling),
-        checkpoint=CheckpointSpec(every_n_steps=500),
-    )
+        return replace(base, model=model)
+    return replace(base, model=model, data=replace(base.data, max_length=2496, micro_batch_size=8))
 
 
 def llava_hr_7b(stage: int) -> TrainConfig:
