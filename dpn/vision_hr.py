@@ -164,6 +164,8 @@ class LlavaHRVisionModel(PreTrainedModel):
             nn.ModuleList([MRAdapter(d, c) for _ in range(CLIP_GROUPS - 1)]) if config.mr_adapters else None
         )
         self.fusion = HRFusion(d, c)
+        # Set by `gradient_checkpointing_enable` (the CLIP layers are checkpointed by transformers themselves).
+        self.gradient_checkpointing = False
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -199,7 +201,14 @@ class LlavaHRVisionModel(PreTrainedModel):
         """(B, 3, S, S) -> (B, C, S/32, S/32): stem and every stage of the ConvNeXt (no final norm, no head)."""
         x = self.convnext.embeddings(pixel_values.to(self.convnext.embeddings.patch_embeddings.weight.dtype))
         for stage in self.convnext.encoder.stages:
-            x = stage(x)
+            for layer in stage.downsampling_layer:
+                x = layer(x)
+            for block in stage.layers:
+                if self.gradient_checkpointing and self.training:
+                    # As LLaVA-HR (timm's grad_checkpointing per block): at 1024 px the maps dominate memory.
+                    x = self._gradient_checkpointing_func(block.__call__, x)
+                else:
+                    x = block(x)
         return x
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

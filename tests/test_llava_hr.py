@@ -327,6 +327,25 @@ def test_fresh_adapters_are_the_identity():
         assert torch.allclose(with_adapters(px), without(px), atol=1e-6)
 
 
+def test_gradient_checkpointing_keeps_the_gradients():
+    torch.manual_seed(0)
+    tower = LlavaHRVisionModel(llava_hr_tiny().vision_config).train()
+    px = torch.randn(2, 3, 64, 64)
+
+    def grads():
+        tower.zero_grad()
+        tower(px).square().mean().backward()
+        return {n: p.grad.clone() for n, p in tower.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert tower.gradient_checkpointing and tower.clip.encoder.layers[0].gradient_checkpointing
+    checkpointed = grads()
+    assert plain.keys() == checkpointed.keys() and "convnext.encoder.stages.0.layers.0.pwconv1.weight" in plain
+    for name, g in plain.items():
+        assert torch.allclose(g, checkpointed[name], atol=1e-6), name
+
+
 def test_components_assemble_with_llava_hr_stage1_file(tmp_path):
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**TEXT)).save_pretrained(tmp_path / "vicuna")
