@@ -16,7 +16,8 @@ mean analytic LLM prefill FLOPs is the budget's fraction of the baseline's (`bud
 bracketing the target, in the proportion that hits it); at batch 8 the batch holds that mix (padded
 per-sample pyramids), at batch 1 the repeats cycle through it.
 
-Measured per row (CUDA syncs around every timed region):
+Measured per row (CUDA syncs around every timed region; the rows are interleaved, one prefill of each per
+pass, so drift in clocks or in other load hits every row alike):
   TTFT: one prefill from device-resident token ids and preprocessed pixels (vision tower, projector, LLM
         prefill, the first token's argmax); p50 / p99 over `--repeats` runs after `--warmup` runs.
         Image decoding and tokenisation are not included.
@@ -207,64 +208,100 @@ def force_for(cfg, row: dict, batch: int, step: int, device):
     return torch.tensor([[cfg.expert_index(f) for f in p] for p in paths], device=device)
 
 
-def measure_row(model, row: dict, batch: int, args, device, dtype) -> dict:
+class Cell:
+    """One (row, batch size) of a geometry: its inputs, its timings so far, or the error that stopped it."""
+
+    def __init__(self, model, row: dict, batch: int, args, device, dtype):
+        self.model, self.row, self.batch = model, row, batch
+        self.ids, self.pixels, self.route_index = inputs(model.config, batch, args.text_tokens, device, dtype)
+        self.device = device
+        self.ttft: list[float] = []
+        self.decode: list[float] = []
+        self.peak: float | None = None
+        self.flops: list[float] = []
+        self.kv = 0
+        self.error: str | None = None
+
+    def prefill(self, step: int):
+        cfg = self.model.config
+        cfg.compressor = self.row["compressor"]
+        kwargs = dict(pixel_values=self.pixels, use_cache=True, logits_to_keep=1, route_index=self.route_index)
+        force = force_for(cfg, self.row, self.batch, step, self.device)
+        if force is not None:
+            kwargs["force_path"] = force
+        out = self.model(self.ids, **kwargs)
+        return out, out.logits[:, -1].argmax(-1)
+
+    def result(self, args) -> dict:
+        if self.error:
+            return dict(method=self.row["name"], batch=self.batch, error=self.error)
+        per_seq = args.decode_tokens / statistics.median(self.decode)
+        ranked = sorted(self.ttft)
+        p99 = ranked[min(len(ranked) - 1, math.ceil(0.99 * len(ranked)) - 1)]
+        mix = self.row.get("mix") or ([self.row["path"]] if self.row["path"] is not None else None)
+        return dict(method=self.row["name"], batch=self.batch, ttft_ms_p50=statistics.median(self.ttft) * 1e3,
+                    ttft_ms_p99=p99 * 1e3, ttft_ms_all=[t * 1e3 for t in self.ttft],
+                    decode_tokens_per_s=per_seq * self.batch, decode_tokens_per_s_per_seq=per_seq,
+                    peak_memory_gib=self.peak, kv_cache_mib=self.kv / 2**20,
+                    llm_prefill_tflops_exact_mean=sum(self.flops) / len(self.flops),
+                    paths=None if mix is None else ["-".join(map(str, p)) for p in mix])
+
+
+def measure(cells: list[Cell], args) -> None:
+    """Warm-up, then `--repeats` passes of one timed prefill per cell and `--decode-repeats` passes of one
+    prefill + timed decode per cell: the cells are interleaved, so drift in clocks or in other load on the
+    host hits every row alike. A cell that runs out of memory records it and drops out."""
     import torch
 
     from dpn.flops import per_sample_tflops
 
-    cfg = model.config
-    cfg.compressor = row["compressor"]
-    cuda = device.type == "cuda"
+    cuda = cells[0].device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    ids, pixels, route_index = inputs(cfg, batch, args.text_tokens, device, dtype)
 
-    def prefill(step: int):
-        kwargs = dict(pixel_values=pixels, use_cache=True, logits_to_keep=1, route_index=route_index)
-        force = force_for(cfg, row, batch, step, device)
-        if force is not None:
-            kwargs["force_path"] = force
-        out = model(ids, **kwargs)
-        return out, out.logits[:, -1].argmax(-1)
+    def each(fn) -> None:
+        for cell in cells:
+            if cell.error:
+                continue
+            try:
+                with torch.no_grad():
+                    fn(cell)
+            except torch.cuda.OutOfMemoryError as e:  # record and go on: one row must not lose the run
+                cell.error = f"out of memory: {str(e).splitlines()[0]}"
+                torch.cuda.empty_cache()
 
-    with torch.no_grad():
-        for s in range(args.warmup):
-            prefill(s)
-        ttft = []
-        for s in range(args.repeats):
-            sync()
-            t0 = time.perf_counter()
-            out, nxt = prefill(s)
-            sync()
-            ttft.append(time.perf_counter() - t0)
-        flops = per_sample_tflops(cfg.text_config, out.visual_tokens_per_layer, out.text_tokens_per_layer, "exact")
-        kv = kv_bytes(out.cache)
-        del out
-        decode = []
-        peak = None
-        for s in range(args.decode_repeats):
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            out, nxt = prefill(s)
-            cache = out.cache
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(args.decode_tokens):
-                step = model(nxt[:, None], cache=cache, logits_to_keep=1)
-                nxt = step.logits[:, -1].argmax(-1)
-            sync()
-            decode.append(time.perf_counter() - t0)
-            if cuda:
-                peak = torch.cuda.max_memory_allocated() / 2**30
-            del out, cache, step
-    per_seq = args.decode_tokens / statistics.median(decode)
-    ttft_sorted = sorted(ttft)
-    p99 = ttft_sorted[min(len(ttft) - 1, math.ceil(0.99 * len(ttft)) - 1)]
-    return dict(method=row["name"], batch=batch, ttft_ms_p50=statistics.median(ttft) * 1e3, ttft_ms_p99=p99 * 1e3,
-                ttft_ms_all=[t * 1e3 for t in ttft], decode_tokens_per_s=per_seq * batch,
-                decode_tokens_per_s_per_seq=per_seq, peak_memory_gib=peak, kv_cache_mib=kv / 2**20,
-                llm_prefill_tflops_exact_mean=sum(flops) / len(flops),
-                paths=None if force_for(cfg, row, batch, 0, device) is None else
-                ["-".join(map(str, p)) for p in (row.get("mix") or [row["path"]])])
+    for s in range(args.warmup):
+        each(lambda c, s=s: c.prefill(s))
+
+    def timed_prefill(cell: Cell, step: int) -> None:
+        sync()
+        t0 = time.perf_counter()
+        out, _ = cell.prefill(step)
+        sync()
+        cell.ttft.append(time.perf_counter() - t0)
+        if not cell.flops:
+            cfg = cell.model.config
+            cell.flops = per_sample_tflops(cfg.text_config, out.visual_tokens_per_layer, out.text_tokens_per_layer,
+                                           "exact")
+            cell.kv = kv_bytes(out.cache)
+
+    def timed_decode(cell: Cell, step: int) -> None:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        out, nxt = cell.prefill(step)
+        cache = out.cache
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.decode_tokens):
+            nxt = cell.model(nxt[:, None], cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1)
+        sync()
+        cell.decode.append(time.perf_counter() - t0)
+        if cuda:
+            cell.peak = max(cell.peak or 0.0, torch.cuda.max_memory_allocated() / 2**30)
+
+    for s in range(args.repeats):
+        each(lambda c, s=s: timed_prefill(c, s))
+    for s in range(args.decode_repeats):
+        each(lambda c, s=s: timed_decode(c, s))
 
 
 def run_geometry(name: str, attn: str, args) -> dict:
@@ -284,16 +321,12 @@ def run_geometry(name: str, attn: str, args) -> dict:
     build_s = time.perf_counter() - t0
     cfg = model.config
     fractions = path_fractions(cfg, args.text_tokens)
-    results = []
-    for row in rows_for(cfg, args, fractions):
-        for batch in args.batch_sizes:
-            try:
-                res = measure_row(model, row, batch, args, device, dtype)
-            except torch.cuda.OutOfMemoryError as e:  # record and go on: one row must not lose the run
-                res = dict(method=row["name"], batch=batch, error=f"out of memory: {str(e).splitlines()[0]}")
-                torch.cuda.empty_cache()
-            results.append(res)
-            print(f"[{name} {attn}] {_row_line(res)}", file=sys.stderr, flush=True)
+    cells = [Cell(model, row, batch, args, device, dtype) for row in rows_for(cfg, args, fractions)
+             for batch in args.batch_sizes]
+    measure(cells, args)
+    results = [c.result(args) for c in cells]
+    for r in results:
+        print(f"[{name} {attn}] {_row_line(r)}", file=sys.stderr, flush=True)
     base = {r["batch"]: r for r in results if r["method"] == "baseline" and "error" not in r}
     for r in results:
         b = base.get(r["batch"])
@@ -307,7 +340,7 @@ def run_geometry(name: str, attn: str, args) -> dict:
                 visual_tokens=cfg.num_image_tokens, text_tokens=args.text_tokens, image_size=cfg.vision_config.image_size,
                 dpe_layers=cfg.dpe_layers, build_s=build_s, seconds=time.perf_counter() - t0, rows=results,
                 path_flops_fractions={"-".join(map(str, p)): f for p, f in fractions.items()})
-    del model
+    del model, cells
     if cuda:
         torch.cuda.empty_cache()
     return info
@@ -348,6 +381,7 @@ def fmt_table(g: dict) -> str:
 def main(argv=None) -> int:
     t_start = time.perf_counter()
     args = parse_args(argv)
+    load_before = os.getloadavg()[0]
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -357,13 +391,16 @@ def main(argv=None) -> int:
     tables = "\n".join(fmt_table(g) for g in geometries)
     print(tables)
     wall = time.perf_counter() - t_start
+    load = (load_before, os.getloadavg()[0])
     if args.markdown:
         cmd = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])])
         dev = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.machine()} CPU, {os.cpu_count()} cores"
         Path(args.markdown).write_text(
             f"# Latency benchmark (measured)\n\nGenerated by `bench/latency.py` (see its docstring). Command: `{cmd}`\n\n"
-            f"Device: {dev}; torch {torch.__version__}; whole run {wall:.0f} s.\n\n{tables}")
-    print(json.dumps(dict(device=args.device, torch=torch.__version__, wall_s=wall, geometries=geometries)))
+            f"Device: {dev}; torch {torch.__version__}; whole run {wall:.0f} s; host load average (1 min) before / "
+            f"after {load[0]:.1f} / {load[1]:.1f} on {os.cpu_count()} cores.\n\n{tables}")
+    print(json.dumps(dict(device=args.device, torch=torch.__version__, wall_s=wall, load_avg=load,
+                          geometries=geometries)))
     return 0
 
 
