@@ -652,7 +652,7 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
                 lm_loss = hidden.sum() * 0.0
             loss = lm_loss
             if cfg.compressor == "dpn" and cfg.router_objective == "reference":
-                probs = torch.cat(routing.routed_probs) if routing.routed_probs else logits.new_zeros(0, len(cfg.experts))
+                probs = torch.cat(routing.routed_probs) if routing.routed_probs else hidden.new_zeros(0, len(cfg.experts))
                 route_loss = routing_loss(probs, torch.tensor(cfg.expert_scores), cfg.route_loss_target)
                 loss = lm_loss + cfg.route_loss_coef * route_loss
         return DPNOutput(

@@ -294,15 +294,38 @@ def replay(model, tables: CalibrationTables, bias: float) -> torch.Tensor:
     return torch.tensor([index[p] for p in prefixes])
 
 
-def budget_curve(model, tables: CalibrationTables, biases: Iterable[float] | None = None) -> dict[str, list[float]]:
+def budget_curve(model, tables: CalibrationTables, biases: Iterable[float] | None = None,
+                 max_step: float = 0.01, max_points: int = 400) -> dict[str, list[float]]:
     """{"bias": [...], "flops_fraction": [...]}: the mean prefill FLOPs fraction the routers reach on the
-    calibration samples at each `route_bias` (replayed, no forward pass), for `DPNConfig.budget_curve`."""
-    biases = sorted(float(b) for b in (biases if biases is not None else torch.linspace(-30, 30, 121).tolist()))
-    fracs = []
-    for b in biases:
-        idx = replay(model, tables, b)
-        fracs.append(float(tables.flops_fraction.gather(1, idx[:, None]).mean()))
-    return {"bias": biases, "flops_fraction": fracs, "samples": tables.num_samples}
+    calibration samples at each `route_bias` (replayed, no forward pass), for `DPNConfig.budget_curve`.
+
+    The fraction is a step function of the bias (it moves when some sample's argmax flips), and the
+    flips crowd into a narrow range of biases: a coarse grid (121 points over [-30, 30], or `biases`) is
+    refined by bisection wherever two neighbours differ by more than `max_step`, until every step is
+    resolved to 1e-4 in bias or `max_points` are spent. A step that remains (many samples flipping at the
+    same bias, e.g. a collapsed router) is a budget the routers cannot hit: interpolation lands on it."""
+    fraction = {}
+
+    def at(b: float) -> float:
+        if b not in fraction:
+            idx = replay(model, tables, b)
+            fraction[b] = float(tables.flops_fraction.gather(1, idx[:, None]).mean())
+        return fraction[b]
+
+    grid = sorted(float(b) for b in (biases if biases is not None else torch.linspace(-30, 30, 121).tolist()))
+    for b in grid:
+        at(b)
+    if biases is None:
+        pending = list(zip(grid, grid[1:], strict=False))
+        while pending and len(fraction) < max_points:
+            lo, hi = pending.pop()
+            if abs(at(lo) - at(hi)) <= max_step or hi - lo < 1e-4:
+                continue
+            mid = (lo + hi) / 2
+            at(mid)
+            pending += [(lo, mid), (mid, hi)]
+    bs = sorted(fraction)
+    return {"bias": bs, "flops_fraction": [fraction[b] for b in bs], "samples": tables.num_samples}
 
 
 def flops_floor(config) -> float:

@@ -80,8 +80,9 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(p), local_files_only=True)
 
 
-def ensure_special_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
-    """Add `<image>`, `<ROUTER>` and a pad token to `tokenizer` where missing; return how many were added.
+def ensure_special_tokens(tokenizer: PreTrainedTokenizerBase, router_token: bool = True) -> int:
+    """Add `<image>`, `<ROUTER>` (unless `router_token` is False) and a pad token to `tokenizer` where
+    missing; return how many were added.
 
     The caller resizes the model's embeddings when the result is > 0. llava-hf tokenizers already have
     `<image>` (32000) and `<pad>` (32001), so only `<ROUTER>` is added there. An original Vicuna
@@ -90,8 +91,85 @@ def ensure_special_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
     """
     # Tokens already in the vocabulary are not added again (they count 0) but are flagged special, so they
     # are never split; `replace_extra_special_tokens=False` keeps the tokenizer's existing extra specials.
-    added = tokenizer.add_special_tokens({"extra_special_tokens": [IMAGE_TOKEN, ROUTER_TOKEN]},
-                                         replace_extra_special_tokens=False)
+    wanted = [IMAGE_TOKEN, ROUTER_TOKEN] if router_token else [IMAGE_TOKEN]
+    added = tokenizer.add_special_tokens({"extra_special_tokens": wanted}, replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
         added += tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     return added
+
+
+# Written beside a prepared tokenizer: the ids the model config must use, checked by the pipeline.
+TOKENS_FILE = "dpn_tokens.json"
+
+
+def prepare_tokenizer(src: str | os.PathLike, out: str | os.PathLike, router_token: bool = False) -> dict:
+    """Make a LLaMA / Vicuna tokenizer directory ready for DPN: add `<image>`, `<ROUTER>` (with
+    `router_token`, for recipes that route on it) and a pad token where missing, save it to `out` and
+    record the ids in `out/dpn_tokens.json`. Returns that record.
+
+    `out` must be absent or empty, or hold a tokenizer prepared the same way from the same source (then it
+    is left as is): a prepared tokenizer is an input of every later step, so it is never overwritten.
+    The model's embeddings must grow to `vocab_size` (the training code resizes them on load).
+    """
+    import json
+
+    src, out = Path(src), Path(out)
+    tokenizer = load_tokenizer(src)
+    before = len(tokenizer)
+    added = ensure_special_tokens(tokenizer, router_token=router_token)
+    record = {
+        "source": str(src.absolute()),
+        "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        "router_token_id": tokenizer.convert_tokens_to_ids(ROUTER_TOKEN) if router_token else None,
+        "pad_token_id": tokenizer.pad_token_id,
+        "vocab_size_before": before,
+        "vocab_size": len(tokenizer),
+        "added": added,
+    }
+    if out.exists() and any(out.iterdir()):
+        previous = out / TOKENS_FILE
+        if previous.is_file() and json.loads(previous.read_text()) == record:
+            return record
+        raise FileExistsError(f"--out {out} is not empty and holds no tokenizer prepared this way from {src}; "
+                              "choose a new or empty directory")
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / TOKENS_FILE).write_text(json.dumps(record, indent=2))
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    tmp.rename(out)
+    return record
+
+
+def check_prepared(path: str | os.PathLike, router_token: bool) -> list[str]:
+    """Problems of tokenizer directory `path` for a recipe (empty list = ready): `<image>` (and
+    `<ROUTER>` when the recipe routes on it) must be single special tokens, a pad token must exist, and
+    a `dpn_tokens.json` record, when present, must name the same ids."""
+    import json
+
+    problems = []
+    try:
+        tokenizer = load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        return [f"tokenizer {path}: cannot be loaded ({e})"]
+    wanted = [IMAGE_TOKEN] + ([ROUTER_TOKEN] if router_token else [])
+    for token in wanted:
+        ids = tokenizer.encode(token, add_special_tokens=False)
+        if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+            problems.append(f"tokenizer {path}: {token} is not one token (run `dpn tokenizer prepare --from {path} "
+                            f"--out DIR{' --router-token' if router_token else ''}`)")
+    if tokenizer.pad_token_id is None:
+        problems.append(f"tokenizer {path}: no pad token (run `dpn tokenizer prepare`)")
+    record = Path(path) / TOKENS_FILE
+    if record.is_file() and not problems:
+        r = json.loads(record.read_text())
+        for key, token in (("image_token_id", IMAGE_TOKEN), ("router_token_id", ROUTER_TOKEN)):
+            if r.get(key) is not None and r[key] != tokenizer.convert_tokens_to_ids(token):
+                problems.append(f"tokenizer {path}: {TOKENS_FILE} records {key}={r[key]}, the tokenizer has "
+                                f"{tokenizer.convert_tokens_to_ids(token)}")
+    return problems
+

@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     "jobs.eval",
     "jobs.pipeline",
     "jobs.submit",
+    "jobs.tokenizer",
 )
 
 

@@ -398,3 +398,16 @@ def test_loss_without_logits_equals_the_full_forward_and_grads_match():
             alone = model(ids[b : b + 1, real], pixel_values=px[b : b + 1], labels=labels[b : b + 1, real],
                           force_path=force[b : b + 1])
             assert torch.allclose(alone.lm_loss, outs[0].sample_loss[b], atol=1e-5), b
+
+
+@pytest.mark.parametrize("objective", ["reference", "counterfactual"])
+def test_text_only_batch_trains_without_logits(objective):
+    """A text-only micro-batch routes nothing: the routing loss is 0 and the loss-only forward still works."""
+    torch.manual_seed(0)
+    model = DPNForConditionalGeneration(test_tiny(compressor="dpn", router_token_id=ROUTER,
+                                                  router_objective=objective)).train()
+    ids = torch.tensor([[1, 4, 5, 6, 7, 8], [1, 9, 10, 11, 12, 13]])
+    out = model(ids, labels=ids, return_logits=False)
+    out.loss.backward()
+    assert out.logits is None and torch.isfinite(out.loss)
+    assert (out.route_loss is None) == (objective == "counterfactual")

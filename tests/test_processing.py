@@ -1,5 +1,7 @@
 """LLaVA processing layer: tokenizer, conversation templates and label masks, image preprocessing, collate."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -431,3 +433,33 @@ def test_collate_validation():
         collate([{"input_ids": [1], "labels": [1], "pixel_values": img}], 0, image_token_id=4)
     with pytest.raises(ValueError, match="lacks pixel_values"):
         collate([{"input_ids": [4], "labels": [-100]}], 0, image_token_id=4)
+
+
+def test_tokenizer_prepare_adds_records_and_refuses_overwrites(tmp_path, capsys):
+    from jobs.cli import main
+
+    src = tmp_path / "vicuna"
+    PreTrainedTokenizerFast(tokenizer_object=_bare_tokenizer(pre_tokenizers.ByteLevel(add_prefix_space=False)),
+                            unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(src)
+    from dpn.tokenizer import TOKENS_FILE, check_prepared
+
+    assert any("<image> is not one token" in p for p in check_prepared(src, router_token=False))
+    out = tmp_path / "prepared"
+    assert main(["tokenizer", "prepare", "--from", str(src), "--out", str(out), "--router-token"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    tok = load_tokenizer(out)
+    assert record["image_token_id"] == tok.convert_tokens_to_ids("<image>")
+    assert record["router_token_id"] == tok.convert_tokens_to_ids("<ROUTER>") == record["vocab_size"] - 2
+    assert record["pad_token_id"] == tok.pad_token_id and record["added"] == 3
+    assert json.loads((out / TOKENS_FILE).read_text()) == record
+    assert check_prepared(out, router_token=True) == []
+    # again, same way: left as is; another way (no router token) into the same dir: refused, exit 2
+    assert main(["tokenizer", "prepare", "--from", str(src), "--out", str(out), "--router-token"]) == 0
+    assert main(["tokenizer", "prepare", "--from", str(src), "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    # without --router-token there is no <ROUTER>
+    plain = tmp_path / "plain"
+    assert main(["tokenizer", "prepare", "--from", str(src), "--out", str(plain)]) == 0
+    assert "<ROUTER>" not in load_tokenizer(plain).get_vocab()
+    assert any("<ROUTER> is not one token" in p for p in check_prepared(plain, router_token=True))
+    assert main(["tokenizer", "prepare", "--from", str(tmp_path / "missing"), "--out", str(tmp_path / "x")]) == 2
