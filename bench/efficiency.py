@@ -1,17 +1,18 @@
 """Efficiency of every compressor in one process: FLOPs, prefill time, KV cache, decode speed.
 
     .venv/bin/python bench/efficiency.py --markdown bench/RESULTS_efficiency.md      # CPU, ~3-5 min
-    python bench/efficiency.py --device cuda                                          # 7B geometry, bf16
+
+Latency on an accelerator (TTFT p50 / p99, decode tokens/s at batch 1 and 8, peak memory, LLaVA-1.5 and
+LLaVA-HR geometries) is `bench/latency.py --device cuda`, which reuses this file's rows and KV accounting.
 
 1. FLOPs per sample at LLaVA-1.5-7B geometry, analytic (`dpn.flops`; 576 visual tokens, `--text-tokens`
    text tokens), both conventions, the saving vs the uncompressed baseline, and the KV cache after
    prefill in bf16.
-2. Measured, on `--device` (CPU: a mid-size geometry, 12 layers, d=1024, 24x24 = 576 visual tokens;
-   CUDA: the true 7B geometry with CLIP ViT-L/336), random weights: prefill wall time (median of
+2. Measured on CPU (a mid-size geometry, 12 layers, d=1024, 24x24 = 576 visual tokens; `--geometry 7b`
+   the true 7B geometry with CLIP ViT-L/336, for smoke runs), random weights: prefill wall time (median of
    `--repeats`, methods interleaved so drift hits all alike), exact FLOPs of the layers as run (from the
    model's own per-layer token counts), time_saving / flops_saving (how much of the FLOPs saving becomes
-   wall time; 1.0 = all of it), KV-cache bytes after prefill, greedy decode tokens/s; on CUDA also TTFT
-   (prefill incl. vision tower + first token) and peak memory.
+   wall time; 1.0 = all of it), KV-cache bytes after prefill, greedy decode tokens/s.
 
 All methods share ONE set of weights: the model is built once with compressor "dpn" (so its pooling
 experts and routers exist) and each method switches `config.compressor`. Random routers choose
@@ -40,9 +41,9 @@ METHODS = ("none", "static", "dpn", "fastv", "pdrop")  # the measured ones of dp
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu (mid-size geometry, fp32) or cuda (7B geometry, bf16)")
-    p.add_argument("--geometry", default=None, help="mid | 7b (default: mid on cpu, 7b on cuda)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--device", default="cpu", help="cpu (the only one; accelerators: bench/latency.py)")
+    p.add_argument("--geometry", default=None, help="mid | 7b (default: mid)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32)")
     p.add_argument("--repeats", type=int, default=7, help="timed prefills per method (median reported)")
     p.add_argument("--decode-tokens", type=int, default=16, help="greedy decode steps per timed decode")
     p.add_argument("--decode-repeats", type=int, default=3, help="timed decodes per method (median reported)")
@@ -53,10 +54,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
     p.add_argument("--markdown", default=None, help="also write the tables and the command to this file")
     args = p.parse_args(argv)
-    if args.device not in ("cpu", "cuda"):
-        p.error(f"--device must be cpu or cuda, got {args.device!r}")
-    args.geometry = args.geometry or ("7b" if args.device == "cuda" else "mid")
-    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.device == "cuda":
+        p.error("--device cuda is measured by bench/latency.py --device cuda (TTFT p50/p99, decode tokens/s at "
+                "batch 1 and 8, peak memory, LLaVA-1.5 and LLaVA-HR geometries)")
+    if args.device != "cpu":
+        p.error(f"--device must be cpu, got {args.device!r}")
+    args.geometry = args.geometry or "mid"
+    args.dtype = args.dtype or "float32"
     if args.geometry not in ("mid", "7b") or args.dtype not in ("float32", "bfloat16"):
         p.error(f"--geometry must be mid or 7b and --dtype float32 or bfloat16, got {args.geometry!r}, {args.dtype!r}")
     if min(args.repeats, args.decode_tokens, args.decode_repeats) < 1 or args.text_tokens < 2:
@@ -184,7 +188,6 @@ def measured(args) -> tuple[dict, list[dict]]:
     from dpn.flops import flops_report
     from dpn.modeling_dpn import DPNForConditionalGeneration
 
-    cuda = args.device == "cuda"
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = seven_b_config(args.layers) if args.geometry == "7b" else mid_config(args.layers)
@@ -202,7 +205,7 @@ def measured(args) -> tuple[dict, list[dict]]:
         torch.set_default_dtype(prev)
     for r in model.routers.values():  # irrelevant to the forced paths, but make the gate non-uniform
         torch.nn.init.normal_(r.fc2.weight, std=1.0)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = lambda: None  # noqa: E731 -- CPU: nothing to wait for
     ids, pixels = prompt(cfg, args.text_tokens, device)
     pixels = pixels.to(dtype)
     rows = method_rows(cfg, args.dpn_paths, args.methods)
@@ -215,15 +218,10 @@ def measured(args) -> tuple[dict, list[dict]]:
             times[row["name"]].append(run_method(model, row, ids, pixels, sync)[0])
 
     decode = {r["name"]: [] for r in rows}
-    peak = {}
     for _ in range(args.decode_repeats):
         for row in rows:
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
             _, out, per_token = run_method(model, row, ids, pixels, sync, decode_tokens=args.decode_tokens)
             decode[row["name"]].append(per_token)
-            if cuda:
-                peak[row["name"]] = torch.cuda.max_memory_allocated() / 2**30
 
     results = []
     base = None
@@ -239,9 +237,6 @@ def measured(args) -> tuple[dict, list[dict]]:
                    flops_saving_fastv_convention=rep["saving"], kv_cache_mib=kv_bytes(out.cache) / 2**20,
                    decode_tokens_per_s=1.0 / statistics.median(decode[row["name"]]), visual_tokens_per_layer=vis,
                    routing_path=out.routing_paths[0].tolist())
-        if cuda:
-            res["peak_memory_gib"] = peak[row["name"]]  # weights + prefill + decode of this method
-            res["ttft_ms"] = med * 1e3  # prefill incl. vision tower + argmax of the first token, synced
         if base is None:
             base = res
         res["time_saving"] = 1.0 - med / (base["prefill_ms"] / 1e3)
@@ -256,8 +251,6 @@ def measured(args) -> tuple[dict, list[dict]]:
                 visual_tokens=cfg.num_image_tokens, text_tokens=args.text_tokens, dpe_layers=cfg.dpe_layers,
                 threads=torch.get_num_threads(), build_s=build_s, repeats=args.repeats,
                 decode_tokens=args.decode_tokens, decode_repeats=args.decode_repeats)
-    if cuda:
-        info["gpu"] = torch.cuda.get_device_name()
     return info, results
 
 
@@ -274,13 +267,11 @@ def fmt_tables(args, a7b, info, meas, wall_s, load_before, load_after) -> str:
     geo = (f"{info['layers']} layers, d={info['hidden']}, FFN {info['ffn']}, {info['heads']} heads, "
            f"{info['visual_tokens']} visual + {info['text_tokens']} text tokens, {info['dtype']}, batch 1, "
            f"{info['threads']} threads, DPE layers {info['dpe_layers']}")
-    lines.append(f"### Measured on {info.get('gpu', info['device'])} ({geo})")
+    lines.append(f"### Measured on {info['device']} ({geo})")
     lines.append("")
     head = ("| method | visual tokens per layer | LLM GFLOPs (exact) | FLOPs saving | prefill ms (median of "
             f"{info['repeats']}; best) | time saving (median; best) | time / FLOPs saving (median; best) | "
             f"KV cache (MiB) | decode tok/s (median of {info['decode_repeats']} x {info['decode_tokens']}) |")
-    if info["device"] == "cuda":
-        head += " TTFT ms | peak GiB |"
     lines.append(head)
     lines.append("| --- " * (head.count("|") - 1) + "|")
     for r in meas:
@@ -297,8 +288,6 @@ def fmt_tables(args, a7b, info, meas, wall_s, load_before, load_after) -> str:
         line = (f"| {r['method']} | {vis_s} | {r['gflops_exact']:.1f} | {r['flops_saving']:.1%} | "
                 f"{r['prefill_ms']:.0f}; {r['prefill_ms_best']:.0f} | {r['time_saving']:.1%}; {r['time_saving_best']:.1%} | "
                 f"{ratio} | {r['kv_cache_mib']:.1f} | {r['decode_tokens_per_s']:.1f} |")
-        if info["device"] == "cuda":
-            line += f" {r['ttft_ms']:.1f} | {r['peak_memory_gib']:.1f} |"
         lines.append(line)
     lines.append("")
     lines.append(f"Whole run: {wall_s:.0f} s in one process (model build {info['build_s']:.0f} s). "
@@ -320,9 +309,8 @@ NOTES = """Reading the tables:
 - KV cache: the bytes of every layer's K and V after prefill (each layer keeps its own length).
 - Decode: greedy steps over the per-layer caches, batch 1; at this size decode is bound by reading the
   weights, so the shorter caches change it little.
-- `--device cuda` (7B geometry, CLIP ViT-L/336, random bf16 weights; TTFT, tokens/s, peak memory) uses the
-  same code with CUDA syncs; there was no GPU here, so it was only smoke-tested on CPU
-  (`--geometry 7b --layers 4 --dtype bfloat16`).
+- Accelerator latency (TTFT p50/p99, decode tokens/s at batch 1 and 8, peak memory, LLaVA-1.5 and LLaVA-HR at
+  7B / 13B) is `bench/latency.py --device cuda`; see bench/RESULTS_latency.md.
 """
 
 

@@ -16,6 +16,7 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from dpn.compressors import COMPRESSORS, POOLING, ROUTER_OBJECTIVES, format_path, parse_path
+from dpn.configuration_hr import hr_vision_config
 
 POOL_FUNCTIONS = ("max", "avg", "conv")
 LOCATIONS = ("post", "pre")
@@ -135,6 +136,8 @@ class DPNConfig(PreTrainedConfig):
     random_path_shares: dict | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
+        # LLaVA-HR's dual-resolution tower (`dpn.configuration_hr`) is not an AutoConfig type: resolve it here.
+        self.vision_config = hr_vision_config(self.vision_config)
         super().__post_init__(**kwargs)
         n_layers = self.text_config.num_hidden_layers
         if self.compressor not in COMPRESSORS:

@@ -125,6 +125,50 @@ def vision_tower_flops(vision_config: Any, upto_layer: int | None = -2, n_images
     return float(n_images * (embed + used * layer))
 
 
+def hr_vision_flops(vision_config: Any, n_images: int = 1) -> dict[str, float]:
+    """Exact FLOPs of LLaVA-HR's dual-resolution tower (`dpn.vision_hr`) on `n_images` images, by part
+    (2 FLOPs per MAC, as `torch.utils.flop_counter`; resizing, norms, activations and biases excluded).
+
+    S = input size, g = token grid side (N = g^2 tokens), D / I = CLIP width / FFN, L = CLIP layers,
+    C_i / H_i = ConvNeXt stage width / map side (H_i = S / (p 2^i)), h = last map side, C = C_last:
+      clip:        patch conv 2 N (3 p_c^2) D; each of the L layers on N tokens (LLaVA-HR drops CLS before
+                   the encoder and runs every layer): q/k/v/o 8 N D^2, attention 4 N^2 D, MLP 4 N D I.
+      convnext:    stem 2 (S/p)^2 (3 p^2) C_0; downsample of stage i > 0: 2 H_i^2 (4 C_{i-1}) C_i; each block:
+                   depthwise 7x7 2 H^2 C 49, the two pointwise Linears (4x) 16 H^2 C^2.
+      mr_adapters: each: slow 1x1 convs 2 h^2 C^2 + 2 h^2 C D (before aligning to the CLIP grid), depthwise
+                   7x7 on the CLIP grid 2 N D 49, fast 1x1 conv 2 N D^2, gate 2 (2D)(D/2) + 2 (D/2).
+      fusion:      2 N D^2 + 2 N C D (the ConvNeXt tokens are aligned to the N-token grid first).
+    At LLaVA-HR-7B (1024 px, CLIP-L at 448 px, ConvNeXt-L): ~0.73 + ~1.45 TFLOPs per image.
+    """
+    clip, cnx = vision_config.clip_config, vision_config.convnext_config
+    S, g = vision_config.image_size, vision_config.grid
+    N, D, I, L, pc = g * g, clip.hidden_size, clip.intermediate_size, clip.num_hidden_layers, clip.patch_size
+    out = {"clip": 2 * N * 3 * pc * pc * D + L * (8 * N * D * D + 4 * N * N * D + 4 * N * D * I)}
+    p, widths = cnx.patch_size, cnx.hidden_sizes
+    conv = 2 * (S // p) ** 2 * 3 * p * p * widths[0]
+    for i, (c, depth) in enumerate(zip(widths, cnx.depths, strict=True)):
+        side = S // (p * 2**i)
+        if i > 0:
+            conv += 2 * side * side * 4 * widths[i - 1] * c
+        conv += depth * (2 * side * side * c * 49 + 16 * side * side * c * c)
+    out["convnext"] = conv
+    h, C = vision_config.slow_grid, widths[-1]
+    adapter = 2 * h * h * C * C + 2 * h * h * C * D + 2 * N * D * 49 + 2 * N * D * D + 2 * 2 * D * (D // 2) + 2 * (D // 2)
+    out["mr_adapters"] = (3 * adapter) if vision_config.mr_adapters else 0
+    out["fusion"] = 2 * N * D * D + 2 * N * C * D
+    return {k: float(n_images * v) for k, v in out.items()}
+
+
+def vision_flops_by_part(config: Any) -> dict[str, float]:
+    """Exact vision-tower FLOPs of one image, by part: LLaVA-HR's clip / convnext / mr_adapters / fusion, or
+    LLaVA-1.5's CLIP up to `config.vision_feature_layer`."""
+    from dpn.configuration_hr import is_hr_vision  # a config object exists, so transformers is loaded already
+
+    if is_hr_vision(config.vision_config):
+        return hr_vision_flops(config.vision_config)
+    return {"clip": vision_tower_flops(config.vision_config, config.vision_feature_layer)}
+
+
 def projector_flops(config: Any, n_features: int | None = None) -> float:
     """Exact FLOPs of LLaVA's 2-layer MLP projector on `n_features` image features (default: the
     config's `num_image_tokens`, 576 at 7B): 2 P Dv Dt + 2 P Dt^2."""
@@ -276,7 +320,8 @@ def flops_report(
         baseline_tflops / baseline_tflops_exact: the same for the baseline;
         saving / saving_exact: 1 - tflops / baseline_tflops, in [0, 1];
         vision_tflops, projector_tflops, lm_head_tflops: exact, 0 for a text-only sample; the vision
-            tower counted up to `config.vision_feature_layer`, the lm_head on the last position only;
+            tower counted up to `config.vision_feature_layer` (LLaVA-HR: both branches, `hr_vision_flops`),
+            the lm_head on the last position only; vision_tflops_by_part: the vision tower by part;
         visual_tokens_per_layer, text_tokens_per_layer, baseline_visual_tokens_per_layer.
     """
     text_config = config.text_config
@@ -301,9 +346,9 @@ def flops_report(
         report[f"tflops{suffix}"] = ours / TERA
         report[f"baseline_tflops{suffix}"] = base / TERA
         report[f"saving{suffix}"] = 1.0 - ours / base if base > 0 else 0.0
-    report["vision_tflops"] = (
-        vision_tower_flops(config.vision_config, config.vision_feature_layer) / TERA if has_image else 0.0
-    )
+    parts = vision_flops_by_part(config) if has_image else {}
+    report["vision_tflops"] = sum(parts.values()) / TERA
+    report["vision_tflops_by_part"] = {k: v / TERA for k, v in parts.items()}
     report["projector_tflops"] = projector_flops(config) / TERA if has_image else 0.0
     report["lm_head_tflops"] = lm_head_flops(text_config, 1) / TERA
     report["visual_tokens_per_layer"] = vis
@@ -337,6 +382,7 @@ __all__ = [
     "check_path",
     "flop_counter_mode",
     "flops_report",
+    "hr_vision_flops",
     "kept_count",
     "lm_head_flops",
     "llm_layer_flops",
@@ -344,5 +390,6 @@ __all__ = [
     "per_sample_tflops",
     "pooled_grid",
     "projector_flops",
+    "vision_flops_by_part",
     "vision_tower_flops",
 ]

@@ -208,6 +208,9 @@ def from_llava_hf(path: str | Path, dtype: torch.dtype | None = None, **override
 
 
 def _projector_rename(key: str) -> str:
+    # LLaVA-HR's stage-1 file also holds the final fusion of its two vision branches (`dpn.vision_hr`).
+    if key.startswith(("model.vision_tower.align_stages.0.", "vision_tower.align_stages.0.")):
+        return "vision_tower.fusion." + key.split("align_stages.0.", 1)[1]
     # LLaVA's stage-1 output (`mm_projector.bin`): model.mm_projector.{0,2}.* = Linear, GELU, Linear.
     m = re.match(r"^(?:model\.)?mm_projector\.([02])\.(weight|bias)$", key)
     if m:

@@ -34,11 +34,13 @@ from transformers.utils import ModelOutput
 from dpn.collate import padding_side_of
 from dpn.compressors import POOLING, PRUNING, parse_path
 from dpn.configuration_dpn import DPNConfig
+from dpn.configuration_hr import is_hr_vision
 from dpn.constants import IGNORE_INDEX
 from dpn.generation import generate as _generate
 from dpn.geometry import kept_count
 from dpn.pruning import query_attention, query_weights, top_visual
 from dpn.pyramid import DPNRouter, PoolingExperts, choose_experts, routing_loss, sample_seeds, valid_experts
+from dpn.vision_hr import LlavaHRVisionModel
 
 
 class DPNMultiModalProjector(nn.Module):
@@ -276,7 +278,10 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
         if config.budget is not None:
             # from_pretrained(..., budget=x) sets the field after the config's own checks: check it here.
             config.bias_for_budget(config.budget)
-        self.vision_tower = AutoModel.from_config(config.vision_config)
+        if is_hr_vision(config.vision_config):  # LLaVA-HR: CLIP + ConvNeXt + MR-adapters (`dpn.vision_hr`)
+            self.vision_tower = LlavaHRVisionModel(config.vision_config)
+        else:
+            self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = DPNMultiModalProjector(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         d = config.text_config.hidden_size
@@ -308,6 +313,9 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
         """(N, 3, H, W) -> (N, h*w, d_text): CLIP features of layer `vision_feature_layer`, CLS dropped
         ("default" strategy), projected into the LLM's embedding space."""
         dtype = next(self.vision_tower.parameters()).dtype
+        if is_hr_vision(self.config.vision_config):
+            # LLaVA-HR's tower returns the fused 32 x 32 grid itself: every CLIP layer, no CLS.
+            return self.multi_modal_projector(self.vision_tower(pixel_values.to(dtype)))
         out = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True)
         feats = out.hidden_states[self.config.vision_feature_layer]  # (N, 1 + h*w, d_vis)
         if self.config.vision_feature_select_strategy == "default":

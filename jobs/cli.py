@@ -11,6 +11,7 @@ import sys
 _COMMAND_MODULES = (
     "jobs.demo",
     "jobs.flops",
+    "jobs.convert",
     "jobs.synth",
     "jobs.preprocess",
     "jobs.train",

@@ -11,7 +11,9 @@ DPEs: strongest pooling first), the path the method notes quote, since a routed 
 
 Prints a one-line summary, then one JSON object as the last stdout line (see `dpn.flops.flops_report`):
 config, compressor, path, path_source ("given" | "default" | null: no path), text_tokens,
-baseline_compressor ("none"), the report's tflops* / baseline_tflops* / saving* and per-layer token counts.
+baseline_compressor ("none"), paper_saving (the saving the paper reports for DPN on this preset, or null),
+the report's tflops* / baseline_tflops* / saving*, vision_tflops(_by_part), projector_tflops and per-layer
+token counts. LLaVA-HR presets (llava-hr-7b, llava-hr-x-13b) price both vision branches.
 Bad arguments exit 2 with the value named.
 """
 
@@ -103,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
 
     # The report carries the uncompressed baseline (every layer sees the whole image: compressor none).
     report = flops_report(config, visual, text)
+    from dpn.presets import PAPER_FLOPS_SAVING
+
+    paper = PAPER_FLOPS_SAVING.get(source) if compressor in ("dpn", "static") else None
     result = {
         "config": source,
         "compressor": compressor,
@@ -111,13 +116,18 @@ def run(args: argparse.Namespace) -> int:
         "text_tokens": args.text_tokens,
         "baseline_compressor": "none",
         "convention": "fastv (4nd^2 + 2n^2d + 2ndm per layer); *_exact = real matmul FLOPs",
+        "paper_saving": paper,
         **report,
     }
     shown_path = f"path={path}" + (" (default)" if path_source == "default" else "")
     print(
         f"{compressor} {shown_path}: LLM prefill {report['tflops']:.4g} TFLOPs vs baseline (none) "
-        f"{report['baseline_tflops']:.4g} (saving {100 * report['saving']:.1f}%); exact "
-        f"{report['tflops_exact']:.4g} vs {report['baseline_tflops_exact']:.4g}"
+        f"{report['baseline_tflops']:.4g} (saving {100 * report['saving']:.1f}%"
+        + (f"; the paper reports {100 * paper:.0f}% for DPN on {source}" if paper is not None else "")
+        + f"); exact {report['tflops_exact']:.4g} vs {report['baseline_tflops_exact']:.4g}; visual tokens "
+        f"{visual[0]} at layer 0; vision tower {report['vision_tflops']:.4g} TFLOPs ("
+        + ", ".join(f"{k} {v:.3g}" for k, v in report["vision_tflops_by_part"].items())
+        + f"), projector {report['projector_tflops']:.3g}"
     )
     print(json.dumps(result))
     return 0

@@ -13,6 +13,11 @@ Recipes:
                     global batch 256, ZeRO-2; stage 2: lr 2e-5, global batch 128, cosine, warmup 0.03,
                     gradient checkpointing, max length 2048, ZeRO-2.
     llava-1.5-13b   the same with Vicuna-13B v1.5, stage 2 with ZeRO-3.
+    llava-hr-tiny   LLaVA-HR's dual-resolution tower in miniature (`llava-hr-tiny` geometry, random weights,
+                    no stage 0) on the synthetic corpus: the HR path end to end on CPU.
+    llava-hr-7b     LLaVA-HR-7B + DPN as the reference trains it (aihao2000/DPN-LLaVA
+    llava-hr-x-13b  scripts/v1_5/train_dpn_llava_hr{,_x}.sh): 1024-px images, stage 2 lr 2e-5, global batch
+                    128, max length 2496, ZeRO-3, the vision tower (both branches, MR-adapters) trained.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ INITS = ("random", "pretrained", "llava_hf", "components")
 PRECISIONS = ("fp32", "bf16")  # fp16 is not offered: DeepSpeed on CPU lacks it and bf16 needs no loss scaling
 SCHEDULES = ("cosine", "linear", "constant")
 ZERO_STAGES = (0, 1, 2, 3)
-MODEL_PRESETS = ("tiny", "test-tiny", "llava-1.5-7b", "llava-1.5-13b")  # as `dpn.presets.PRESETS`
+MODEL_PRESETS = ("tiny", "test-tiny", "llava-1.5-7b", "llava-1.5-13b", "llava-hr-7b", "llava-hr-x-13b",
+                 "llava-hr-tiny")  # as `dpn.presets.PRESETS`
 # Placeholder (model.path / model.projector_path of stage 2) for the outputs of the recipe's stage 1: the
 # pipeline's stage-2 steps read the stage1 step and fill it in (`chain_stage2`).
 STAGE1_OUTPUT = "<stage1>"
@@ -661,10 +667,54 @@ def llava_1_5_13b(stage: int) -> TrainConfig:
     return _llava_1_5("llava-1.5-13b", "llava-1.5-13b", stage, stage2_zero=3)
 
 
+def llava_hr_tiny(stage: int) -> TrainConfig:
+    """LLaVA-HR in miniature on the synthetic corpus: the tiny recipe on the `llava-hr-tiny` geometry from
+    random weights (no stage 0: this recipe checks the HR path end to end, it is not tuned to learn), stage 2
+    training the vision tower as LLaVA-HR's stage 2 does."""
+    from dataclasses import replace
+
+    base = tiny(stage)
+    model = replace(base.model, preset="llava-hr-tiny", vision_path=None, llm_path=None, train_vision_tower=stage == 2)
+    return replace(base, recipe="llava-hr-tiny", model=model)
+
+
+def _llava_hr(name: str, stage: int) -> TrainConfig:
+    """LLaVA-1.5's recipe with the reference's HR differences (aihao2000/DPN-LLaVA train_dpn_llava_hr{,_x}.sh):
+    stage 2 at per-device batch 8 with accumulation 2 (global 128), model_max_length 2496 (1024 visual tokens),
+    ZeRO-3, the vision tower (both branches and the MR-adapters) trained.
+
+    `model.path` is our `save_pretrained` directory of the untrained LLaVA-HR assembled from its parts
+    (`dpn convert llava-hr-components`: Vicuna v1.5, CLIP ViT-L/14-336, the timm ConvNeXt). Stage 1 trains
+    the projector at 1024 px (LLaVA-HR's ran at 384 px and also trained the final fusion); to start from
+    LLaVA-HR's released stage-1 file instead (projector + fusion), set
+    model.projector_path=<.../llava-hr-7b-pretrain-384/mm_projector.bin>: stage 1 is then skipped."""
+    from dataclasses import replace
+
+    base = _llava_1_5(name, name, stage, stage2_zero=3)
+    model = replace(base.model, init="pretrained", path=f"<{name}-base>", llm_path=None, vision_path=None,
+                    train_vision_tower=stage == 2)
+    if stage == 1:
+        return replace(base, model=model)
+    return replace(base, model=model, data=replace(base.data, max_length=2496, micro_batch_size=8))
+
+
+def llava_hr_7b(stage: int) -> TrainConfig:
+    """LLaVA-HR-7B (CLIP-L + ConvNeXt-L, Vicuna-7B) + DPN with the reference's hyper-parameters."""
+    return _llava_hr("llava-hr-7b", stage)
+
+
+def llava_hr_x_13b(stage: int) -> TrainConfig:
+    """LLaVA-HR-X-13B (CLIP-L + ConvNeXt-XXL, Vicuna-13B) + DPN with the reference's hyper-parameters."""
+    return _llava_hr("llava-hr-x-13b", stage)
+
+
 RECIPES: dict[str, Callable[[int], TrainConfig]] = {
     "tiny": tiny,
     "llava-1.5-7b": llava_1_5_7b,
     "llava-1.5-13b": llava_1_5_13b,
+    "llava-hr-tiny": llava_hr_tiny,
+    "llava-hr-7b": llava_hr_7b,
+    "llava-hr-x-13b": llava_hr_x_13b,
 }
 
 

@@ -154,9 +154,22 @@ def llava_1_5_7b_pipeline(**overrides: Any) -> PipelineConfig:
     return PipelineConfig(**overrides)
 
 
+def _named(name: str, base: Callable[..., PipelineConfig]) -> Callable[..., PipelineConfig]:
+    """Pipeline recipe `name`: `base`'s, training the recipe of the same name (LLaVA-HR, `pipelines.recipes`)."""
+    def make(**overrides: Any) -> PipelineConfig:
+        for key, value in (("name", name), ("train_recipe", name), ("registered_model", f"dpn-{name}")):
+            overrides.setdefault(key, value)
+        return base(**overrides)
+
+    return make
+
+
 PIPELINE_RECIPES: dict[str, Callable[..., PipelineConfig]] = {
     "tiny": tiny_pipeline,
     "llava-1.5-7b": llava_1_5_7b_pipeline,
+    "llava-hr-tiny": _named("llava-hr-tiny", tiny_pipeline),
+    "llava-hr-7b": _named("llava-hr-7b", llava_1_5_7b_pipeline),
+    "llava-hr-x-13b": _named("llava-hr-x-13b", llava_1_5_7b_pipeline),
 }
 
 

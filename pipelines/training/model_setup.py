@@ -146,7 +146,9 @@ SKIPPABLE_TRAINABLE = ("routers.", "pool_experts.")
 def trainable_prefixes(cfg: TrainConfig) -> tuple[str, ...]:
     """Parameter-name prefixes that train in this stage; everything else is frozen."""
     if cfg.stage == 1:
-        return ("multi_modal_projector.",)
+        # LLaVA-HR's stage 1 trains the final fusion of its two vision branches with the projector; a CLIP
+        # tower has no `vision_tower.fusion.` parameters, so the prefix matches nothing there.
+        return ("multi_modal_projector.", "vision_tower.fusion.")
     prefixes = ["multi_modal_projector.", "language_model.", "routers.", "pool_experts."]
     if cfg.model.train_vision_tower:
         prefixes.append("vision_tower.")
