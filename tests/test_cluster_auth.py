@@ -325,7 +325,7 @@ def actors_of(cluster, job_id: str) -> list[dict]:
 def test_pipeline_trains_and_evaluates_on_both_nodes_and_logs_to_mlflow(cluster, mlflow_server, tmp_path, monkeypatch):
     from ray.job_submission import JobSubmissionClient
 
-    from pipelines import tracking
+    from pipelines import registry, tracking
 
     cfg = tmp_path / "pipeline.yaml"
     cfg.write_text(PIPELINE)
@@ -356,12 +356,13 @@ def test_pipeline_trains_and_evaluates_on_both_nodes_and_logs_to_mlflow(cluster,
     parent = tracking.get_run(summary["parent_run_id"], tracking_uri=uri)
     assert parent["status"] == "FINISHED" and parent["tags"]["dpn.trigger"] == "manual"
     steps = {c["run_name"]: c for c in tracking.child_runs(summary["parent_run_id"], tracking_uri=uri)}
-    assert {"synth", "stage0_vision", "stage0_llm", "stage1", "stage2_dpn", "stage2_none", "evaluate",
-            "register"} <= set(steps)
+    assert {"synth", "stage0_vision", "stage0_llm", "stage1", "stage2_dpn", "stage2_none", "route_calibrate",
+            "evaluate", "register"} <= set(steps)
     assert tracking.metric_history(steps["stage2_dpn"]["run_id"], "loss/lm", tracking_uri=uri)
     model = tracking.download_artifacts(steps["stage2_dpn"]["run_id"], "model", tmp_path / "dl", tracking_uri=uri)
     assert (model / "model.safetensors").is_file()
-    champion = tracking.get_alias("dpn", tracking.CHAMPION, tracking_uri=uri)
-    assert champion is not None and champion["run_id"] == steps["stage2_dpn"]["run_id"]
+    champion = tracking.get_alias("dpn", registry.CHAMPION, tracking_uri=uri)
+    # The dpn variant is registered as calibrated: the model logged by the route_calibrate step's run.
+    assert champion is not None and champion["run_id"] == steps["route_calibrate"]["run_id"]
     # The pipeline's user created the experiment, so it holds MANAGE on it.
     assert permission(uri, mlflow_server["admin"], PIPELINE_USER, parent["experiment_id"]) == "MANAGE"
