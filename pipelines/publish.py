@@ -6,6 +6,9 @@ power cut -- sees the old complete output, none, or the new complete output; nev
 Temporaries are named `.tmp-*` (being written) and `.old-*` (a replaced output being deleted);
 `remove_stale` deletes those a killed process left behind, and must only be called by the one process
 that owns the directory (the pipeline does it under its work-dir lock, `pipelines.dag`).
+
+Checksum manifests (`write_checksums` / `verify_checksums`) go with every training checkpoint: a
+DeepSpeed resume unpickles its files (weights_only=False), so they are verified first.
 """
 
 from __future__ import annotations
@@ -113,4 +116,69 @@ def remove_stale(directory: str | os.PathLike, depth: int = 1) -> list[Path]:
     return removed
 
 
-__all__ = ["OLD_PREFIX", "TMP_PREFIX", "fsync_tree", "publish_dir", "remove_stale", "temp_sibling", "write_json"]
+
+
+# ----- checksum manifests ----------------------------------------------------------------------------
+CHECKSUMS_PREFIX = "CHECKSUMS-"
+
+
+class CorruptOutput(RuntimeError):
+    """A directory's files do not match its checksum manifests (or it has none); the message names them."""
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_checksums(directory: str | os.PathLike, writer: str) -> Path:
+    """Record the sha256 of every file under `directory` (but other manifests) in `CHECKSUMS-<writer>.json`.
+
+    Several writers may fill one directory (each DeepSpeed rank its shard, merged by Ray): each lists
+    the files present when it writes, and `verify_checksums` checks every manifest. Returns its path.
+    """
+    directory = Path(directory)
+    files = {str(p.relative_to(directory)): _sha256(p) for p in sorted(directory.rglob("*"))
+             if p.is_file() and not p.name.startswith(CHECKSUMS_PREFIX)}
+    manifest = directory / f"{CHECKSUMS_PREFIX}{writer}.json"
+    write_json(manifest, {"sha256": files}, indent=1, sort_keys=True)
+    return manifest
+
+
+def verify_checksums(directory: str | os.PathLike) -> int:
+    """Check `directory` against all its checksum manifests before anything in it is unpickled (a
+    DeepSpeed checkpoint is read with weights_only=False: a truncated or altered file must never reach
+    `torch.load`). Returns how many files were verified.
+
+    Raises:
+        CorruptOutput naming the directory and each missing or altered file, or saying it has no manifest.
+    """
+    directory = Path(directory)
+    manifests = sorted(directory.glob(f"{CHECKSUMS_PREFIX}*.json"))
+    if not manifests:
+        raise CorruptOutput(f"checkpoint {directory} has no {CHECKSUMS_PREFIX}*.json manifest (written by an older "
+                            "version or cut short): it cannot be verified, so it is not loaded")
+    bad, checked = [], 0
+    for manifest in manifests:
+        try:
+            listed = json.loads(manifest.read_text())["sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            bad.append(f"{manifest.name} unreadable ({type(e).__name__})")
+            continue
+        for rel, digest in listed.items():
+            path = directory / rel
+            if not path.is_file():
+                bad.append(f"{rel} missing")
+            elif _sha256(path) != digest:
+                bad.append(f"{rel} altered (sha256 differs from {manifest.name})")
+            checked += 1
+    if bad:
+        raise CorruptOutput(f"checkpoint {directory} is corrupt: {'; '.join(bad[:10])}"
+                            f"{f' (and {len(bad) - 10} more)' if len(bad) > 10 else ''}")
+    return checked
+
+
+__all__ = ["CHECKSUMS_PREFIX", "OLD_PREFIX", "TMP_PREFIX", "CorruptOutput", "fsync_tree", "publish_dir", "remove_stale",
+           "temp_sibling", "verify_checksums", "write_checksums", "write_json"]

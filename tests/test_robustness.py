@@ -274,3 +274,28 @@ def test_disk_full_while_publishing_fails_cleanly_and_a_rerun_finishes(tmp_path,
     status, _, results = Pipeline(steps, tmp_path).run()
     assert status == "succeeded" and [r.status for r in results] == ["cached", "ran"]
     assert json.loads((results[1].out_dir / SUCCESS_FILE).read_text())["outputs"] == {"file": "out.txt"}
+
+
+def test_a_corrupt_checkpoint_is_refused_before_anything_is_unpickled(tmp_path):
+    # Two ranks fill one checkpoint directory (as Ray merges their reports), each with its manifest.
+    ckpt = tmp_path / "step0000004"
+    (ckpt / "ds").mkdir(parents=True)
+    (ckpt / "ds" / "mp_rank_00_model_states.pt").write_bytes(b"rank0 weights" * 100)
+    (ckpt / "train_state.json").write_text('{"step": 4}')
+    publish.write_checksums(ckpt, "rank00000")
+    (ckpt / "ds" / "zero_pp_rank_1_optim_states.pt").write_bytes(b"rank1 optimizer" * 100)
+    publish.write_checksums(ckpt, "rank00001")
+    assert publish.verify_checksums(ckpt) == 5  # rank 1 also lists rank 0's files, present when it wrote
+
+    shard = ckpt / "ds" / "zero_pp_rank_1_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[7] ^= 0xFF  # one flipped byte, same size
+    shard.write_bytes(bytes(data))
+    (ckpt / "train_state.json").unlink()
+    with pytest.raises(publish.CorruptOutput, match=r"step0000004 is corrupt: .*train_state.json missing.*"
+                                                    r"zero_pp_rank_1_optim_states.pt altered"):
+        publish.verify_checksums(ckpt)
+    for manifest in ckpt.glob("CHECKSUMS-*"):
+        manifest.unlink()
+    with pytest.raises(publish.CorruptOutput, match="has no CHECKSUMS-"):
+        publish.verify_checksums(ckpt)
