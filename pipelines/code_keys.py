@@ -11,7 +11,9 @@ on the way (Python runs them on import). Imports under `if TYPE_CHECKING:` are s
 The analysis is static (the AST; nothing is imported), so it is cheap enough for `dpn pipeline plan` and
 errs on the side of re-running: a module counts whole, whichever of its functions a step calls. What
 it cannot see is a module loaded by a name computed at run time (`importlib.import_module(name)`);
-`tests/test_code_keys.py` checks that every project module a step's code actually loads is in its key.
+`tests/test_robustness.py` checks that a scorer edit re-keys evaluation only and a model edit the
+training, and that no project module imports `dpn`'s lazy exports (`from dpn import DPNConfig` loads
+`dpn.configuration_dpn` through importlib, which the analysis cannot see).
 Only the project's own packages (`PROJECT_PACKAGES`) count: library versions are pinned by the
 install, not by the cache.
 """

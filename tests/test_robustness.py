@@ -142,6 +142,19 @@ def test_editing_a_scorer_reruns_evaluation_only_and_model_code_reruns_training(
         code_keys.module_file.cache_clear()  # the real tree again for the tests after this one
 
 
+def test_project_code_never_imports_dpns_lazy_exports_which_the_code_keys_cannot_see():
+    import ast
+
+    import dpn
+
+    hidden = []
+    for path in [*(ROOT / "dpn").rglob("*.py"), *(ROOT / "pipelines").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "dpn" and not node.level:
+                hidden += [f"{path.relative_to(ROOT)}: {a.name}" for a in node.names if a.name in dpn._EXPORTS]
+    assert not hidden, f"import these from their modules, so a step's code key covers them: {hidden}"
+
+
 # ----- one run per work dir --------------------------------------------------------------------------
 HOLDER = """
 import sys, time
