@@ -39,6 +39,10 @@ def expert_factor(kernel: tuple[int, int] | list[int]) -> int:
     return int(kernel[0]) * int(kernel[1])
 
 
+_FLOAT_FIELDS = ("gate_temperature", "route_loss_coef", "route_loss_target", "fastv_ratio", "pdrop_ratio", "route_bias",
+                 "budget")
+
+
 @strict
 class DPNConfig(PreTrainedConfig):
     """Configuration of `DPNForConditionalGeneration`.
@@ -139,6 +143,12 @@ class DPNConfig(PreTrainedConfig):
         # LLaVA-HR's dual-resolution tower (`dpn.configuration_hr`) is not an AutoConfig type: resolve it here.
         self.vision_config = hr_vision_config(self.vision_config)
         super().__post_init__(**kwargs)
+        # NaN compares False with everything and inf passes "> 0": refuse both before the range checks below.
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or not math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         n_layers = self.text_config.num_hidden_layers
         if self.compressor not in COMPRESSORS:
             raise ValueError(f"compressor must be one of {COMPRESSORS}, got {self.compressor!r}")

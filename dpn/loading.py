@@ -51,7 +51,7 @@ def _require_dir(path: str | Path, what: str) -> Path:
     return p
 
 
-def _weight_files(directory: Path) -> list[Path]:
+def weight_files(directory: Path) -> list[Path]:
     """The safetensors (or, failing that, PyTorch .bin) files of a checkpoint directory."""
     index = directory / "model.safetensors.index.json"
     if index.is_file():
@@ -203,7 +203,7 @@ def from_llava_hf(path: str | Path, dtype: torch.dtype | None = None, **override
     fields.update(overrides)
     config = DPNConfig(**fields)
     model = _build_uninitialised(config, dtype)
-    load_weights(model, _weight_files(directory), _rename_llava, fresh_prefixes=_FRESH_PREFIXES)
+    load_weights(model, weight_files(directory), _rename_llava, fresh_prefixes=_FRESH_PREFIXES)
     return model.eval()
 
 
@@ -233,7 +233,7 @@ def load_vision_tower(model: DPNForConditionalGeneration, vision_path: str | Pat
     """Copy a CLIP vision model's weights (a CLIPModel or CLIPVisionModel directory) into
     `model.vision_tower`. Raises naming the key on a missing weight or a shape mismatch (another geometry)."""
     vision_dir = _require_dir(vision_path, "vision tower checkpoint")
-    load_weights(model, _weight_files(vision_dir), _rename_vision, required_prefixes=("vision_tower.",))
+    load_weights(model, weight_files(vision_dir), _rename_vision, required_prefixes=("vision_tower.",))
 
 
 def _rename_llm(key: str) -> str:
@@ -253,7 +253,7 @@ def load_language_model(model: DPNForConditionalGeneration, llm_path: str | Path
             raise ValueError(f"{llm_dir}: the LLM's tokenizer ({len(own)} tokens) is not the one given "
                              f"({len(tokenizer)} tokens, {getattr(tokenizer, 'name_or_path', '?')!r}); its "
                              "embedding rows would mean other tokens")
-    load_weights(model, _weight_files(llm_dir), _rename_llm, required_prefixes=("language_model.",))
+    load_weights(model, weight_files(llm_dir), _rename_llm, required_prefixes=("language_model.",))
 
 
 def from_components(
@@ -290,7 +290,7 @@ def from_components(
     config = DPNConfig(**fields)
     model = _build_uninitialised(config, dtype)
 
-    load_weights(model, _weight_files(llm_dir), _rename_llm, required_prefixes=("language_model.",))
+    load_weights(model, weight_files(llm_dir), _rename_llm, required_prefixes=("language_model.",))
     load_vision_tower(model, vision_dir)
     if projector_path is not None:
         p = Path(projector_path)

@@ -51,8 +51,8 @@ from dpn.loading import (
     _rename_llm,
     _rename_vision,
     _require_dir,
-    _weight_files,
     load_weights,
+    weight_files,
 )
 from dpn.modeling_dpn import DPNForConditionalGeneration
 
@@ -237,7 +237,7 @@ def from_llava_hr(path: str | Path, dtype: torch.dtype | None = None, vision_con
     """
     directory = _require_dir(path, "LLaVA-HR checkpoint")
     raw = read_llava_hr_config(directory)
-    files = _weight_files(directory)
+    files = weight_files(directory)
     where = str(directory)
     if vision_config is None:
         vision_config = infer_vision_config(raw, checkpoint_shapes(files), where)
@@ -272,7 +272,7 @@ def load_convnext(model: DPNForConditionalGeneration, convnext_path: str | Path)
     """Copy a timm ConvNeXt checkpoint (a timm hub directory, or open_clip's `visual.trunk.` layout) into
     `model.vision_tower.convnext`. Raises naming the key on a missing weight or a shape mismatch."""
     directory = _require_dir(convnext_path, "ConvNeXt checkpoint")
-    files = _weight_files(directory)
+    files = weight_files(directory)
     prefix = _timm_prefix(checkpoint_shapes(files))
 
     def rename(key: str) -> str | None:
@@ -306,7 +306,7 @@ def from_hr_components(
     clip = clip.vision_config if isinstance(clip, CLIPConfig) else clip
     if clip.model_type != "clip_vision_model":
         raise ValueError(f"{clip_dir / 'config.json'}: expected a CLIP vision model, got {clip.model_type!r}")
-    cnx_files = _weight_files(cnx_dir)
+    cnx_files = weight_files(cnx_dir)
     shapes = checkpoint_shapes(cnx_files)
     convnext = convnext_config_from_shapes(shapes, _timm_prefix(shapes), _convnext_name(cnx_dir), str(cnx_dir))
     vision = LlavaHRVisionConfig(clip_config=clip, convnext_config=convnext, image_size=image_size)
@@ -314,8 +314,8 @@ def from_hr_components(
     fields: dict[str, Any] = dict(vision_config=vision, text_config=text, **_token_fields(tokenizer, text.vocab_size))
     fields.update(overrides)
     model = _build_uninitialised(DPNConfig(**fields), dtype)
-    load_weights(model, _weight_files(llm_dir), _rename_llm, required_prefixes=("language_model.",))
-    load_weights(model, _weight_files(clip_dir), lambda k: _prefixed(_rename_vision(k), "vision_tower.clip."),
+    load_weights(model, weight_files(llm_dir), _rename_llm, required_prefixes=("language_model.",))
+    load_weights(model, weight_files(clip_dir), lambda k: _prefixed(_rename_vision(k), "vision_tower.clip."),
                  required_prefixes=("vision_tower.clip.",))
     load_convnext(model, cnx_dir)
     fresh: list[str] = ["vision_tower.mr_adapters."]

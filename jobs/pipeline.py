@@ -46,7 +46,9 @@ def _log(msg: str) -> None:
 
 
 def _fail(msg: str) -> int:
-    print(f"dpn pipeline: error: {msg}", file=sys.stderr)
+    """Exit status 2 with `msg` on stderr, one line per problem (a ConfigError lists several)."""
+    for line in str(msg).splitlines() or [""]:
+        print(f"dpn pipeline: error: {line}", file=sys.stderr)
     return 2
 
 
@@ -62,9 +64,13 @@ def run_and_report(recipe: str | None, config_file: str | None, work_dir: str | 
     except ValueError as e:
         return _fail(str(e))
     t0 = time.time()
+    from pipelines.run_lock import WorkDirBusy, WorkDirLockUnsupported
+
     try:
         summary = run_pipeline(cfg, trigger=trigger, log=_log)
-    except ConnectionError as e:
+    except (ConnectionError, WorkDirBusy, WorkDirLockUnsupported) as e:
+        return _fail(str(e))
+    except ValueError as e:  # the preflight: inputs missing or malformed
         return _fail(str(e))
     summary["seconds"] = round(time.time() - t0, 1)
     import ray
@@ -119,14 +125,25 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from pipelines.preflight import preflight
+    from pipelines.run_lock import holder
     from pipelines.workflow import build_pipeline
 
     try:
-        plan = build_pipeline(_config(args)).plan()
+        cfg = _config(args)
+        pipe = build_pipeline(cfg)
+        plan = pipe.plan()
+        problems = preflight(cfg)  # every missing or malformed input, all at once
     except ValueError as e:
         return _fail(str(e))
     for s in plan:
         print(f"{s['name']:<28} {s['action']:<7} {s['fingerprint']}  <- {', '.join(s['inputs']) or '-'}",
               file=sys.stderr)
-    print(json.dumps({"steps": plan}))
+    running = holder(pipe.work_dir)  # read only: plan works while a run holds the work dir
+    if running:
+        print(f"running now: {running.get('run')} (pid {running.get('pid')}, host {running.get('host')}, since "
+              f"{running.get('since')})", file=sys.stderr)
+    print(json.dumps({"steps": plan, "problems": problems, "running": running}))
+    if problems:
+        return _fail("\n".join(problems))
     return 0

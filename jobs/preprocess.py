@@ -35,6 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--image-identity", choices=("stat", "content"), default="stat",
                    help="images enter the fingerprint by (path, size, mtime) or by a hash of their bytes")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray instance (default: all)")
+    p.add_argument("--follow-symlinks-outside-root", action="store_true",
+                   help="read images through symlinks leading outside --image-root (default: quarantine them)")
     p.set_defaults(handler=_run)
 
 
@@ -75,6 +77,7 @@ def _run(args: argparse.Namespace) -> int:
             num_image_tokens=args.num_image_tokens if args.num_image_tokens is not None else num_image_tokens,
             add_router_token=args.router_token, image_storage=args.image_storage, max_length=args.max_length,
             rows_per_shard=args.rows_per_shard, image_identity=args.image_identity, num_cpus=args.num_cpus,
+            follow_symlinks_outside_root=args.follow_symlinks_outside_root,
         )
         summary = preprocess(cfg)
     except ValueError as e:

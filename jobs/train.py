@@ -57,9 +57,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"dpn train: {e}", file=sys.stderr)
         return 2
+    from pipelines.run_lock import WorkDirBusy, WorkDirLockUnsupported
+
     try:
         summary = run_training(cfg, log=_log, parent_run_id=args.parent_run_id)
-    except ConnectionError as e:
+    except (ConnectionError, WorkDirBusy, WorkDirLockUnsupported, ValueError) as e:  # ValueError: the preflight
         print(f"dpn train: {e}", file=sys.stderr)
         return 2
     import ray

@@ -1,12 +1,19 @@
 """A small cached, resumable workflow DAG.
 
-Each step declares its inputs (upstream steps) and its config section. Its fingerprint is
-sha256(step name, config section, the inputs' fingerprints, code version), so a changed corpus or config
-re-runs exactly the steps downstream of the change. A step's output directory is published atomically
-(written under a temporary name, renamed when the step returns) together with `_SUCCESS.json`; a step
-whose fingerprint already has a published output is a cache hit. After a crash, re-running the same
-pipeline skips everything that finished and resumes with the first unfinished step; a step may keep
-resumable state (e.g. training checkpoints) in its `scratch_dir`, which survives failed attempts.
+Each step declares its inputs (upstream steps), its config section and its code. Its fingerprint is
+sha256(step name, config section, the inputs' fingerprints, the key of the code it can run), so a changed
+corpus, config or piece of code re-runs exactly the steps downstream of the change: the code key covers
+the step function and the project modules it imports, transitively (`pipelines.code_keys`), so fixing a
+scorer re-runs evaluation, not training. A step's output directory is published atomically and durably
+(written under a temporary name, fsynced, renamed when the step returns: `pipelines.publish`) together
+with `_SUCCESS.json`; a step whose fingerprint already has a published output is a cache hit. After a crash
+or a failure, re-running the same pipeline skips everything that finished and resumes with the first
+unfinished step, in the same tracking run; a step may keep resumable state (e.g. training checkpoints) in
+its `scratch_dir`, which survives failed attempts.
+
+One run per work dir: `Pipeline.run` holds the directory's OS lock (`pipelines.run_lock`) throughout, so a
+second run on the same directory stops at once instead of deleting the first one's outputs; the
+temporaries a killed run left behind are removed when the next run starts, under the lock.
 
 Independent steps run concurrently on driver threads (each step's heavy work is itself distributed by
 Ray), as long as the CPUs they declare fit the budget.
@@ -17,9 +24,9 @@ tracking module stays the only place that talks to MLflow.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
-import os
 import shutil
 import threading
 import time
@@ -29,6 +36,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pipelines.code_keys import CodeRoot, code_key
+from pipelines.publish import publish_dir, remove_stale, temp_sibling, write_json
+from pipelines.run_lock import WorkDirLock, holder
 
 SUCCESS_FILE = "_SUCCESS.json"
 
@@ -40,7 +51,8 @@ def fingerprint(obj: Any) -> str:
 
 
 def code_version(packages: tuple[str, ...] = ("dpn", "pipelines")) -> str:
-    """Content hash of the project's Python sources: any code change invalidates cached outputs."""
+    """Content hash of all of the packages' Python sources (what `dpn submit` names a job by; a step's cache
+    key covers only the code it can run, `pipelines.code_keys`)."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     for pkg in packages:
@@ -89,6 +101,9 @@ class Step:
         cpus: CPUs the step occupies while it runs (concurrency budget), at most the runner's budget.
         priority: among steps ready at the same time, higher starts first (a long step on the critical
             path should not wait behind short ones for a CPU); not part of the fingerprint.
+        code: what the step runs, for its fingerprint (`pipelines.code_keys.code_key`): functions (their
+            source, the same-module code they read, the project modules they import) and module names
+            (the module and its imports, transitively). Empty: `fn` itself.
     """
 
     name: str
@@ -97,10 +112,12 @@ class Step:
     config: dict[str, Any] = field(default_factory=dict)
     cpus: float = 1.0
     priority: int = 0
+    code: tuple[CodeRoot, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ValueError(f"step name must be a plain non-empty name, got {self.name!r}")
+        from pipelines.validation import check_path_component
+
+        check_path_component("step name", self.name)  # it names a directory
         if self.cpus < 0:
             raise ValueError(f"step {self.name!r}: cpus must be >= 0, got {self.cpus}")
 
@@ -147,7 +164,11 @@ class RunHooks:
 
 
 class Pipeline:
-    """Runs `steps` under `work_dir` (outputs in work_dir/steps/<name>/<fingerprint>)."""
+    """Runs `steps` under `work_dir` (outputs in work_dir/steps/<name>/<fingerprint>).
+
+    `version`, when given, is mixed into every step's fingerprint (a way to invalidate everything at
+    once); code changes need none: each step's key covers its own code.
+    """
 
     def __init__(self, steps: list[Step], work_dir: str | Path, version: str | None = None, max_cpus: float = 2.0,
                  hooks: RunHooks | None = None, log: Callable[[str], None] | None = None):
@@ -164,11 +185,13 @@ class Pipeline:
                 raise ValueError(f"step {s.name!r} needs {s.cpus} CPUs but the budget is {max_cpus}")
         self.order = self._topological(steps)
         self.work_dir = Path(work_dir)
-        self.version = version if version is not None else code_version()
+        self.version = version
         self.max_cpus = max_cpus
         self.hooks = hooks or RunHooks()
         self.log = log or (lambda msg: None)
+        self.code_keys = {s.name: code_key(s.code or (s.fn,))[0] for s in steps}
         self._fps = self._fingerprints()
+        self._lock: WorkDirLock | None = None
 
     # ----- structure --------------------------------------------------------------------------
     @staticmethod
@@ -190,9 +213,11 @@ class Pipeline:
         fps: dict[str, str] = {}
         for name in self.order:
             s = self.steps[name]
-            fps[name] = fingerprint(
-                {"step": name, "config": s.config, "inputs": {i: fps[i] for i in s.inputs}, "code": self.version}
-            )[:20]
+            key = {"step": name, "config": s.config, "inputs": {i: fps[i] for i in s.inputs},
+                   "code": self.code_keys[name]}
+            if self.version is not None:
+                key["version"] = self.version
+            fps[name] = fingerprint(key)[:20]
         return fps
 
     @property
@@ -210,11 +235,7 @@ class Pipeline:
         return json.loads(f.read_text()) if f.is_file() else {}
 
     def _save_state(self, state: dict[str, Any]) -> None:
-        f = self._state_file()
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
-        os.replace(tmp, f)
+        write_json(self._state_file(), state, indent=2, sort_keys=True)
 
     def _completed(self, name: str) -> StepResult | None:
         marker = self.out_dir(name) / SUCCESS_FILE
@@ -248,24 +269,59 @@ class Pipeline:
                 "error": recorded.get("error"),
             })
         return {"pipeline_fingerprint": self.fingerprint, "parent_run_id": state.get("parent_run_id"),
-                "state": state.get("status", "never run"), "steps": steps}
+                "state": state.get("status", "never run"), "steps": steps,
+                # The run holding the work dir now (any pipeline's), or None.
+                "running": holder(self.work_dir)}
+
+    # ----- one run per work dir ---------------------------------------------------------------------
+    def lock(self, run: str = "pipeline") -> WorkDirLock:
+        """The work dir's lock, for a caller that must hold it from before `run()` (e.g. before starting
+        Ray); `run()` then keeps it. Raises `pipelines.run_lock.WorkDirBusy` when another run holds it."""
+        if self._lock is None or not self._lock.held:
+            self._lock = WorkDirLock(self.work_dir, run).acquire()
+        return self._lock
+
+    def _remove_stale(self) -> None:
+        """Temporaries a killed run left (half-written step outputs, state files): safe under the lock only."""
+        removed = remove_stale(self.work_dir / "steps", depth=2) + remove_stale(self.work_dir / "pipelines")
+        if removed:
+            self.log(f"removed {len(removed)} temporary file(s) a killed run left: {[str(p) for p in removed]}")
 
     # ----- running ----------------------------------------------------------------------------
     def run(self) -> tuple[str, str | None, list[StepResult]]:
-        """Run every step not already done. Returns (status "succeeded"|"failed", parent run id, results)."""
+        """Run every step not already done, holding the work dir's lock (taken here unless `lock()` was).
+        Returns (status "succeeded"|"failed", parent run id, results).
+
+        Raises:
+            pipelines.run_lock.WorkDirBusy when another run holds the work dir.
+        """
+        own_lock = self._lock is None or not self._lock.held
+        lock = self.lock()
+        try:
+            return self._run(lock)
+        finally:
+            if own_lock:
+                lock.release()
+
+    def _run(self, lock: WorkDirLock) -> tuple[str, str | None, list[StepResult]]:
+        self._remove_stale()
         state = self.load_state()
-        resume_parent = state.get("parent_run_id") if state.get("status") == "running" else None
+        # An execution that crashed ("running") or failed is continued, in the same tracking run: its
+        # finished steps are cache hits and its unfinished ones resume their own runs.
+        unfinished = state.get("status") in ("running", "failed")
+        resume_parent = state.get("parent_run_id") if unfinished else None
         parent = self.hooks.start_pipeline(self.fingerprint, resume_parent)
+        lock.update(mlflow_run_id=parent)
         state = {"status": "running", "parent_run_id": parent, "steps": state.get("steps", {}) if resume_parent else {},
                  "started_at": time.time()}
         self._save_state(state)
-        lock = threading.Lock()
+        guard = threading.Lock()
         results: dict[str, StepResult] = {}
         for n in self.order:
             done = self._completed(n)
             if done is not None:
                 results[n] = done
-                self.hooks.cached_step(self.steps[n], done, parent)
+                self._hook(f"[{n}] recording the cache hit", self.hooks.cached_step, self.steps[n], done, parent)
                 state["steps"].setdefault(n, {})["status"] = "cached"
                 self.log(f"[{n}] cached ({self._fps[n]}), produced by run {done.run_id}")
         self._save_state(state)
@@ -290,10 +346,18 @@ class Pipeline:
                     if running and used + s.cpus > self.max_cpus:
                         continue
                     pending.remove(n)
-                    used += s.cpus
                     prev_run = state["steps"].get(n, {}).get("run_id")
-                    run_id = self.hooks.start_step(s, self._fps[n], parent, prev_run)
-                    with lock:
+                    try:
+                        run_id = self.hooks.start_step(s, self._fps[n], parent, prev_run)
+                    except Exception as e:  # e.g. the tracking server went down: the step cannot be recorded
+                        err = f"could not start the step's tracking run: {type(e).__name__}: {e}"
+                        results[n] = StepResult(n, self._fps[n], self.out_dir(n), {}, "failed", error=err)
+                        state["steps"][n] = {"status": "failed", "run_id": prev_run, "error": err}
+                        self._save_state(state)
+                        self.log(f"[{n}] failed: {err}")
+                        continue
+                    used += s.cpus
+                    with guard:
                         state["steps"][n] = {"status": "running", "run_id": run_id}
                         self._save_state(state)
                     self.log(f"[{n}] running ({self._fps[n]})")
@@ -308,8 +372,8 @@ class Pipeline:
                     used -= self.steps[n].cpus
                     res = fut.result()
                     results[n] = res
-                    self.hooks.end_step(self.steps[n], res)
-                    with lock:
+                    self._hook(f"[{n}] closing its tracking run", self.hooks.end_step, self.steps[n], res)
+                    with guard:
                         state["steps"][n] = {"status": res.status, "run_id": res.run_id, "seconds": res.seconds,
                                              "error": res.error}
                         self._save_state(state)
@@ -318,35 +382,41 @@ class Pipeline:
         status = "failed" if any(r.status in ("failed", "skipped") for r in ordered) else "succeeded"
         state["status"] = status
         self._save_state(state)
-        self.hooks.end_pipeline(parent, status, ordered)
+        self._hook("closing the pipeline's tracking run", self.hooks.end_pipeline, parent, status, ordered)
         return status, parent, ordered
 
+    def _hook(self, what: str, fn: Callable[..., None], *args: Any) -> None:
+        """Call a tracking hook that records what already happened: its failure (e.g. the tracking server
+        went down) is logged, never allowed to undo or hide the work (the next run records it again)."""
+        try:
+            fn(*args)
+        except Exception as e:
+            self.log(f"warning: {what} failed ({type(e).__name__}: {e}); the outputs are kept")
+
     def _tmp_dir(self, name: str) -> Path:
-        d = self.out_dir(name).parent / f".tmp-{self._fps[name]}-{os.getpid()}-{threading.get_ident()}"
-        if d.exists():
-            shutil.rmtree(d)
+        d = temp_sibling(self.out_dir(name))
         d.mkdir(parents=True)
         return d
 
     def _run_one(self, step: Step, ctx: StepContext) -> StepResult:
         t0 = time.time()
-        ctx.scratch_dir.mkdir(parents=True, exist_ok=True)
         try:
+            ctx.scratch_dir.mkdir(parents=True, exist_ok=True)
             outputs = step.fn(ctx) or {}
             json.dumps(outputs)  # outputs must be JSON-able: they are the step's manifest
+            seconds = time.time() - t0
+            meta = {"name": step.name, "fingerprint": self._fps[step.name], "outputs": outputs, "seconds": seconds,
+                    "run_id": ctx.run_id, "finished_at": time.time(), "code_key": self.code_keys[step.name]}
+            (ctx.out_dir / SUCCESS_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            # An existing directory without a marker is a stale unpublished attempt (else it'd be cached).
+            final = publish_dir(ctx.out_dir, self.out_dir(step.name))
         except Exception as e:  # a failed step is reported, its dependents skipped; nothing half-published
             shutil.rmtree(ctx.out_dir, ignore_errors=True)
             err = f"{type(e).__name__}: {e}"
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                err += f" (disk full under {self.work_dir}: free space and run again; finished steps are kept)"
             self.log(traceback.format_exc())
             return StepResult(step.name, self._fps[step.name], self.out_dir(step.name), {}, "failed",
                               time.time() - t0, ctx.run_id, err)
-        seconds = time.time() - t0
-        meta = {"name": step.name, "fingerprint": self._fps[step.name], "outputs": outputs, "seconds": seconds,
-                "run_id": ctx.run_id, "finished_at": time.time(), "code_version": self.version}
-        (ctx.out_dir / SUCCESS_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        final = self.out_dir(step.name)
-        if final.exists():  # a stale unpublished attempt; the marker was missing or we'd be cached
-            shutil.rmtree(final)
-        os.replace(ctx.out_dir, final)
         shutil.rmtree(ctx.scratch_dir, ignore_errors=True)
         return StepResult(step.name, self._fps[step.name], final, outputs, "ran", seconds, ctx.run_id)

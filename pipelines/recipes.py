@@ -30,11 +30,15 @@ import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, with_config
 
 from dpn.compressors import COMPRESSORS, ROUTER_OBJECTIVES
 from dpn.conversation import TEMPLATES
+from pipelines.validation import STRICT, ConfigError, NonEmpty, PathComponent, build, check_fields
 
+TEMPLATE_NAMES = tuple(TEMPLATES)
 STAGES = (1, 2)
 INITS = ("random", "pretrained", "llava_hf", "components")
 PRECISIONS = ("fp32", "bf16")  # fp16 is not offered: DeepSpeed on CPU lacks it and bf16 needs no loss scaling
@@ -50,24 +54,16 @@ STAGE1_OUTPUT = "<stage1>"
 STAGE0_OUTPUT = "<stage0>"
 
 
+# Field types with their ranges, checked by pydantic (`pipelines.validation`): NaN and infinity never pass.
+Count = Annotated[int, Field(ge=1)]
+Seed = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+LearningRate = Annotated[float, Field(gt=0.0, le=1.0)]
+NonNegative = Annotated[float, Field(ge=0.0)]
+
+
 def _fail(field_name: str, value: Any, valid: str) -> None:
     raise ValueError(f"{field_name}: {valid}, got {value!r}")
-
-
-def _check_choice(field_name: str, value: Any, choices: Sequence) -> None:
-    if value not in choices:
-        _fail(field_name, value, f"must be one of {list(choices)}")
-
-
-def _check_number(field_name: str, value: Any, kind: type, low: float | None = None, high: float | None = None,
-                  low_open: bool = False) -> None:
-    ok_type = (int,) if kind is int else (int, float)
-    if isinstance(value, bool) or not isinstance(value, ok_type):
-        _fail(field_name, value, f"must be {'an int' if kind is int else 'a number'}")
-    if low is not None and (value <= low if low_open else value < low):
-        _fail(field_name, value, f"must be {'>' if low_open else '>='} {low}")
-    if high is not None and value > high:
-        _fail(field_name, value, f"must be <= {high}")
 
 
 def check_names(field_name: str, values: Sequence[str], valid: Sequence[str], what: str) -> list[str]:
@@ -84,13 +80,14 @@ def check_names(field_name: str, values: Sequence[str], valid: Sequence[str], wh
     return values
 
 
+@with_config(STRICT)
 @dataclass(kw_only=True)
 class ModelSpec:
     """Where the model's weights come from and which parts train."""
 
-    preset: str = "tiny"
+    preset: Literal[MODEL_PRESETS] = "tiny"
     """Geometry (`dpn.presets`) of a model built from random weights (init="random")."""
-    init: str = "random"
+    init: Literal[INITS] = "random"
     """"random" (preset, seeded), "pretrained" (our `save_pretrained` dir, e.g. stage 1's model),
     "llava_hf" (a llava-hf checkpoint dir), "components" (LLM dir + CLIP dir [+ projector])."""
     path: str | None = None
@@ -105,12 +102,12 @@ class ModelSpec:
     projector_path: str | None = None
     """A stage-1 projector (directory or file: `multi_modal_projector.safetensors` or LLaVA's
     `mm_projector.bin`) loaded over the initial weights. Stage 1 is skipped when it exists."""
-    compressor: str = "dpn"
+    compressor: Literal[COMPRESSORS] = "dpn"
     """Compressor of the trained model: stage 1 trains plain LLaVA ("none"); stage 2 "dpn" (or the
     "static" / "none" ablations)."""
-    route_loss_coef: float | None = None
+    route_loss_coef: NonNegative | None = None
     """Weight of the routing loss; None keeps the model config's (0.001, the paper's)."""
-    router_objective: str = "reference"
+    router_objective: Literal[ROUTER_OBJECTIVES] = "reference"
     """How the routers learn (`dpn.compressors.ROUTER_OBJECTIVES`): "reference" (the paper's), or
     "counterfactual" (stage 2 trains the LLM on uniformly sampled paths; the pipeline's `route_calibrate`
     step then fits the routers to held-out per-path losses, `dpn.routing`)."""
@@ -118,14 +115,11 @@ class ModelSpec:
     """Stage 2 only: also train the vision tower (the reference does; the paper's 7B recipe does not)."""
     gradient_checkpointing: bool = False
     """Recompute decoder-layer activations in the backward pass (memory for compute)."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed of random initialisation, router sampling and data order."""
 
     def __post_init__(self) -> None:
-        _check_choice("model.preset", self.preset, MODEL_PRESETS)
-        _check_choice("model.init", self.init, INITS)
-        _check_choice("model.compressor", self.compressor, COMPRESSORS)
-        _check_choice("model.router_objective", self.router_objective, ROUTER_OBJECTIVES)
+        check_fields(self, "model")
         if self.init in ("pretrained", "llava_hf") and not self.path:
             _fail("model.path", self.path, f"is required with model.init={self.init!r} (a checkpoint directory)")
         if self.init == "components" and not (self.llm_path and self.vision_path):
@@ -142,14 +136,9 @@ class ModelSpec:
         for name in ("vision_path", "llm_path"):
             if getattr(self, name) == STAGE0_OUTPUT and self.init != "random":
                 _fail(f"model.{name}", STAGE0_OUTPUT, "(stage 0's output) needs model.init='random'")
-        if self.route_loss_coef is not None:
-            _check_number("model.route_loss_coef", self.route_loss_coef, float, 0.0)
-        _check_number("model.seed", self.seed, int, 0)
-        for name in ("train_vision_tower", "gradient_checkpointing"):
-            if not isinstance(getattr(self, name), bool):
-                _fail(f"model.{name}", getattr(self, name), "must be a bool")
 
 
+@with_config(STRICT)
 @dataclass(kw_only=True)
 class DataSpec:
     """Training data. Exactly one source: preprocessed Parquet shards, a LLaVA JSON, or the synthetic
@@ -168,22 +157,22 @@ class DataSpec:
     synthetic: bool = False
     """Train on the synthetic corpus (`dpn synth`, the pipeline's synth step): its pretrain.json for stage
     1, its instruct.json for stage 2, its tokenizer."""
-    synth_records: int = 256
+    synth_records: Annotated[int, Field(ge=15)] = 256
     """Records per split of the synthetic corpus `dpn train` generates (with `synthetic`)."""
-    template: str = "plain"
+    template: Literal[TEMPLATE_NAMES] = "plain"
     """Conversation template: "plain" (stage 1) or "vicuna_v1" (stage 2)."""
     add_router_token: bool = False
     """Append `<ROUTER>` to every human turn of image samples (DPN stage 2)."""
-    max_length: int = 2048
+    max_length: Annotated[int, Field(ge=8)] = 2048
     """Records longer than this many tokens (image tokens included) are quarantined by preprocessing."""
-    micro_batch_size: int = 4
+    micro_batch_size: Count = 4
     """Samples per micro-batch per worker."""
     group_by_length: bool = True
     """Micro-batches hold samples of similar length (less padding). They are always single-modality
     (image-only or text-only), as in the reference: `pipelines.data.loader`."""
 
     def __post_init__(self) -> None:
-        _check_choice("data.template", self.template, TEMPLATES)
+        check_fields(self, "data")
         sources = [name for name in ("shards", "annotations") if getattr(self, name)] + (
             ["synthetic"] if self.synthetic else [])
         if len(sources) != 1:
@@ -193,64 +182,37 @@ class DataSpec:
             _fail("data.image_root", self.image_root, "is required with data.annotations")
         if (self.shards or self.annotations) and not self.tokenizer:
             _fail("data.tokenizer", self.tokenizer, "is required with data.shards / data.annotations")
-        _check_number("data.synth_records", self.synth_records, int, 15)
-        _check_number("data.max_length", self.max_length, int, 8)
-        _check_number("data.micro_batch_size", self.micro_batch_size, int, 1)
-        for name in ("synthetic", "add_router_token", "group_by_length"):
-            if not isinstance(getattr(self, name), bool):
-                _fail(f"data.{name}", getattr(self, name), "must be a bool")
 
 
+@with_config(STRICT)
 @dataclass(kw_only=True)
 class OptimSpec:
     """AdamW with warmup and a decay schedule; the global batch is fixed, whatever the worker count."""
 
-    lr: float
+    lr: LearningRate
     """Peak learning rate (stage 1: 1e-3, stage 2: 2e-5 in the paper)."""
-    global_batch_size: int
+    global_batch_size: Count
     """Samples per optimizer step over all workers = micro_batch_size * num_workers * accumulation."""
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
+    weight_decay: NonNegative = 0.0
+    warmup_ratio: Fraction = 0.03
     """Share of the steps with linear warmup from 0."""
-    schedule: str = "cosine"
+    schedule: Literal[SCHEDULES] = "cosine"
     """Decay after warmup: "cosine" (to 0), "linear" (to 0) or "constant"."""
-    num_epochs: float = 1.0
+    num_epochs: Annotated[float, Field(gt=0.0)] = 1.0
     """Passes over the data; the step count is ceil(num_epochs * rows / global_batch_size)."""
-    max_steps: int | None = None
+    max_steps: Count | None = None
     """Fixed number of optimizer steps (overrides num_epochs)."""
-    grad_clip: float = 1.0
+    grad_clip: NonNegative = 1.0
     """Max global grad norm; 0 disables clipping."""
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
+    beta1: Fraction = 0.9
+    beta2: Fraction = 0.999
+    eps: Annotated[float, Field(gt=0.0)] = 1e-8
 
     def __post_init__(self) -> None:
-        _check_number("optim.lr", self.lr, float, 0.0, 1.0, low_open=True)
-        _check_number("optim.global_batch_size", self.global_batch_size, int, 1)
-        _check_number("optim.weight_decay", self.weight_decay, float, 0.0)
-        _check_number("optim.warmup_ratio", self.warmup_ratio, float, 0.0, 1.0)
-        _check_choice("optim.schedule", self.schedule, SCHEDULES)
-        _check_number("optim.num_epochs", self.num_epochs, float, 0.0, low_open=True)
-        if self.max_steps is not None:
-            _check_number("optim.max_steps", self.max_steps, int, 1)
-        _check_number("optim.grad_clip", self.grad_clip, float, 0.0)
-        _check_number("optim.beta1", self.beta1, float, 0.0, 1.0)
-        _check_number("optim.beta2", self.beta2, float, 0.0, 1.0)
-        _check_number("optim.eps", self.eps, float, 0.0, low_open=True)
+        check_fields(self, "optim")
 
 
-def _check_stage0_loop(section: str, spec: Any) -> None:
-    """The training-loop fields both stage-0 specs have (steps, batch, optimizer, seed, evaluation)."""
-    _check_number(f"{section}.steps", spec.steps, int, 1)
-    _check_number(f"{section}.batch_size", spec.batch_size, int, 1)
-    _check_number(f"{section}.lr", spec.lr, float, 0.0, 1.0, low_open=True)
-    _check_number(f"{section}.warmup_ratio", spec.warmup_ratio, float, 0.0, 1.0)
-    _check_choice(f"{section}.schedule", spec.schedule, SCHEDULES)
-    _check_number(f"{section}.grad_clip", spec.grad_clip, float, 0.0)
-    _check_number(f"{section}.seed", spec.seed, int, 0)
-    _check_number(f"{section}.eval_every", spec.eval_every, int, 1)
-
-
+@with_config(STRICT)
 @dataclass(kw_only=True)
 class VisionPretrainSpec:
     """Stage 0 (embedded default only): pre-train the random vision tower to name the colour and shape of
@@ -258,28 +220,28 @@ class VisionPretrainSpec:
     from CLIP; a random tiny tower gives the LLM nothing readable for hundreds of steps
     (bench/RESULTS_learnability.md). Runs when stage 1's `model.vision_path` is "<stage0>"."""
 
-    steps: int = 3000
+    steps: Count = 3000
     """Optimizer steps (fresh scenes every step; ~0.08 s each for the tiny tower on one core, ~4 min, beside
     the LLM's stage 0; 3,000 rather than round 8's 4,000 keeps `make demo` within 10 minutes). Object-patch shape accuracy: ~60% after 250 steps, 80-90% after 1,000, 97-99% after
     2,000-4,000. With a question-trained LLM the 4,000-step tower gives the stage-2 model ~5 points more
     than a 2,000-step one after 600 steps (the recipe's LLM: 63.3 against 57.0%; round 7's: 67.7 against
     62.3%; bench/RESULTS_learnability.md, round 8)."""
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup_ratio: float = 0.03
-    schedule: str = "cosine"
-    grad_clip: float = 1.0
-    seed: int = 0
+    batch_size: Count = 32
+    lr: LearningRate = 1e-3
+    warmup_ratio: Fraction = 0.03
+    schedule: Literal[SCHEDULES] = "cosine"
+    grad_clip: NonNegative = 1.0
+    seed: Seed = 0
     """Seed of the tower's initialisation and of the scenes drawn."""
-    eval_images: int = 96
+    eval_images: Count = 96
     """Held-out scenes scored (object-patch colour / shape accuracy) every `eval_every` steps."""
-    eval_every: int = 250
+    eval_every: Count = 250
 
     def __post_init__(self) -> None:
-        _check_stage0_loop("vision_pretrain", self)
-        _check_number("vision_pretrain.eval_images", self.eval_images, int, 1)
+        check_fields(self, "vision_pretrain")
 
 
+@with_config(STRICT)
 @dataclass(kw_only=True)
 class LLMPretrainSpec:
     """Stage 0 (embedded default only), language side: train the random LLM on the corpus' questions with
@@ -288,105 +250,95 @@ class LLMPretrainSpec:
     stays near chance in the demo's budget (bench/RESULTS_learnability.md, round 7). Runs when stage 1's
     `model.llm_path` is "<stage0>"."""
 
-    steps: int = 6000
+    steps: Count = 6000
     """Most optimizer steps (fresh records every step, ~0.1 s each on one core); the stage stops earlier
     once the held-out accuracy in the template reaches `target_accuracy_pct`."""
-    bare_steps: int = 1500
+    bare_steps: Annotated[int, Field(ge=0)] = 1500
     """The first steps train the bare questions only (no system prompt, no short-answer instruction)."""
-    bare_mix: float = 0.3
+    bare_mix: Fraction = 0.3
     """Share of bare samples after `bare_steps` (the rest: whole records in vicuna_v1)."""
-    target_accuracy_pct: float = 75.0
+    target_accuracy_pct: Annotated[float, Field(ge=0.0, le=100.0)] = 75.0
     """Stop at the first evaluation after `bare_steps` with this held-out accuracy in the template (the
     LLM binds an object to its question at a step that varies by seed; 100 never stops early)."""
-    batch_size: int = 16
-    lr: float = 5e-4
-    warmup_ratio: float = 0.03
-    schedule: str = "constant"
-    grad_clip: float = 1.0
-    init_std: float = 0.1
+    batch_size: Count = 16
+    lr: LearningRate = 5e-4
+    warmup_ratio: Fraction = 0.03
+    schedule: Literal[SCHEDULES] = "constant"
+    grad_clip: NonNegative = 1.0
+    init_std: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     """Std of the random LLM's initial weights. 0.1, not the preset's 0.02: with 0.02 the demo corpus' seed 0
     was at 67% after 6,000 steps (60.7% after 3,000 in a second run) and other runs needed 2,500-4,250
     steps; with 0.1 seeds 0 / 1 / 2 reached 75% after 2,250 / 2,000 / 2,500 (bench/RESULTS_learnability.md,
     round 8)."""
-    seed: int = 0
+    seed: Seed = 0
     """Seed of the LLM's initialisation and of the records drawn."""
-    eval_questions: int = 300
+    eval_questions: Count = 300
     """Held-out questions (drawn as the eval split's, from another seed stream) scored every `eval_every`."""
-    eval_every: int = 250
+    eval_every: Count = 250
 
     def __post_init__(self) -> None:
-        _check_stage0_loop("llm_pretrain", self)
-        _check_number("llm_pretrain.bare_steps", self.bare_steps, int, 0, self.steps)
-        _check_number("llm_pretrain.bare_mix", self.bare_mix, float, 0.0, 1.0)
-        _check_number("llm_pretrain.target_accuracy_pct", self.target_accuracy_pct, float, 0.0, 100.0)
-        _check_number("llm_pretrain.init_std", self.init_std, float, 0.0, 1.0, low_open=True)
-        _check_number("llm_pretrain.eval_questions", self.eval_questions, int, 1)
+        check_fields(self, "llm_pretrain")
+        if self.bare_steps > self.steps:
+            _fail("llm_pretrain.bare_steps", self.bare_steps, f"must be <= llm_pretrain.steps ({self.steps})")
 
 
+@with_config(STRICT)
 @dataclass(kw_only=True)
 class ScalingSpec:
     """Ray workers and the DeepSpeed engine each runs."""
 
-    num_workers: int = 2
+    num_workers: Count = 2
     """Ray Train workers (one DeepSpeed rank each)."""
     use_gpu: bool = False
     """One GPU per worker, NCCL; otherwise CPU workers with gloo (DS_ACCELERATOR=cpu)."""
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: Annotated[float, Field(gt=0.0)] = 1.0
     """CPUs Ray reserves per worker. Ray Data reads the shards with what the workers leave free, so the
     workers must not take every CPU of the cluster (the tiny recipe uses 0.5 of 2 cores)."""
-    precision: str = "fp32"
+    precision: Literal[PRECISIONS] = "fp32"
     """"fp32" or "bf16" (weights and activations; DeepSpeed keeps fp32 master weights)."""
-    zero_stage: int = 2
+    zero_stage: Literal[ZERO_STAGES] = 2
     """DeepSpeed ZeRO stage: 2 for stage 1 and LLaVA-1.5-7B stage 2, 3 for the 13B model."""
     offload_optimizer: bool = False
     """ZeRO-Offload of the optimizer state to CPU memory (stage >= 1)."""
 
     def __post_init__(self) -> None:
-        _check_number("scaling.num_workers", self.num_workers, int, 1)
-        _check_number("scaling.cpus_per_worker", self.cpus_per_worker, float, 0.0, low_open=True)
-        _check_choice("scaling.precision", self.precision, PRECISIONS)
-        _check_choice("scaling.zero_stage", self.zero_stage, ZERO_STAGES)
+        check_fields(self, "scaling")
         if self.offload_optimizer and self.zero_stage == 0:
             _fail("scaling.offload_optimizer", self.offload_optimizer, "needs scaling.zero_stage >= 1")
-        if not isinstance(self.use_gpu, bool):
-            _fail("scaling.use_gpu", self.use_gpu, "must be a bool")
 
 
+@with_config(STRICT)
 @dataclass(kw_only=True)
 class CheckpointSpec:
     """Fault tolerance: DeepSpeed state of every worker reported to Ray Train every N steps."""
 
-    every_n_steps: int = 50
+    every_n_steps: Count = 50
     """Checkpoint interval in optimizer steps (the last step is always checkpointed)."""
-    num_to_keep: int = 2
+    num_to_keep: Count = 2
     """Checkpoints kept in storage (older ones are deleted)."""
-    max_failures: int = 3
+    max_failures: Annotated[int, Field(ge=0)] = 3
     """Worker-group restarts (from the last checkpoint) before the stage fails."""
 
     def __post_init__(self) -> None:
-        _check_number("checkpoint.every_n_steps", self.every_n_steps, int, 1)
-        _check_number("checkpoint.num_to_keep", self.num_to_keep, int, 1)
-        _check_number("checkpoint.max_failures", self.max_failures, int, 0)
+        check_fields(self, "checkpoint")
 
 
+@with_config(STRICT)
 @dataclass(kw_only=True)
 class TrackingSpec:
     """MLflow logging of a stage (through `pipelines.tracking`, from the rank-0 worker). Which tracking
     server is not a training setting: `pipelines.tracking.resolve_tracking_uri` decides it for every run
     ($MLFLOW_TRACKING_URI, else the SQLite store under the work dir)."""
 
-    experiment: str = "dpn"
+    experiment: NonEmpty = "dpn"
     """Experiment of a run `run_stage` creates itself (a pipeline step's run is in the pipeline's)."""
-    log_every_n_steps: int = 1
+    log_every_n_steps: Count = 1
     system_metrics: bool = True
     """Sample CPU/memory/GPU into `system/*` metrics while the stage runs."""
-    system_metrics_interval_s: float = 10.0
+    system_metrics_interval_s: Annotated[float, Field(ge=0.1)] = 10.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.experiment, str) or not self.experiment:
-            _fail("tracking.experiment", self.experiment, "must be a non-empty string")
-        _check_number("tracking.log_every_n_steps", self.log_every_n_steps, int, 1)
-        _check_number("tracking.system_metrics_interval_s", self.system_metrics_interval_s, float, 0.1)
+        check_fields(self, "tracking")
 
 
 # Fields that do not change what is trained: left out of the run fingerprint, so that e.g. a different
@@ -394,13 +346,14 @@ class TrackingSpec:
 _NOT_FINGERPRINTED = ("run_name", "tracking", "checkpoint.max_failures")
 
 
+@with_config(STRICT)
 @dataclass(kw_only=True)
 class TrainConfig:
     """One training stage."""
 
-    recipe: str
+    recipe: NonEmpty
     """Name of the recipe this config came from."""
-    stage: int
+    stage: Literal[STAGES]
     """1: projector pre-training (vision tower and LLM frozen); 2: DPN instruction tuning."""
     model: ModelSpec
     data: DataSpec
@@ -414,14 +367,12 @@ class TrainConfig:
     """Stage 0 (LLM), used only when `model.llm_path` is "<stage0>"."""
     work_dir: str = ".dpn_work"
     """Root of outputs, Ray storage and the default MLflow store."""
-    run_name: str | None = None
-    """Run name (Ray storage folder, MLflow run); None = "<recipe>-stage<N>-<config fingerprint>", so
-    re-running the same command resumes the same run."""
+    run_name: PathComponent | None = None
+    """Run name (Ray storage folder, MLflow run; letters, digits, '.', '_', '-'); None =
+    "<recipe>-stage<N>-<config fingerprint>", so re-running the same command resumes the same run."""
 
     def __post_init__(self) -> None:
-        _check_choice("stage", self.stage, STAGES)
-        if not isinstance(self.recipe, str) or not self.recipe:
-            _fail("recipe", self.recipe, "must be a non-empty string")
+        check_fields(self)
         if self.stage == 1:
             if self.model.compressor != "none":
                 _fail("model.compressor", self.model.compressor,
@@ -438,8 +389,6 @@ class TrainConfig:
             _fail("optim.global_batch_size", self.optim.global_batch_size,
                   f"must be a multiple of data.micro_batch_size * scaling.num_workers = "
                   f"{self.data.micro_batch_size} * {self.scaling.num_workers} (e.g. {valid})")
-        if self.run_name is not None and (not self.run_name or "/" in self.run_name):
-            _fail("run_name", self.run_name, "must be a non-empty name without '/'")
 
     # ----- derived --------------------------------------------------------------------------------
     @property
@@ -490,8 +439,17 @@ class TrainConfig:
 
 # ----- overrides ------------------------------------------------------------------------------------
 def _parse_value(text: str, hint: Any, key: str) -> Any:
-    """Parse `text` as the annotated type `hint` (int, float, bool, str, X | None)."""
+    """Parse `text` as the annotated type `hint` (int, float, bool, str, a Literal of them, X | None); the
+    field's own range is checked when the config is built."""
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        values = typing.get_args(hint)
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            try:
+                return int(text)
+            except ValueError:
+                raise ValueError(f"{key}: expected one of {list(values)}, got {text!r}") from None
+        return text
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
         if type(None) in args and text.strip().lower() in ("none", "null", ""):
@@ -527,51 +485,61 @@ def _parse_value(text: str, hint: Any, key: str) -> Any:
     raise ValueError(f"{key}: fields of type {hint} cannot be set from the command line")
 
 
+def _set_override(data: dict[str, Any], item: str) -> None:
+    """Apply one `key.path=value` override to `data` (a `to_dict()`), the value parsed as the field's type."""
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like key.path=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    cls: Any = TrainConfig
+    node = data
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            where = ".".join(parts[:i]) or "the config"
+            raise ValueError(f"{key}: unknown field; {where} has fields {sorted(hints)}")
+        hint = hints[part]
+        if i < len(parts) - 1:
+            if not (isinstance(hint, type) and dataclasses.is_dataclass(hint)):
+                raise ValueError(f"{key}: unknown field; {'.'.join(parts[: i + 1])} is not a section")
+            cls, node = hint, node[part]
+        else:
+            if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+                raise ValueError(f"{key}: is a section; set one of its fields, e.g. "
+                                 f"{key}.{sorted(typing.get_type_hints(hint))[0]}")
+            node[part] = _parse_value(text, hint, key)
+
+
 def apply_overrides(cfg: TrainConfig, overrides: Sequence[str]) -> TrainConfig:
     """Return a new config with `key.path=value` overrides applied (e.g. "optim.lr=1e-4",
     "scaling.num_workers=4", "model.projector_path=none"), each value parsed as the field's type, and the
     whole config validated again.
 
     Raises:
-        ValueError naming the key for an unknown field, a malformed override or a value of the wrong type
-        (and the field's own validation error for a bad value).
+        ConfigError (a ValueError) listing every problem at once, each naming its key: an unknown field, a
+        malformed override, a value of the wrong type, out of range, NaN or infinite.
     """
     data = cfg.to_dict()
+    problems = []
     for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key.path=value")
-        key, text = item.split("=", 1)
-        key = key.strip()
-        parts = key.split(".")
-        cls: Any = TrainConfig
-        node = data
-        for i, part in enumerate(parts):
-            hints = typing.get_type_hints(cls)
-            if part not in hints:
-                where = ".".join(parts[:i]) or "the config"
-                raise ValueError(f"unknown field {key!r}: {where} has fields {sorted(hints)}")
-            hint = hints[part]
-            if i < len(parts) - 1:
-                if not (isinstance(hint, type) and dataclasses.is_dataclass(hint)):
-                    raise ValueError(f"unknown field {key!r}: {'.'.join(parts[: i + 1])} is not a section")
-                cls, node = hint, node[part]
-            else:
-                if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-                    raise ValueError(f"{key!r} is a section; set one of its fields, e.g. {key}.{sorted(typing.get_type_hints(hint))[0]}")
-                node[part] = _parse_value(text, hint, key)
-    return config_from_dict(data)
+        try:
+            _set_override(data, item)
+        except ValueError as e:
+            problems.append(str(e))
+    try:
+        built = config_from_dict(data)
+    except ConfigError as e:
+        problems += e.problems
+    if problems:
+        raise ConfigError(problems)
+    return built
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    """Rebuild (and validate) a `TrainConfig` from `to_dict()` output, e.g. on a Ray worker."""
-    sections = {"model": ModelSpec, "data": DataSpec, "optim": OptimSpec, "scaling": ScalingSpec,
-                "checkpoint": CheckpointSpec, "tracking": TrackingSpec, "vision_pretrain": VisionPretrainSpec,
-                "llm_pretrain": LLMPretrainSpec}
-    kwargs = dict(data)
-    for name, cls in sections.items():
-        if name in kwargs and isinstance(kwargs[name], dict):
-            kwargs[name] = cls(**kwargs[name])
-    return TrainConfig(**kwargs)
+    """Rebuild (and validate) a `TrainConfig` from `to_dict()` output, e.g. on a Ray worker. Raises
+    ConfigError listing every problem."""
+    return build(TrainConfig, data)
 
 
 def chain_stage2(stage2: TrainConfig, model_dir: str | None, projector_dir: str | None) -> TrainConfig:
@@ -722,7 +690,8 @@ def get_recipe(name: str, stage: int, overrides: Sequence[str] = ()) -> TrainCon
     """The config of recipe `name` for `stage` (1 or 2), with `key.path=value` overrides applied."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
-    _check_choice("stage", stage, STAGES)
+    if stage not in STAGES:
+        _fail("stage", stage, f"must be one of {list(STAGES)}")
     return apply_overrides(RECIPES[name](stage), overrides)
 
 

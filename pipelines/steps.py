@@ -59,7 +59,7 @@ def preprocess(ctx: StepContext, corpus: CorpusConfig, split: str, stage: TrainC
     from dpn.tokenizer import load_tokenizer
     from pipelines.data.preprocess import PreprocessConfig
     from pipelines.data.preprocess import preprocess as run_preprocess
-    from pipelines.training.model_setup import model_config
+    from pipelines.training.model_config import model_config
 
     paths = _corpus(ctx, corpus)
     mcfg = model_config(geometry, load_tokenizer(paths["tokenizer"]))
@@ -67,6 +67,7 @@ def preprocess(ctx: StepContext, corpus: CorpusConfig, split: str, stage: TrainC
         annotations=str(paths[split]), image_root=str(paths["images"]), tokenizer=str(paths["tokenizer"]),
         template=stage.data.template, out=str(ctx.out_dir / "shards"), image_size=mcfg.vision_config.image_size,
         num_image_tokens=mcfg.num_image_tokens, add_router_token=router, max_length=stage.data.max_length,
+        follow_symlinks_outside_root=corpus.follow_symlinks_outside_root,
     ))
     if summary.rows_out == 0:
         raise ValueError(f"preprocessing {paths[split]} left no valid record (quarantined: {summary.quarantined})")

@@ -24,24 +24,46 @@ import dataclasses
 import json
 import os
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, with_config
 
 from dpn.compressors import COMPRESSORS
 from dpn.eval.benchmarks import BENCHMARKS
 from pipelines import steps, tracking
 from pipelines.dag import Pipeline, RunHooks, Step, StepResult, select
 from pipelines.data.sources import CorpusConfig
-from pipelines.recipes import STAGE0_OUTPUT, STAGE1_OUTPUT, TrainConfig, check_names, get_recipe, reads_stage1
+from pipelines.recipes import (
+    RECIPES,
+    STAGE0_OUTPUT,
+    STAGE1_OUTPUT,
+    TrainConfig,
+    check_names,
+    get_recipe,
+    reads_stage1,
+)
 from pipelines.training.route_calibration import CalibrationSpec
+from pipelines.validation import (
+    STRICT,
+    ConfigError,
+    NonEmpty,
+    PathComponent,
+    build,
+    check_fields,
+    problems_of,
+)
+
+TRAIN_RECIPES = tuple(RECIPES)
 
 TRIGGERS = ("manual", "scheduled")
 UNTIL = ("stage1", "stage2", "register")
 TRAIN_STAGES = ("1", "2", "all")
 
 
+@with_config(STRICT)
 @dataclass(kw_only=True)
 class PipelineConfig:
     """A whole pipeline: corpus, training recipe, the stage-2 variants to compare, evaluation, registry.
@@ -63,49 +85,66 @@ class PipelineConfig:
             (`pipelines.training.route_calibration.CalibrationSpec`).
         until: how far to run: "stage1" (stage 0, its data and stage 1), "stage2" (also stage 2 of every
             variant) or "register" (the whole DAG); a step runs only when one of these needs it.
+
+    Validated when built (`pipelines.validation`): every problem of every section -- `corpus`, `routing`,
+    `train_overrides` (as the stage configs they make) -- is reported at once, one line each
+    (`ConfigError`). Whether the inputs exist is the preflight's business (`preflight`).
     """
 
-    name: str
-    work_dir: str = ".dpn_work"
+    name: PathComponent
+    work_dir: NonEmpty = ".dpn_work"
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
-    train_recipe: str = "tiny"
+    train_recipe: Literal[TRAIN_RECIPES] = "tiny"
     train_overrides: dict[str, Any] = field(default_factory=dict)
     variants: list[str] = field(default_factory=lambda: ["dpn", "static", "none"])
     benchmarks: list[str] = field(default_factory=lambda: ["synthetic"])
-    eval_limit: int | None = None
-    registered_model: str = "dpn"
-    gate_metric: str = "synthetic/accuracy"
-    max_cpus: float = 2.0
-    experiment: str = "dpn"
+    eval_limit: Annotated[int, Field(ge=1)] | None = None
+    registered_model: NonEmpty = "dpn"
+    gate_metric: NonEmpty = "synthetic/accuracy"
+    max_cpus: Annotated[float, Field(gt=0.0)] = 2.0
+    experiment: NonEmpty = "dpn"
     routing: CalibrationSpec = field(default_factory=CalibrationSpec)
-    until: str = "register"
+    until: Literal[UNTIL] = "register"
 
     def __post_init__(self) -> None:
+        problems: list[str] = []
+        # Sections given as mappings (a config built in Python from a file's values) are validated whole.
+        for name, cls in (("corpus", CorpusConfig), ("routing", CalibrationSpec)):
+            if isinstance(getattr(self, name), Mapping):
+                try:
+                    setattr(self, name, build(cls, getattr(self, name), prefix=f"{name}."))
+                except ConfigError as e:
+                    problems += e.problems
+        try:
+            check_fields(self)
+        except ConfigError as e:
+            problems += e.problems
+        problems += _cross_field_problems(vars(self))
+        if problems:
+            raise ConfigError(problems)
         # Absolute: Ray workers run in their own working directories.
         self.work_dir = str(Path(self.work_dir).absolute())
-        if isinstance(self.corpus, dict):
-            self.corpus = CorpusConfig(**self.corpus)
-        if isinstance(self.routing, dict):
-            self.routing = CalibrationSpec(**self.routing)
-        self.variants = check_names("variants", self.variants, COMPRESSORS, "stage-2 compressor")
-        self.benchmarks = check_names("benchmarks", self.benchmarks, sorted(BENCHMARKS), "benchmark")
-        if self.eval_limit is not None and self.eval_limit < 1:
-            raise ValueError(f"eval_limit must be >= 1 or None, got {self.eval_limit}")
-        if self.max_cpus <= 0:
-            raise ValueError(f"max_cpus must be > 0, got {self.max_cpus}")
-        if self.until not in UNTIL:
-            raise ValueError(f"until must be one of {UNTIL}, got {self.until!r}")
         if self.routing.budget is not None and "dpn" in self.variants:
             from dpn.presets import get_preset
             from dpn.routing import flops_floor
 
             floor = flops_floor(get_preset(self.stage_config(2).model.preset))
             if self.routing.budget < floor:
-                raise ValueError(
-                    f"routing.budget {self.routing.budget:g} is below what any routing path reaches: at least "
+                raise ConfigError([
+                    f"routing.budget: {self.routing.budget:g} is below what any routing path reaches: at least "
                     f"{floor:.3f} of the uncompressed prefill FLOPs on this geometry (route_calibrate reports "
-                    "the range measured on the calibration data)")
+                    "the range measured on the calibration data)"])
         pipeline_steps(self)  # every step's config builds and the corpus holds what the steps read
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> PipelineConfig:
+        """The config of a mapping of fields (a config file's, over a recipe's defaults); ConfigError listing
+        every problem at once, the rules that read several fields included."""
+        try:
+            return build(cls, data)
+        except ConfigError as e:
+            # A field error stops pydantic before __post_init__: add what its cross-field rules find.
+            raise ConfigError(e.problems + _cross_field_problems(data)) from None
 
     def section(self, *names: str) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -120,6 +159,29 @@ class PipelineConfig:
     def tracking_uri(self) -> str:
         """Where every run of this pipeline is logged (`pipelines.tracking.resolve_tracking_uri`)."""
         return tracking.resolve_tracking_uri(None, self.work_dir)
+
+
+def _cross_field_problems(data: Mapping[str, Any]) -> list[str]:
+    """What the rules over several fields find (each checked only where its fields are well typed): the
+    variants and benchmarks are known and distinct, and both training stages build from `train_recipe`
+    and `train_overrides` (a bad override named `train_overrides.<key>`)."""
+    problems: list[str] = []
+    for name, valid, what in (("variants", COMPRESSORS, "stage-2 compressor"),
+                              ("benchmarks", sorted(BENCHMARKS), "benchmark")):
+        values = data.get(name)
+        if isinstance(values, list) and all(isinstance(v, str) for v in values):
+            try:
+                check_names(name, values, valid, what)
+            except ValueError as e:
+                problems += problems_of(e)
+    recipe, overrides = data.get("train_recipe", "tiny"), data.get("train_overrides", {})
+    if recipe in RECIPES and isinstance(overrides, Mapping) and all(isinstance(k, str) for k in overrides):
+        for stage in (1, 2):
+            try:
+                get_recipe(recipe, stage, [f"{k}={v}" for k, v in overrides.items()])
+            except ValueError as e:
+                problems += [f"train_overrides.{p}" for p in problems_of(e)]
+    return problems
 
 
 # ----- named pipeline recipes --------------------------------------------------------------------
@@ -137,11 +199,13 @@ def tiny_pipeline(**overrides: Any) -> PipelineConfig:
     overrides.setdefault("corpus", CorpusConfig(n_pretrain=512, n_instruct=9600, n_eval=300))
     overrides.setdefault("variants", ["dpn", "none"])
     # Merged, not replaced: a config file's own train_overrides keep the one-worker default unless they set it.
-    overrides["train_overrides"] = {"scaling.num_workers": 1, **overrides.get("train_overrides", {})}
+    given = overrides.get("train_overrides", {})
+    if isinstance(given, Mapping):  # anything else is reported by the validation
+        overrides["train_overrides"] = {"scaling.num_workers": 1, **given}
     # setdefault: a config file may rename the pipeline or swap the training recipe.
     overrides.setdefault("name", "tiny")
     overrides.setdefault("train_recipe", "tiny")
-    return PipelineConfig(**overrides)
+    return PipelineConfig.from_mapping(overrides)
 
 
 def llava_1_5_7b_pipeline(**overrides: Any) -> PipelineConfig:
@@ -151,7 +215,7 @@ def llava_1_5_7b_pipeline(**overrides: Any) -> PipelineConfig:
     overrides.setdefault("max_cpus", 64.0)
     for key, value in (("name", "llava-1.5-7b"), ("train_recipe", "llava-1.5-7b"), ("registered_model", "dpn-llava-1.5-7b")):
         overrides.setdefault(key, value)
-    return PipelineConfig(**overrides)
+    return PipelineConfig.from_mapping(overrides)
 
 
 def _named(name: str, base: Callable[..., PipelineConfig]) -> Callable[..., PipelineConfig]:
@@ -174,25 +238,30 @@ PIPELINE_RECIPES: dict[str, Callable[..., PipelineConfig]] = {
 
 
 def load_pipeline_config(recipe: str | None, config_file: str | None) -> PipelineConfig:
-    """A named recipe, optionally overridden by a YAML/JSON file (a thin override, per the style guide)."""
+    """A named recipe, optionally overridden by a YAML/JSON file (a thin override, per the style guide).
+
+    Raises:
+        ConfigError (a ValueError) listing every problem of the file at once: unknown keys (with the valid
+        ones), wrong types, NaN / inf, out-of-range values, bad training overrides.
+    """
     overrides: dict[str, Any] = {}
     if config_file:
         import yaml
 
         path = Path(config_file)
         if not path.is_file():
-            raise ValueError(f"pipeline config file {config_file!r} does not exist")
-        overrides = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(overrides, dict):
-            raise ValueError(f"{config_file}: expected a mapping of PipelineConfig fields, got {type(overrides).__name__}")
+            raise ConfigError([f"pipeline config file {config_file!r} does not exist"])
+        try:
+            overrides = yaml.safe_load(path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError([f"{config_file}: not valid YAML: {' '.join(str(e).split())}"]) from None
+        if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
+            raise ConfigError([f"{config_file}: expected a mapping of PipelineConfig field names to values, got "
+                               f"{overrides!r:.200}"])
         recipe = overrides.pop("recipe", recipe)
-        known = {f.name for f in dataclasses.fields(PipelineConfig)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"{config_file}: unknown pipeline field(s) {unknown}; valid: {sorted(known)}")
     recipe = recipe or "tiny"
     if recipe not in PIPELINE_RECIPES:
-        raise ValueError(f"unknown pipeline recipe {recipe!r}; choose one of {sorted(PIPELINE_RECIPES)}")
+        raise ConfigError([f"recipe: unknown pipeline recipe {recipe!r}; choose one of {sorted(PIPELINE_RECIPES)}"])
     return PIPELINE_RECIPES[recipe](**overrides)
 
 
@@ -312,6 +381,12 @@ class MlflowHooks(RunHooks):
         self.parent.finish("FINISHED" if status == "succeeded" else "FAILED")
 
 
+# What a step runs, for its cache key (`pipelines.code_keys`): its function in `pipelines.steps` and, for the
+# steps that resolve the training recipe (their config names a recipe, not its values), the recipes module.
+# The wiring below is no part of any key: what it decides reaches a step as its config or its inputs.
+_RECIPES_CODE = "pipelines.recipes"
+
+
 # ----- the DAG -----------------------------------------------------------------------------------
 def _data_step(cfg: PipelineConfig, name: str, split: str, stage: int, router: bool, inputs: list[str]) -> Step:
     """The step that gives `split`'s shards: the given shards as they are, else preprocessing of the corpus."""
@@ -321,9 +396,10 @@ def _data_step(cfg: PipelineConfig, name: str, split: str, stage: int, router: b
 
         info = open_shards(given)
         config = {"shards": info.path, "fingerprint": info.manifest["fingerprint"], "tokenizer": cfg.corpus.tokenizer}
-        return Step(name=name, cpus=0, config=config,
+        return Step(name=name, cpus=0, config=config, code=(steps.given_shards,),
                     fn=lambda ctx: steps.given_shards(ctx, given, cfg.corpus.tokenizer))
     return Step(name=name, inputs=inputs, cpus=1, config=cfg.section("corpus", "train_recipe", "train_overrides"),
+                code=(steps.preprocess, _RECIPES_CODE),
                 fn=lambda ctx: steps.preprocess(ctx, cfg.corpus, split, cfg.stage_config(stage), cfg.stage_config(1),
                                                 router))
 
@@ -336,7 +412,7 @@ def _stage_steps(cfg: PipelineConfig, inputs: list[str]) -> list[Step]:
     if stage1_cfg.model.vision_path == STAGE0_OUTPUT:
         # Keyed by what stage 0 trains only: other training overrides do not re-train the tower.
         config = {"vision_pretrain": dataclasses.asdict(stage1_cfg.vision_pretrain), "preset": stage1_cfg.model.preset}
-        out.append(Step(name="stage0_vision", config=config, cpus=1,
+        out.append(Step(name="stage0_vision", config=config, cpus=1, code=(steps.stage0, _RECIPES_CODE),
                         fn=lambda ctx: steps.stage0(ctx, "vision", cfg.corpus, stage1_cfg, cfg.tracking_uri)))
         stage1_inputs.append("stage0_vision")
     if stage1_cfg.model.llm_path == STAGE0_OUTPUT:
@@ -346,9 +422,11 @@ def _stage_steps(cfg: PipelineConfig, inputs: list[str]) -> list[Step]:
         # A few minutes on stage 1's path that can only start after synth: it takes the CPU synth frees
         # before the (seconds-long) preprocessing steps do.
         out.append(Step(name="stage0_llm", inputs=inputs, config=config, cpus=1, priority=1,
+                        code=(steps.stage0, _RECIPES_CODE),
                         fn=lambda ctx: steps.stage0(ctx, "llm", cfg.corpus, stage1_cfg, cfg.tracking_uri)))
         stage1_inputs.append("stage0_llm")
     out.append(Step(name="stage1", inputs=stage1_inputs, config=cfg.section("train_recipe", "train_overrides"),
+                    code=(steps.stage1, _RECIPES_CODE),
                     cpus=_train_cpus(cfg, stage1_cfg),
                     fn=lambda ctx: steps.stage1(ctx, lambda extra: cfg.stage_config(1, extra), cfg.tracking_uri)))
     return out
@@ -368,7 +446,8 @@ def pipeline_steps(cfg: PipelineConfig, trigger: str = "manual") -> list[Step]:
         raise ValueError(f"trigger must be one of {TRIGGERS}, got {trigger!r}")
     corpus = cfg.section("corpus")
     prep = ["synth"] if cfg.corpus.synthetic else []
-    dag = [Step(name="synth", fn=lambda ctx: steps.synth(ctx, cfg.corpus), config=corpus, cpus=1)] if prep else []
+    dag = [Step(name="synth", fn=lambda ctx: steps.synth(ctx, cfg.corpus), config=corpus, cpus=1,
+                code=(steps.synth,))] if prep else []
     dag += _stage_steps(cfg, prep)
     if cfg.until == "stage1":
         return _selected(cfg, dag, ["stage1"])
@@ -379,6 +458,7 @@ def pipeline_steps(cfg: PipelineConfig, trigger: str = "manual") -> list[Step]:
     stage2_cfgs = {v: cfg.stage_config(2, [f"model.compressor={v}"]) for v in cfg.variants}
     for v, ds in data_steps.items():
         dag.append(Step(name=f"stage2_{v}", inputs=(["stage1"] if reads_stage1(stage2_cfgs[v]) else []) + [ds],
+                        code=(steps.stage2, _RECIPES_CODE),
                         config={**train, "variant": v}, cpus=_train_cpus(cfg, stage2_cfgs[v]),
                         fn=lambda ctx, v=v, ds=ds: steps.stage2(ctx, lambda extra: cfg.stage_config(2, extra), v, ds,
                                                                 cfg.tracking_uri)))
@@ -389,15 +469,17 @@ def pipeline_steps(cfg: PipelineConfig, trigger: str = "manual") -> list[Step]:
     if "dpn" in cfg.variants:
         dag.append(_data_step(cfg, "preprocess_calibration", "calibration", 2, True, prep))
         dag.append(Step(name="route_calibrate", inputs=["stage2_dpn", "preprocess_calibration"], cpus=1,
+                        code=(steps.route_calibrate, _RECIPES_CODE),
                         config={**train, "routing": dataclasses.asdict(cfg.routing)},
                         fn=lambda ctx: steps.route_calibrate(ctx, cfg.routing, stage2_cfgs["dpn"].scaling.use_gpu,
                                                              cfg.tracking_uri)))
         calibrated = ["route_calibrate"]
     dag.append(Step(name="evaluate", inputs=stage2 + prep + calibrated, cpus=min(cfg.max_cpus, 2.0),
+                    code=(steps.evaluate,),
                     config={**cfg.section("benchmarks", "eval_limit", "variants"), **corpus},
                     fn=lambda ctx: steps.evaluate(ctx, cfg.corpus, cfg.variants, cfg.benchmarks, cfg.eval_limit,
                                                   cfg.work_dir, cfg.experiment)))
-    dag.append(Step(name="register", inputs=["evaluate", *stage2, *calibrated], cpus=0,
+    dag.append(Step(name="register", inputs=["evaluate", *stage2, *calibrated], cpus=0, code=(steps.register,),
                     config={**cfg.section("registered_model", "gate_metric"), "trigger": trigger},
                     fn=lambda ctx: steps.register(ctx, cfg.variants[0], cfg.registered_model, cfg.gate_metric,
                                                   cfg.tracking_uri)))
@@ -431,12 +513,23 @@ def execute(cfg: PipelineConfig, trigger: str = "manual", log: Callable[[str], N
     of `parent_run_id`, default $DPN_PARENT_RUN_ID). Returns (status, parent run id, results by step)."""
     import ray
 
-    tracking.check_reachable(cfg.tracking_uri)  # a down tracking server fails here, before any work
+    from pipelines.preflight import preflight
+
     pipe = build_pipeline(cfg, trigger, MlflowHooks(cfg, trigger, tracking.resolve_parent_run_id(parent_run_id)), log)
-    if not ray.is_initialized():
-        # Inside a Ray job RAY_ADDRESS names the cluster; locally this starts a one-machine Ray.
-        ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else int(cfg.max_cpus))
-    status, parent, results = pipe.run()
+    # First, before Ray or the tracking server: a second run on this work dir stops here at once
+    # (WorkDirBusy), and the lock is held until the last step is published.
+    lock = pipe.lock(f"pipeline {cfg.name}")
+    try:
+        problems = preflight(cfg)  # a missing input fails in seconds, not after hours of training
+        if problems:
+            raise ConfigError(problems)
+        tracking.check_reachable(cfg.tracking_uri)  # a down tracking server fails here, before any work
+        if not ray.is_initialized():
+            # Inside a Ray job RAY_ADDRESS names the cluster; locally this starts a one-machine Ray.
+            ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else int(cfg.max_cpus))
+        status, parent, results = pipe.run()
+    finally:
+        lock.release()
     return status, parent, {r.name: r for r in results}
 
 

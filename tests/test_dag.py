@@ -137,14 +137,19 @@ def test_hooks_see_runs_and_resume_the_parent_after_a_crash(tmp_path):
         def cached_step(self, step, result, parent):
             self.cached.append((step.name, result.run_id))
 
-    def crash(ctx):
-        raise KeyboardInterrupt  # stands in for a driver killed mid-step: no except-clause runs
+    killed = {"now": True}
 
-    steps = [Step(name="a", fn=writer("A")), Step(name="b", fn=crash, inputs=["a"])]
+    def b(ctx):
+        # The same code on both runs (a step's code is part of its key): only the first one is "killed".
+        if killed["now"]:
+            raise KeyboardInterrupt  # stands in for a driver killed mid-step: no except-clause runs
+        return writer("B")(ctx)
+
+    steps = [Step(name="a", fn=writer("A")), Step(name="b", fn=b, inputs=["a"])]
     rec = Rec()
     with pytest.raises(KeyboardInterrupt):
         Pipeline(steps, tmp_path, version="v1", hooks=rec).run()
-    steps[1] = Step(name="b", fn=writer("B"), inputs=["a"])
+    killed["now"] = False
     rec2 = Rec()
     status, parent, _ = Pipeline(steps, tmp_path, version="v1", hooks=rec2).run()
     assert status == "succeeded" and parent == "parent-1"

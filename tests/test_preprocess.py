@@ -507,3 +507,46 @@ def test_cli_prints_the_summary_last(ray_session, corpus, tmp_path, capsys):
     bad[2] = str(tmp_path / "absent.json")
     assert main(bad) == 2
     assert "is not a file" in capsys.readouterr().err
+
+
+def test_fifo_bomb_symlink_out_of_root_and_bad_text_are_quarantined_in_bounded_time(ray_session, corpus, tmp_path):
+    """The issue's hostile corpus: a FIFO (an open() would block forever), a 100-megapixel PNG (a
+    decompression bomb for the default pixel cap), a symlink leading out of the image root, a record with
+    an invalid UTF-8 byte and one with a lone surrogate, behind a UTF-8 BOM. Each is quarantined with its
+    reason; every good record is kept."""
+    import time
+
+    images = tmp_path / "images"
+    _save(_noise((24, 24), seed=2), images / "good.png", "PNG")
+    os.mkfifo(images / "fifo.png")
+    _save(Image.new("1", (10_000, 10_000)), images / "bomb.png", "PNG")  # 1 bit/pixel: a ~12 KB file
+    _save(_noise((24, 24), seed=3), tmp_path / "outside" / "secret.png", "PNG")
+    (images / "escape.png").symlink_to(tmp_path / "outside" / "secret.png")
+
+    def rec(rid: str, image: str) -> bytes:
+        return json.dumps({"id": rid, "image": image, "conversations": _turns(Q, "Noise.")}).encode()
+
+    bad_byte = rec("bad-byte", "good.png").replace(b"Noise.", b"Noi\xffse.")
+    surrogate = rec("surrogate", "good.png").replace(b"Noise.", b"Noi\\ud800se.")
+    records = [rec("good-1", "good.png"), rec("fifo", "fifo.png"), rec("bomb", "bomb.png"),
+               rec("escape", "escape.png"), bad_byte, surrogate, rec("good-2", "good.png")]
+    ann = tmp_path / "ann.json"
+    ann.write_bytes(b"\xef\xbb\xbf[" + b",\n".join(records) + b"]")
+
+    t0 = time.time()
+    summary = preprocess(_cfg(corpus, tmp_path / "out", annotations=str(ann), image_root=str(images),
+                              max_image_pixels=89_478_485))
+    assert time.time() - t0 < 120  # bounded: nothing blocked on the FIFO or decoded the bomb
+    assert summary.rows_in == 7 and summary.rows_out == 2
+    q = {r["id"] or r["index"]: r for r in read_quarantine(summary.path).to_pylist()}
+    assert {k: r["reason"] for k, r in q.items()} == {
+        "fifo": "image_not_regular", "bomb": "image_too_large", "escape": "image_outside_root",
+        4: "bad_text", 5: "bad_text"}  # a record that does not decode has no readable id
+    assert "FIFO" in q["fifo"]["detail"] and "100000000 pixels" in q["bomb"]["detail"]
+    assert "outside the image root" in q["escape"]["detail"]
+    assert sorted(r["id"] for r in _rows(summary.path).values()) == ["good-1", "good-2"]
+
+    # The operator's switch: a symlink out of the root (`coco -> /data/coco`) is read.
+    allowed = preprocess(_cfg(corpus, tmp_path / "out2", annotations=str(ann), image_root=str(images),
+                              max_image_pixels=89_478_485, follow_symlinks_outside_root=True))
+    assert allowed.rows_out == 3 and "image_outside_root" not in allowed.quarantined

@@ -234,7 +234,7 @@ def test_flops_floor_is_the_cheapest_path_without_text():
     floor = flops_floor(cfg)
     # 4-4-4 at 7B geometry: 576 visual tokens for 8 layers, 144, 36, 9 for 8 each; every path costs more
     assert 0.2 < floor < 0.4
-    with pytest.raises(ValueError, match=r"routing.budget 0.1 is below .* at least 0\.\d+"):
+    with pytest.raises(ValueError, match=r"routing.budget: 0.1 is below .* at least 0\.\d+"):
         from pipelines.workflow import tiny_pipeline
 
         tiny_pipeline(routing={"budget": 0.1})

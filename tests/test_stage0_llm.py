@@ -144,7 +144,7 @@ def test_stage0_llm_placeholder_and_spec_are_validated():
         get_recipe("tiny", 2, ["model.init=random", "model.llm_path=<stage0>"])
     with pytest.raises(ValueError, match=r"model\.llm_path.*init='random' or 'components'"):
         get_recipe("tiny", 2, ["model.llm_path=/tmp/vicuna"])
-    with pytest.raises(ValueError, match=r"llm_pretrain\.bare_steps: must be <= 10"):
+    with pytest.raises(ValueError, match=r"llm_pretrain\.bare_steps: must be <= llm_pretrain\.steps \(10\), got 11"):
         get_recipe("tiny", 1, ["llm_pretrain.steps=10", "llm_pretrain.bare_steps=11"])
     with pytest.raises(ValueError, match=r"llm_pretrain\.target_accuracy_pct"):
         get_recipe("tiny", 1, ["llm_pretrain.target_accuracy_pct=101"])

@@ -31,7 +31,6 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
-import io
 import json
 import os
 import string
@@ -96,14 +95,21 @@ class EvalItem:
         return self.text if self.answer_prompt is None else self.answer_prompt
 
     def open_image(self) -> Image.Image | None:
-        """The image as RGB (as LLaVA's loaders convert it), or None for a text-only question."""
+        """The image as RGB (as LLaVA's loaders convert it), or None for a text-only question. The file is
+        read bounded (`dpn.image_io`: regular files only, size and pixel caps): EvalDataError naming the
+        question otherwise, never a hang on a FIFO or a decompression bomb."""
         if not self.has_image:
             return None
         from PIL import Image
 
-        source = self.image if self.image is not None else io.BytesIO(self.image_bytes or b"")
-        with Image.open(source) as img:
-            return img.convert("RGB")
+        from dpn.image_io import ImageFileError, decode_image, read_image_file
+
+        try:
+            data = read_image_file(self.image) if self.image is not None else (self.image_bytes or b"")
+            with decode_image(data, max_pixels=Image.MAX_IMAGE_PIXELS) as img:
+                return img.convert("RGB")
+        except ImageFileError as e:
+            raise EvalDataError(f"question {self.question_id!r}: image {self.image or '(inline)'}: {e.detail}") from None
 
 
 def _with_suffix(text: str, suffix: str | None, append: bool) -> str:

@@ -2,29 +2,49 @@
 streaming pass finds the file's hash, its record count, the images it names and the byte offset of every
 top-level separator of the array, so that records can later be read back by byte range, block by block
 (`block_ranges`, `read_records`), each by its own Ray task.
+
+Text faults stay with their record: the streaming pass validates the JSON structure with every byte that
+is not valid UTF-8 read as "?" (same length, so offsets hold), and `read_records` decodes each record on
+its own, so an invalid byte quarantines that record only (`records.UnreadableRecord`, reason bad_text),
+as does a lone surrogate escape, which the records check finds after parsing. A UTF-8 byte-order mark
+at the start of the file is skipped.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
-import io
+import json
 import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
+BOM = codecs.BOM_UTF8
+_QMARK_ERRORS = "dpn-qmark"
 
-class _HashingReader:
-    """A binary file wrapper that hashes every byte the parser reads (one pass for hash and parse)."""
 
-    def __init__(self, f):
+def _qmark(err: UnicodeDecodeError) -> tuple[str, int]:
+    return "?" * (err.end - err.start), err.end  # one "?" per bad byte: offsets stay those of the file
+
+
+class _ScanReader:
+    """The file as the streaming parser reads it: every raw byte hashed and fed to the ArraySplitter, and
+    handed to the parser with invalid UTF-8 bytes replaced by "?" (the per-record read reports them)."""
+
+    def __init__(self, f, offset: int = 0, prefix: bytes = b""):
         self._f = f
-        self.sha = hashlib.sha256()
+        self.sha = hashlib.sha256(prefix)
+        self.splitter = ArraySplitter(offset)
+        codecs.register_error(_QMARK_ERRORS, _qmark)  # idempotent
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors=_QMARK_ERRORS)
 
     def read(self, n: int = -1) -> bytes:
         data = self._f.read(n)
         self.sha.update(data)
-        return data
+        self.splitter.feed(data)
+        # Incremental: a character cut by the chunk boundary is completed by the next chunk.
+        return self._decoder.decode(data, final=not data).encode("utf-8")
 
 
 class ArraySplitter:
@@ -36,7 +56,7 @@ class ArraySplitter:
     precedes it; both are computed with numpy, about as fast as ijson parses.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, offset: int = 0) -> None:
         import numpy as np
 
         self._np = np
@@ -44,7 +64,7 @@ class ArraySplitter:
         self._delta = np.zeros(256, np.int8)
         for ch, d in ((b"[", 1), (b"{", 1), (b"]", -1), (b"}", -1)):
             self._delta[ch[0]] = d
-        self._pos = 0  # file offset of the next chunk
+        self._pos = offset  # file offset of the next chunk
         self._in_string = False  # the previous chunk ended inside a string
         self._backslashes = 0  # length of the backslash run that ended the previous chunk
         self._depth = 0  # bracket depth after the previous chunk
@@ -92,19 +112,6 @@ class ArraySplitter:
         return np.concatenate(self._found) if self._found else np.zeros(0, np.int64)
 
 
-class _SplittingReader(_HashingReader):
-    """_HashingReader that also feeds every chunk to an ArraySplitter."""
-
-    def __init__(self, f):
-        super().__init__(f)
-        self.splitter = ArraySplitter()
-
-    def read(self, n: int = -1) -> bytes:
-        data = super().read(n)
-        self.splitter.feed(data)
-        return data
-
-
 @dataclass(kw_only=True)
 class AnnotationsScan:
     """What one streaming pass over the annotations file found."""
@@ -128,7 +135,9 @@ def scan_annotations_file(path: str | os.PathLike[str]) -> AnnotationsScan:
 
     count, images = 0, set()
     with open(path, "rb") as f:
-        reader = _SplittingReader(f)
+        start = len(BOM) if f.read(len(BOM)) == BOM else 0
+        f.seek(start)
+        reader = _ScanReader(f, offset=start, prefix=BOM if start else b"")
         try:
             _check_array_start(f)
             for item in ijson.items(reader, "item", use_float=True, buf_size=1 << 20):
@@ -148,8 +157,9 @@ def scan_annotations_file(path: str | os.PathLike[str]) -> AnnotationsScan:
 
 def _check_array_start(f) -> None:
     """The file must be one JSON array (LLaVA's layout), not JSON lines or an object."""
-    head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    f.seek(0)
+    position = f.tell()
+    head = f.read(4096).lstrip(b" \t\r\n")
+    f.seek(position)
     if not head.startswith(b"["):
         raise ValueError(f"annotations must be one JSON array (LLaVA layout); the file starts with {head[:40]!r}")
 
@@ -164,16 +174,45 @@ def block_ranges(separators, block_rows: list[int]) -> list[tuple[int, int, int,
     return ranges
 
 
-def read_records(path: str | os.PathLike[str], start: int, end: int, count: int) -> list[Any]:
-    """The `count` records that lie in bytes [start, end) of the annotations (between two top-level
-    separators, as `block_ranges` gives them), parsed with ijson. Raises RuntimeError when the bytes hold
-    another number of records: the offsets would be wrong, which must never pass silently."""
+def read_records(path: str | os.PathLike[str], separators: list[int]) -> list[Any]:
+    """The records between consecutive `separators` (file offsets of top-level separators, a slice of
+    `AnnotationsScan.separators`: record i lies strictly between separators[i] and [i + 1]), each decoded
+    and parsed on its own. A record that is not valid UTF-8 (or not JSON by itself) comes back as a
+    `records.UnreadableRecord` naming the fault, in its place: one bad byte costs one record."""
+    from pipelines.data.records import UnreadableRecord
+
+    first, last = int(separators[0]) + 1, int(separators[-1])
+    with open(path, "rb") as f:
+        f.seek(first)
+        data = f.read(last - first)
+    records: list[Any] = []
+    for a, b in zip(separators[:-1], separators[1:], strict=True):
+        raw = data[int(a) + 1 - first : int(b) - first]
+        try:
+            records.append(json.loads(raw.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            records.append(UnreadableRecord(f"byte 0x{raw[e.start]:02x} at offset {int(a) + 1 + e.start} of the file is "
+                                            f"not valid UTF-8 ({e.reason})"))
+        except ValueError as e:  # the file parsed as a whole, so this record only
+            records.append(UnreadableRecord(f"not valid JSON on its own: {e}"))
+    return records
+
+
+def peek_records(path: str | os.PathLike[str], n: int) -> list[Any]:
+    """The first `n` records of the annotations, read as preprocessing reads them (a preflight check):
+    ValueError when the file is not a JSON array or its beginning does not parse."""
     import ijson
 
+    out: list[Any] = []
     with open(path, "rb") as f:
+        start = len(BOM) if f.read(len(BOM)) == BOM else 0
         f.seek(start)
-        data = f.read(end - start)
-    records = list(ijson.items(io.BytesIO(b"[" + data + b"]"), "item", use_float=True))
-    if len(records) != count:
-        raise RuntimeError(f"bytes {start}..{end} of {str(path)!r} hold {len(records)} records, expected {count}")
-    return records
+        _check_array_start(f)
+        try:
+            for item in ijson.items(_ScanReader(f, offset=start), "item", use_float=True):
+                out.append(item)
+                if len(out) >= n:
+                    break
+        except ijson.JSONError as e:
+            raise ValueError(f"annotations {str(path)!r} is not valid JSON (after {len(out)} records): {e}") from None
+    return out

@@ -49,6 +49,7 @@ import os
 import resource
 import secrets
 import shutil
+import stat
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -57,8 +58,10 @@ from pathlib import Path
 from typing import Any
 
 from dpn.conversation import TEMPLATES
+from dpn.image_io import MAX_IMAGE_BYTES, ImageFileError, read_image_file
 from pipelines.data.annotations import AnnotationsScan, block_ranges, read_records, scan_annotations_file
 from pipelines.data.records import IMAGE_STORAGES, QUARANTINE_REASONS, RecordError, resolve_image_path
+from pipelines.publish import fsync_tree
 
 # Bump when the shard layout or the meaning of a column changes (also part of the fingerprint).
 FORMAT_VERSION = 1
@@ -68,17 +71,6 @@ SHARDS_DIR = "shards"
 QUARANTINE_DIR = "quarantine"
 IMAGE_IDENTITIES = ("stat", "content")
 
-_REPO = Path(__file__).resolve().parents[2]
-# The sources whose behaviour shapes a shard row: a change in any of them changes the fingerprint.
-_CODE_FILES = (
-    "pipelines/data/preprocess.py",
-    "pipelines/data/annotations.py",
-    "pipelines/data/records.py",
-    "dpn/conversation.py",
-    "dpn/image_processing.py",
-    "dpn/tokenizer.py",
-    "dpn/constants.py",
-)
 # Libraries whose version can change decoded pixels or token ids.
 _LIBRARIES = ("PIL", "tokenizers", "transformers", "torch", "numpy")
 
@@ -111,6 +103,11 @@ class PreprocessConfig:
     """Images with a side above this are quarantined (image_too_large)."""
     max_image_pixels: int = 89_478_485
     """Images with more pixels are quarantined before decoding (PIL's decompression-bomb limit)."""
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    """Image files larger than this are quarantined unread (image_too_large)."""
+    follow_symlinks_outside_root: bool = False
+    """Read images through symlinks that lead outside image_root (an operator's `coco -> /data/coco`);
+    otherwise they are quarantined (image_outside_root)."""
     max_length: int | None = None
     """Records with more tokens (image tokens included) are quarantined (too_long); None = no limit."""
     rows_per_shard: int = 1024
@@ -138,7 +135,7 @@ class PreprocessConfig:
             if getattr(self, name) not in valid:
                 raise ValueError(f"{name} must be one of {valid}; got {getattr(self, name)!r}")
         for name in ("image_size", "num_image_tokens", "min_image_side", "max_image_side", "max_image_pixels",
-                     "rows_per_shard"):
+                     "max_image_bytes", "rows_per_shard"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1; got {value!r}")
@@ -153,8 +150,9 @@ class PreprocessConfig:
             raise ValueError(f"num_cpus must be None or an int >= 1; got {self.num_cpus!r}")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             raise ValueError(f"out {self.out!r} exists and is not a directory")
-        if not isinstance(self.add_router_token, bool):
-            raise ValueError(f"add_router_token must be a bool; got {self.add_router_token!r}")
+        for name in ("add_router_token", "follow_symlinks_outside_root"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool; got {getattr(self, name)!r}")
 
     def row_options(self) -> dict[str, Any]:
         """The options that shape a shard row (part of the fingerprint; paths and CPUs are not)."""
@@ -163,6 +161,7 @@ class PreprocessConfig:
             "add_router_token": self.add_router_token, "image_storage": self.image_storage,
             "min_image_side": self.min_image_side, "max_image_side": self.max_image_side,
             "max_image_pixels": self.max_image_pixels, "max_length": self.max_length,
+            "max_image_bytes": self.max_image_bytes, "follow_symlinks_outside_root": self.follow_symlinks_outside_root,
         }
 
 
@@ -200,7 +199,7 @@ class PreprocessSummary:
 # Fingerprint
 
 
-def _images_digest(image_root: Path, images: list[str], identity: str) -> str:
+def _images_digest(image_root: Path, images: list[str], identity: str, max_bytes: int) -> str:
     h = hashlib.sha256()
     for rel in images:
         try:
@@ -213,14 +212,13 @@ def _images_digest(image_root: Path, images: list[str], identity: str) -> str:
         except OSError:
             h.update(f"{rel}\0missing\n".encode())
             continue
-        if identity == "stat":
-            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        if identity == "stat" or not stat.S_ISREG(st.st_mode):  # never open a FIFO or device: it may block
+            h.update(f"{rel}\0{st.st_mode:o}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         else:
             try:
-                with open(path, "rb") as f:
-                    digest = hashlib.file_digest(f, "sha256").hexdigest()
-            except OSError as e:
-                digest = f"unreadable:{type(e).__name__}"
+                digest = hashlib.sha256(read_image_file(path, max_bytes=max_bytes)).hexdigest()
+            except ImageFileError as e:
+                digest = f"unreadable:{e.reason}"
             h.update(f"{rel}\0{digest}\n".encode())
     return h.hexdigest()
 
@@ -237,9 +235,11 @@ def code_version() -> dict[str, str]:
     """Hash of the sources that shape a row, plus the versions of the libraries that decode/tokenize."""
     import importlib.metadata
 
+    from pipelines.code_keys import code_key
+
+    # The sources that shape a row: this module and every project module it imports, transitively.
     h = hashlib.sha256(f"format={FORMAT_VERSION}".encode())
-    for rel in _CODE_FILES:
-        h.update(rel.encode() + b"\0" + (_REPO / rel).read_bytes())
+    h.update(code_key(["pipelines.data.preprocess"])[0].encode())
     versions = {}
     for lib in _LIBRARIES:
         dist = {"PIL": "pillow"}.get(lib, lib)
@@ -259,7 +259,7 @@ def fingerprint_inputs(cfg: PreprocessConfig) -> tuple[str, dict[str, Any], Anno
         "format": FORMAT_VERSION,
         "annotations_sha256": scan.sha256,
         "images": {"identity": cfg.image_identity, "count": len(images),
-                   "digest": _images_digest(Path(cfg.image_root), images, cfg.image_identity)},
+                   "digest": _images_digest(Path(cfg.image_root), images, cfg.image_identity, cfg.max_image_bytes)},
         "tokenizer_sha256": _dir_digest(Path(cfg.tokenizer)),
         "options": cfg.row_options(),
         "code": code_version(),
@@ -287,6 +287,8 @@ class _WorkerSpec:
     max_image_side: int
     max_image_pixels: int
     max_length: int | None
+    max_image_bytes: int
+    follow_symlinks_outside_root: bool
 
     @classmethod
     def from_config(cls, cfg: PreprocessConfig) -> _WorkerSpec:
@@ -294,7 +296,8 @@ class _WorkerSpec:
                    num_image_tokens=cfg.num_image_tokens, add_router_token=cfg.add_router_token,
                    image_storage=cfg.image_storage, image_size=cfg.image_size, min_image_side=cfg.min_image_side,
                    max_image_side=cfg.max_image_side, max_image_pixels=cfg.max_image_pixels,
-                   max_length=cfg.max_length)
+                   max_length=cfg.max_length, max_image_bytes=cfg.max_image_bytes,
+                   follow_symlinks_outside_root=cfg.follow_symlinks_outside_root)
 
 
 @functools.lru_cache(maxsize=4)
@@ -309,16 +312,16 @@ def build_processor(spec: _WorkerSpec):
         add_router_token=spec.add_router_token, image_root=spec.image_root, image_storage=spec.image_storage,
         image_processor=build_image_processor(spec.image_size) if spec.image_storage == "pixels" else None,
         min_image_side=spec.min_image_side, max_image_side=spec.max_image_side,
-        max_image_pixels=spec.max_image_pixels, max_length=spec.max_length,
+        max_image_pixels=spec.max_image_pixels, max_length=spec.max_length, max_image_bytes=spec.max_image_bytes,
+        follow_symlinks_outside_root=spec.follow_symlinks_outside_root,
     )
 
 
-def _process_range(path: str, first: int, start: int, end: int, count: int, spec: _WorkerSpec,
-                   out_dir: str) -> Iterator[Any]:
-    """Read task of one block: records first .. first + count - 1, which lie in bytes [start, end) of the
-    annotations (between two top-level separators). Parses them with ijson, processes them and writes the
-    block's shard + quarantine files to `out_dir`; yields one row with the block's counts (JSON), so only
-    counts travel back through Ray.
+def _process_range(path: str, first: int, separators: list[int], spec: _WorkerSpec, out_dir: str) -> Iterator[Any]:
+    """Read task of one block: records first .. first + len(separators) - 2, which lie between the given
+    top-level separators of the annotations. Parses each on its own (`read_records`), processes them and
+    writes the block's shard + quarantine files to `out_dir`; yields one row with the block's counts
+    (JSON), so only counts travel back through Ray.
 
     Writing inside the task (instead of returning the rows to a Ray Data sink) keeps the processed rows,
     image bytes included, out of Ray's object store: they go from the processing code straight into the
@@ -326,8 +329,8 @@ def _process_range(path: str, first: int, start: int, end: int, count: int, spec
     import pyarrow as pa
 
     t0, cpu = time.perf_counter(), time.process_time()
-    records = read_records(path, start, end, count)
-    block = build_processor(spec).process_records(range(first, first + count), records)
+    records = read_records(path, separators)
+    block = build_processor(spec).process_records(range(first, first + len(records)), records)
     result = write_block(block, out_dir)
     result.update(task_s=time.perf_counter() - t0, task_cpu_s=time.process_time() - cpu)
     yield pa.table({"result": [json.dumps(result)]})
@@ -355,7 +358,8 @@ def plan_blocks(rows: int, cpus: int, max_rows: int, min_rows: int = MIN_BLOCK_R
     return sizes
 
 
-def _make_datasource(path: str, ranges: list[tuple[int, int, int, int]], spec: _WorkerSpec, out_dir: str):
+def _make_datasource(path: str, separators, ranges: list[tuple[int, int, int, int]], spec: _WorkerSpec,
+                     out_dir: str):
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
@@ -370,7 +374,8 @@ def _make_datasource(path: str, ranges: list[tuple[int, int, int, int]], spec: _
             tasks = []
             for first, n, start, end in ranges:
                 meta = BlockMetadata(num_rows=1, size_bytes=end - start, input_files=[path], exec_stats=None)
-                tasks.append(ReadTask(functools.partial(_process_range, path, first, start, end, n, spec, out_dir),
+                block_separators = [int(x) for x in separators[first : first + n + 1]]
+                tasks.append(ReadTask(functools.partial(_process_range, path, first, block_separators, spec, out_dir),
                                       meta))
             return tasks
 
@@ -476,8 +481,8 @@ def _run_blocks(cfg: PreprocessConfig, scan: AnnotationsScan, block_rows: list[i
     if not scan.count:
         return []
     ds = ray.data.read_datasource(
-        _make_datasource(cfg.annotations, block_ranges(scan.separators, block_rows), _WorkerSpec.from_config(cfg),
-                         str(tmp)),
+        _make_datasource(cfg.annotations, scan.separators, block_ranges(scan.separators, block_rows),
+                         _WorkerSpec.from_config(cfg), str(tmp)),
         # One block per read task, as planned (Ray would otherwise split or merge them).
         override_num_blocks=len(block_rows),
     )
@@ -565,6 +570,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessSummary:
             "created_unix": time.time(),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        fsync_tree(tmp)  # durable before it is visible: a power cut never leaves a renamed, empty shard
         try:
             tmp.rename(final)  # atomic publish: the directory appears complete or not at all
         except OSError:

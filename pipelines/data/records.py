@@ -6,10 +6,10 @@ or one quarantine row `(index, id, reason, detail)`; nothing is dropped silently
 crash the job (an unexpected exception becomes reason `internal_error`).
 
 Checks run cheapest first, so a record's reason is the first failure in this order:
-    not_object, bad_schema, empty_conversation, bad_roles, empty_turn, template_mismatch,
+    bad_text, not_object, bad_schema, empty_conversation, bad_roles, empty_turn, template_mismatch,
     image_placement, special_token_in_text, image_outside_root, (tokenization:) invalid_conversation,
-    tokenization_mismatch, too_long, (image file:) image_missing, image_too_large / image_too_small,
-    image_corrupt.
+    tokenization_mismatch, too_long, (image file, `dpn.image_io`:) image_missing, image_not_regular,
+    image_outside_root (a symlink leaving the root), image_too_large / image_too_small, image_corrupt.
 
 Records are addressed by `index` (position in the annotations array): ids are not unique in the real
 mix665K (one COCO id recurs across sub-datasets), so no table here is keyed by `id`.
@@ -17,12 +17,11 @@ mix665K (one COCO id recurs across sub-datasets), so no table here is keyed by `
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import posixpath
+import re
 import traceback
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +30,14 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from dpn.constants import IMAGE_TOKEN
+from dpn.image_io import MAX_IMAGE_BYTES
 
 HUMAN, GPT = "human", "gpt"
 
 # reason -> what it means. The summary and the quarantine table use exactly these keys.
 QUARANTINE_REASONS: dict[str, str] = {
+    "bad_text": "the record's bytes are not valid UTF-8, or its text holds a lone surrogate (an unpaired "
+                "\\ud800-\\udfff escape): no tokenizer or Parquet file can take it",
     "not_object": "the array element is not a JSON object",
     "bad_schema": "id / image / conversations missing or mistyped, or a turn that is not {from: str, value: str}",
     "empty_conversation": "conversations is an empty list",
@@ -50,10 +52,13 @@ QUARANTINE_REASONS: dict[str, str] = {
     "tokenization_mismatch": "a token straddles a supervised/unsupervised boundary (LLaVA would train it "
                              "with every label masked)",
     "too_long": "more tokens (image tokens included) than max_length",
-    "image_outside_root": "the image path is absolute or climbs out of the image root with '..'",
-    "image_missing": "no file at the image path",
+    "image_outside_root": "the image path is absolute or climbs out of the image root with '..', or is a "
+                          "symlink resolving outside it (allowed only with follow_symlinks_outside_root)",
+    "image_missing": "no file at the image path (or it cannot be read)",
+    "image_not_regular": "the image path is a FIFO, socket, device or directory, not a regular file",
     "image_too_small": "an image side is below min_image_side",
-    "image_too_large": "more pixels than max_image_pixels, or a side above max_image_side",
+    "image_too_large": "more pixels than max_image_pixels (checked before decoding), a side above "
+                       "max_image_side, or a file above max_image_bytes",
     "image_corrupt": "the file does not decode completely (unknown format, corrupt or truncated data) or "
                      "cannot be converted to RGB",
     "internal_error": "an unexpected exception while processing the record (a bug: the detail has the traceback)",
@@ -113,6 +118,39 @@ def _short(value: Any) -> str:
     return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 3] + "..."
 
 
+def _writable(text: str | None) -> str | None:
+    """`text` with lone surrogates escaped: a quarantine row must be valid UTF-8 to be written."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class UnreadableRecord:
+    """Stands for an annotation record whose bytes could not be read as text (invalid UTF-8, or not JSON on
+    its own): `pipelines.data.annotations.read_records` yields it in the record's place, and it is
+    quarantined as `bad_text` with `detail`, the other records of the file unaffected."""
+
+    def __init__(self, detail: str):
+        self.detail = detail
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def find_lone_surrogate(value: Any, where: str = "record") -> str | None:
+    """Where (e.g. "record.conversations[1].value") the first string of a parsed JSON value holds a lone
+    surrogate (JSON lets "\\ud800" through; UTF-8 cannot encode it), or None."""
+    if isinstance(value, str):
+        m = _SURROGATE.search(value)
+        return f"{where} holds a lone surrogate U+{ord(m.group()):04X}" if m else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        if isinstance(key, str) and (found := find_lone_surrogate(key, f"{where} key")):
+            return found
+        found = find_lone_surrogate(item, f"{where}.{key}" if isinstance(key, str) else f"{where}[{key}]")
+        if found:
+            return found
+    return None
+
+
 def check_conversation(record: Mapping[str, Any], template: str, special_tokens: Sequence[str]) -> bool:
     """Check a record's schema and turns; return whether it has an image. Raises RecordError.
 
@@ -169,8 +207,9 @@ def check_conversation(record: Mapping[str, Any], template: str, special_tokens:
 def resolve_image_path(image_root: Path, rel: str) -> Path:
     """`image_root / rel`, refusing paths that are absolute or climb out of the root. Raises RecordError.
 
-    The check is lexical: a symlink inside the root may point elsewhere (the operator controls the
-    root, e.g. `coco -> /data/coco`); the annotation text is what is untrusted.
+    The check is lexical (the annotation text is what is untrusted); where a symlink inside the root
+    leads is checked when the file is read (`load_image`): outside the root only with
+    `follow_symlinks_outside_root` (an operator's `coco -> /data/coco`).
     """
     if "\x00" in rel:
         raise RecordError("bad_schema", f"image path contains a NUL byte: {_short(rel)}")
@@ -192,43 +231,39 @@ class DecodedImage:
     format: str | None
 
 
-def load_image(path: Path, *, min_image_side: int, max_image_side: int, max_image_pixels: int) -> DecodedImage:
-    """Read, size-check, fully decode and RGB-convert one image file. Raises RecordError."""
-    from PIL import Image
+# `dpn.image_io` reasons -> quarantine reasons.
+_IMAGE_REASONS = {"missing": "image_missing", "not_regular": "image_not_regular",
+                  "outside_root": "image_outside_root", "too_large": "image_too_large", "corrupt": "image_corrupt"}
 
+
+def load_image(path: Path, *, min_image_side: int, max_image_side: int, max_image_pixels: int,
+               max_image_bytes: int, image_root: Path | None = None, follow_symlinks_outside_root: bool = False
+               ) -> DecodedImage:
+    """Read (bounded, regular files only, inside `image_root` unless `follow_symlinks_outside_root`: see
+    `dpn.image_io`), size-check, fully decode and RGB-convert one image file. Raises RecordError."""
+    from dpn.image_io import ImageFileError, decode_image, read_image_file
     from dpn.image_processing import to_rgb
 
     try:
-        data = path.read_bytes()
-    except FileNotFoundError as e:
-        raise RecordError("image_missing", f"{path}: {e.strerror}") from None
-    except IsADirectoryError:
-        raise RecordError("image_missing", f"{path} is a directory") from None
-    except OSError as e:
-        raise RecordError("image_missing", f"{path}: {type(e).__name__}: {e}") from None
-    with warnings.catch_warnings():
-        # Our own pixel limit applies; PIL's DecompressionBombWarning would only repeat it.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        data = read_image_file(path, max_bytes=max_image_bytes, root=image_root,
+                               follow_outside_root=follow_symlinks_outside_root)
+        img = decode_image(data, max_pixels=max_image_pixels)
+    except ImageFileError as e:
+        raise RecordError(_IMAGE_REASONS[e.reason], _short(e.detail)) from None
+    with img:
+        width, height = img.size
+        if min(width, height) < min_image_side:
+            raise RecordError("image_too_small", f"{width}x{height} < min_image_side={min_image_side}")
+        if max(width, height) > max_image_side or width * height > max_image_pixels:
+            raise RecordError("image_too_large", f"{width}x{height} exceeds max_image_side={max_image_side} "
+                                                 f"or max_image_pixels={max_image_pixels}")
         try:
-            img = Image.open(io.BytesIO(data))
-        except Image.DecompressionBombError as e:
-            raise RecordError("image_too_large", _short(str(e))) from None
-        except Exception as e:  # PIL raises many types on bad data (OSError, SyntaxError, ValueError, ...)
+            img.load()  # a truncated file fails here, not at open (which reads the header only)
+            rgb = to_rgb(img)
+            rgb.load()
+        except Exception as e:
             raise RecordError("image_corrupt", _short(f"{type(e).__name__}: {e}")) from None
-        with img:
-            width, height = img.size
-            if min(width, height) < min_image_side:
-                raise RecordError("image_too_small", f"{width}x{height} < min_image_side={min_image_side}")
-            if max(width, height) > max_image_side or width * height > max_image_pixels:
-                raise RecordError("image_too_large", f"{width}x{height} exceeds max_image_side={max_image_side} "
-                                                     f"or max_image_pixels={max_image_pixels}")
-            try:
-                img.load()  # a truncated file fails here, not at open (which reads the header only)
-                rgb = to_rgb(img)
-                rgb.load()
-            except Exception as e:
-                raise RecordError("image_corrupt", _short(f"{type(e).__name__}: {e}")) from None
-            return DecodedImage(data=data, rgb=rgb, width=width, height=height, mode=img.mode, format=img.format)
+        return DecodedImage(data=data, rgb=rgb, width=width, height=height, mode=img.mode, format=img.format)
 
 
 class RecordProcessor:
@@ -244,12 +279,16 @@ class RecordProcessor:
             "pixels" stores the processed float32 (3, S, S) tensor.
         image_processor: the CLIP processor used for "pixels" (ignored for "bytes").
         min_image_side, max_image_side, max_image_pixels: image size limits.
+        max_image_bytes: image files above this size are quarantined unread.
+        follow_symlinks_outside_root: read images through symlinks that leave `image_root` (otherwise
+            quarantined as image_outside_root).
         max_length: longest allowed input_ids (image tokens included); None for no limit.
     """
 
     def __init__(self, *, tokenizer, template: str, num_image_tokens: int, add_router_token: bool,
                  image_root: str | os.PathLike[str], image_storage: ImageStorage, image_processor=None,
-                 min_image_side: int, max_image_side: int, max_image_pixels: int, max_length: int | None):
+                 min_image_side: int, max_image_side: int, max_image_pixels: int, max_length: int | None,
+                 max_image_bytes: int = MAX_IMAGE_BYTES, follow_symlinks_outside_root: bool = False):
         if image_storage not in IMAGE_STORAGES:
             raise ValueError(f"image_storage must be one of {IMAGE_STORAGES}; got {image_storage!r}")
         if image_storage == "pixels" and image_processor is None:
@@ -264,6 +303,8 @@ class RecordProcessor:
         self.min_image_side = min_image_side
         self.max_image_side = max_image_side
         self.max_image_pixels = max_image_pixels
+        self.max_image_bytes = max_image_bytes
+        self.follow_symlinks_outside_root = follow_symlinks_outside_root
         self.max_length = max_length
         self._special_tokens = tuple(tokenizer.all_special_tokens)
 
@@ -271,16 +312,22 @@ class RecordProcessor:
         """Return (shard row, None) for a valid record, (None, quarantine row) otherwise."""
         rid = None
         try:
+            if isinstance(record, UnreadableRecord):
+                raise RecordError("bad_text", record.detail)
+            surrogate = find_lone_surrogate(record)
+            if surrogate:
+                raise RecordError("bad_text", surrogate)
             if not isinstance(record, dict):
                 raise RecordError("not_object", f"element is a {type(record).__name__}: {_short(json.dumps(record))}")
             raw_id = record.get("id")
             rid = None if isinstance(raw_id, bool) or not isinstance(raw_id, str | int) else str(raw_id)
             return self._process(index, rid, record), None
         except RecordError as e:
-            return None, {"index": index, "id": rid, "reason": e.reason, "detail": _short(e.detail)}
+            return None, {"index": index, "id": _writable(rid), "reason": e.reason, "detail": _writable(_short(e.detail))}
         except Exception as e:  # never let one record take the job down
             detail = f"{type(e).__name__}: {e} | {traceback.format_exc(limit=-3)}"
-            return None, {"index": index, "id": rid, "reason": "internal_error", "detail": _short(detail)}
+            return None, {"index": index, "id": _writable(rid), "reason": "internal_error",
+                          "detail": _writable(_short(detail))}
 
     def _process(self, index: int, rid: str | None, record: dict[str, Any]) -> dict[str, Any]:
         from dpn.conversation import tokenize_conversation
@@ -308,7 +355,9 @@ class RecordProcessor:
         }
         if path is not None:
             image = load_image(path, min_image_side=self.min_image_side, max_image_side=self.max_image_side,
-                               max_image_pixels=self.max_image_pixels)
+                               max_image_pixels=self.max_image_pixels, max_image_bytes=self.max_image_bytes,
+                               image_root=self.image_root,
+                               follow_symlinks_outside_root=self.follow_symlinks_outside_root)
             row.update(image=record["image"], image_width=image.width, image_height=image.height,
                        image_mode=image.mode, image_format=image.format)
             if self.image_storage == "bytes":

@@ -5,8 +5,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, with_config
+
+from pipelines.validation import STRICT, ConfigError, check_fields
 
 
+@with_config(STRICT)
 @dataclass(kw_only=True)
 class CorpusConfig:
     """Where the data comes from: the synthetic corpus, or LLaVA annotations / preprocessed shards on disk.
@@ -24,16 +30,20 @@ class CorpusConfig:
         calibration_annotations: held-out LLaVA JSON (mix665K schema) for the routers, when not synthetic;
             None: the instruct annotations themselves (samples the model trained on: the budget still
             transfers, the counterfactual targets are then measured on seen samples).
-    Paths that are set must exist; which ones are required depends on the steps that run (a pipeline up to
-    stage 1 reads no instruct data): `require` is asked by every step that reads the corpus.
+        follow_symlinks_outside_root: read images through symlinks leading outside image_root (e.g.
+            `coco -> /data/coco`); otherwise such records are quarantined (image_outside_root).
+    Which paths are required depends on the steps that run (a pipeline up to stage 1 reads no instruct
+    data): `require` is asked by every step that reads the corpus. Whether they exist is checked before a
+    run starts (`missing_paths`, and the preflight of `pipelines.workflow`), not when the config is built,
+    so that `dpn pipeline status` works whatever the disk holds.
     """
 
     synthetic: bool = True
-    seed: int = 0
-    n_pretrain: int = 2000
-    n_instruct: int = 2000
-    n_eval: int = 300
-    n_calibration: int = 256
+    seed: Annotated[int, Field(ge=0)] = 0
+    n_pretrain: Annotated[int, Field(ge=1)] = 2000
+    n_instruct: Annotated[int, Field(ge=1)] = 2000
+    n_eval: Annotated[int, Field(ge=1)] = 300
+    n_calibration: Annotated[int, Field(ge=0)] = 256
     pretrain_annotations: str | None = None
     instruct_annotations: str | None = None
     pretrain_shards: str | None = None
@@ -42,25 +52,30 @@ class CorpusConfig:
     tokenizer: str | None = None
     eval_root: str | None = None
     calibration_annotations: str | None = None
+    follow_symlinks_outside_root: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self, "corpus")
         if self.synthetic:
-            for name in ("n_pretrain", "n_instruct", "n_eval"):
-                if getattr(self, name) < 1:
-                    raise ValueError(f"corpus.{name} must be >= 1, got {getattr(self, name)}")
             given = [n for n in ("pretrain_shards", "instruct_shards") if getattr(self, n)]
             if given:
-                raise ValueError(f"corpus.{given[0]} is read only with corpus.synthetic: false")
+                raise ConfigError([f"corpus.{n}: is read only with corpus.synthetic: false" for n in given])
+
+    def missing_paths(self) -> list[str]:
+        """One line per set path that does not exist (or is a file where a directory is expected, or the
+        reverse); the synthetic corpus reads none of them."""
         files = ("pretrain_annotations", "instruct_annotations", "calibration_annotations")
         dirs = ("pretrain_shards", "instruct_shards", "image_root", "tokenizer", "eval_root")
+        problems = []
         for name in files + dirs:
             value = getattr(self, name)
             if value is None or (self.synthetic and name != "calibration_annotations"):
                 continue
             if name in files and not Path(value).is_file():
-                raise ValueError(f"corpus.{name}: {value!r} is not a file")
+                problems.append(f"corpus.{name}: {value!r} is not a file")
             if name in dirs and not Path(value).is_dir():
-                raise ValueError(f"corpus.{name}: {value!r} is not a directory")
+                problems.append(f"corpus.{name}: {value!r} is not a directory")
+        return problems
 
     def require(self, split: str) -> None:
         """Raise ValueError naming the corpus field(s) a step reading `split` ("pretrain", "instruct",

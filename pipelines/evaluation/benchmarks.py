@@ -59,6 +59,43 @@ def qid_key(qid: Any) -> tuple[str, Any]:
     return (type(qid).__name__, qid)
 
 
+@dataclass(frozen=True, kw_only=True)
+class BenchmarkPaths:
+    """Where one benchmark's files are under a data root (`locate_benchmark`)."""
+
+    folder: Path
+    question_file: Path
+    image_root: Path | None
+    ground_truth: Path | None
+    """None: MMBench without a ground-truth file, read from its question TSV."""
+
+
+def locate_benchmark(name: str, data_root: str | os.PathLike, ground_truth: bool = True) -> BenchmarkPaths:
+    """The files of benchmark `name` under `data_root` (layout: `BENCHMARK_FILES`). Raises
+    FileNotFoundError naming the benchmark and the missing folder, question file or (with `ground_truth`)
+    ground truth: what the pipeline's preflight checks before any training starts."""
+    files = BENCHMARK_FILES[name]
+    folder = Path(data_root) / files.folder
+    if not folder.is_dir():
+        raise FileNotFoundError(f"benchmark {name!r}: folder {folder} does not exist (data_root={data_root})")
+    question_file = folder / "questions.jsonl"
+    if not question_file.is_file():
+        question_file = folder / files.questions
+    if not question_file.is_file():
+        raise FileNotFoundError(f"benchmark {name!r}: neither {folder / 'questions.jsonl'} nor {question_file} exists")
+    image_root = None
+    if files.images is not None:
+        image_root = folder / "images" if (folder / "images").is_dir() else folder / files.images
+    gt_file: Path | None = folder / files.ground_truth
+    if not gt_file.is_file():
+        if ground_truth and not isinstance(get_benchmark(name), MMBenchQuestions):
+            raise FileNotFoundError(
+                f"benchmark {name!r}: no ground truth at {gt_file} (one JSON record per question, fields as in "
+                "dpn.eval.scoring's table)")
+        gt_file = None
+    return BenchmarkPaths(folder=folder, question_file=question_file, image_root=image_root, ground_truth=gt_file)
+
+
 def load_benchmark(name: str, data_root: str | os.PathLike, limit: int | None = None) -> BenchmarkData:
     """Read a benchmark's questions and ground truth from `data_root` (layout: `BENCHMARK_FILES`).
 
@@ -72,19 +109,10 @@ def load_benchmark(name: str, data_root: str | os.PathLike, limit: int | None = 
         EvalDataError / FileNotFoundError naming the benchmark, file or question id.
     """
     adapter = get_benchmark(name)
-    files = BENCHMARK_FILES[name]
-    folder = Path(data_root) / files.folder
-    if not folder.is_dir():
-        raise FileNotFoundError(f"benchmark {name!r}: folder {folder} does not exist (data_root={data_root})")
-    question_file = folder / "questions.jsonl"
-    if not question_file.is_file():
-        question_file = folder / files.questions
-    if not question_file.is_file():
-        raise FileNotFoundError(f"benchmark {name!r}: neither {folder / 'questions.jsonl'} nor {question_file} exists")
-    image_root = None
-    if files.images is not None:
-        image_root = folder / "images" if (folder / "images").is_dir() else folder / files.images
-    items = list(adapter.read(question_file, image_root=image_root))
+    # The questions are checked first (their problems say how to fix the files), the ground truth after.
+    paths = locate_benchmark(name, data_root, ground_truth=False)
+    question_file = paths.question_file
+    items = list(adapter.read(question_file, image_root=paths.image_root))
     # Answers are joined to ground truth by question_id; LLaVA's TextVQA and MME files repeat ids per image.
     repeated = [qid for qid, n in Counter(qid_key(it.question_id) for it in items).items() if n > 1]
     if repeated:
@@ -99,16 +127,10 @@ def load_benchmark(name: str, data_root: str | os.PathLike, limit: int | None = 
     if not items:
         raise EvalDataError(f"benchmark {name!r}: {question_file} holds no questions")
 
-    gt_file = folder / files.ground_truth
-    if gt_file.is_file():
-        truth = load_jsonl(gt_file)
-    elif isinstance(adapter, MMBenchQuestions):
-        truth = adapter.ground_truth(question_file)
-    else:
-        raise FileNotFoundError(
-            f"benchmark {name!r}: no ground truth at {gt_file} (one JSON record per question, fields as in "
-            "dpn.eval.scoring's table)"
-        )
+    if paths.ground_truth is None and not isinstance(adapter, MMBenchQuestions):
+        locate_benchmark(name, data_root)  # raises, naming the missing ground truth
+    gt_file = paths.ground_truth or question_file  # MMBench: the answers are columns of its TSV
+    truth = load_jsonl(gt_file) if paths.ground_truth is not None else adapter.ground_truth(question_file)
     wanted = {qid_key(it.question_id) for it in items}
     by_id: dict[tuple[str, Any], dict[str, Any]] = {}
     for position, record in enumerate(truth, start=1):

@@ -31,7 +31,8 @@ from typing import Any
 
 from pipelines import tracking
 from pipelines.recipes import STAGE0_OUTPUT, STAGE1_OUTPUT, TrainConfig
-from pipelines.training.model_setup import check_zero3, model_config
+from pipelines.training.model_config import model_config
+from pipelines.training.model_setup import check_zero3
 from pipelines.training.schedule import total_steps
 from pipelines.training.worker import HF_DIR, PROJECTOR_DIR, STATE_FILE, train_func
 

@@ -15,52 +15,36 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field, with_config
+
+from pipelines.validation import STRICT, check_fields
 
 
+@with_config(STRICT)
 @dataclass(kw_only=True)
 class CalibrationSpec:
     """What `calibrate` does; the pipeline's `routing` section (`pipelines.workflow.PipelineConfig.routing`)."""
 
-    budget: float | None = None
+    budget: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     """Target mean LLM prefill FLOPs (fraction of the uncompressed model) of the calibrated model; None:
     the routers' own choice (bias 0), with the curve stored so `dpn eval --budget` can steer it later."""
-    samples: int = 256
+    samples: Annotated[int, Field(ge=1)] = 256
     """Held-out image samples of the calibration pass (each runs down every path: 27 forwards)."""
-    compute_price: float | None = None
+    compute_price: Annotated[float, Field(ge=0.0, le=1e6)] | None = None
     """mu of the counterfactual targets (cost = loss + mu * FLOPs fraction); None: the price at which the
     per-sample least-cost paths meet `budget` (or `default_fraction` without a budget)."""
-    default_fraction: float = 0.7
+    default_fraction: Annotated[float, Field(gt=0.0, le=1.0)] = 0.7
     """The FLOPs fraction that sets mu when neither `budget` nor `compute_price` is given."""
-    tau: float = 0.05
+    tau: Annotated[float, Field(gt=0.0, le=1e3)] = 0.05
     """Temperature of the soft targets softmax(-cost-to-go / tau), in loss units (nats)."""
-    fit_steps: int = 400
-    batch_size: int = 32
-    seed: int = 0
+    fit_steps: Annotated[int, Field(ge=1)] = 400
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    seed: Annotated[int, Field(ge=0)] = 0
 
     def __post_init__(self) -> None:
-        import math
-
-        def number(name: str, low: float, high: float, low_open: bool = False) -> None:
-            v = getattr(self, name)
-            ok = not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) and (
-                (v > low) if low_open else (v >= low)) and v <= high
-            if not ok:
-                raise ValueError(f"routing.{name} must be a finite number in {'(' if low_open else '['}{low}, {high}], "
-                                 f"got {v!r}")
-
-        if self.budget is not None:
-            number("budget", 0.0, 1.0, low_open=True)
-        if self.compute_price is not None:
-            number("compute_price", 0.0, 1e6)
-        number("default_fraction", 0.0, 1.0, low_open=True)
-        number("tau", 0.0, 1e3, low_open=True)
-        for name in ("samples", "fit_steps", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"routing.{name} must be an int >= 1, got {v!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"routing.seed must be an int >= 0, got {self.seed!r}")
+        check_fields(self, "routing")
 
 
 def _batches(shards: str, n: int, batch_size: int) -> list[dict[str, Any]]:

@@ -10,7 +10,9 @@ a worker-group restart `train_func` loads the latest checkpoint, skips as many m
 consumed in that epoch and runs to the same `total_steps`, logging into the same MLflow run (its id
 travels in the loop config; steps between the last checkpoint and the failure are logged a second
 time). Ray Data splits the rows among workers dynamically, so the replayed remainder of the epoch is the
-same size, not necessarily the same rows.
+same size, not necessarily the same rows. Each rank writes a checksum manifest of its files into the
+checkpoint (`pipelines.publish.write_checksums`), and a resume verifies them all before DeepSpeed
+unpickles anything: a corrupt checkpoint fails the stage with the altered files named, never loads.
 
 Data-parallel consistency: micro-batches are single-modality, and a text-only batch skips the vision
 tower and projector (a router whose samples are too small to pool is skipped too). `AlignedBatches`
@@ -30,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipelines.publish import verify_checksums, write_checksums
 from pipelines.recipes import TrainConfig, config_from_dict
 from pipelines.training.model_setup import SKIPPABLE_TRAINABLE, build_model, set_trainable
 from pipelines.training.schedule import build_optimizer, deepspeed_config, lr_factor
@@ -340,6 +343,8 @@ def _setup_engine(cfg: TrainConfig, tokenizer_dir: str, world: int, total_steps:
     step = 0
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
+            # DeepSpeed unpickles these files (weights_only=False): only ones that match their manifests.
+            verify_checksums(d)
             # Frozen weights are not in the checkpoint (stage 1 would otherwise store the whole LLM each
             # time); they come from the same seeded build as the first attempt.
             engine.load_checkpoint(d, tag=DS_TAG, load_module_strict=not frozen)
@@ -405,6 +410,7 @@ def _report_final(engine, cfg: TrainConfig, tokenizer, state: dict, metrics: dic
         _save_final(engine, cfg, tokenizer, out, rank)
         if rank == 0:
             (out / STATE_FILE).write_text(json.dumps({**state, "metrics": metrics}))
+            write_checksums(out, f"rank{rank:05d}")
             tracker.log_model_dir(out / HF_DIR, artifact_path=HF_DIR)
             tracker.log_artifacts(out / PROJECTOR_DIR, artifact_path=PROJECTOR_DIR)
             tracker.finish("FINISHED")
@@ -432,6 +438,7 @@ def _report_checkpoint(engine, state: dict, metrics: dict, rank: int, frozen: bo
         engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=frozen)
         if rank == 0:
             (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
+        write_checksums(tmp, f"rank{rank:05d}")  # each rank its own files: Ray merges the directories
         ray.train.report(
             {"step": state["step"], **metrics},
             checkpoint=ray.train.Checkpoint.from_directory(tmp),

@@ -40,7 +40,7 @@ from pipelines.data.synth.questions import (
 )
 from pipelines.data.synth.scenes import COLOR_NAMES, SHAPES
 from pipelines.recipes import LLMPretrainSpec
-from pipelines.training.model_setup import random_vocab_size
+from pipelines.training.model_config import random_vocab_size
 from pipelines.training.schedule import lr_factor
 from pipelines.training.stage0.common import on_one_cpu
 
