@@ -440,6 +440,57 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
                               "MLFLOW_TRACKING_URI to a reachable server") from e
 
 
+# ----- the served model (MLflow pyfunc) -------------------------------------------------------------
+PYFUNC_ARTIFACT = "pyfunc"  # the run artifact holding the MLflow model that the registry versions point at
+
+
+def log_pyfunc_model(
+    run_id: str,
+    model_dir: str | os.PathLike,
+    *,
+    compressor: str,
+    budget: float | None = None,
+    artifact_path: str = PYFUNC_ARTIFACT,
+    tracking_uri: str | None = None,
+) -> str:
+    """Log `model_dir` (a `save_pretrained` directory) as an MLflow pyfunc model (`pipelines.serving.DPNPyfunc`)
+    under the run's artifact `artifact_path`; returns that artifact's URI, what `register_model` versions.
+
+    The model holds the directory as its artifact `hf_model`, the signature (input `image`: path or bytes,
+    `question`: string; output `answer`; param `max_new_tokens`) and `{"compressor", "budget"}` as its model
+    config, so `mlflow.pyfunc.load_model("models:/<name>@champion")` and `mlflow models serve` answer with
+    it. It is written with `mlflow.pyfunc.save_model` and uploaded with the client: `log_model` needs
+    MLflow's process-global active run, which concurrent DAG steps must not share (see the module
+    docstring); the files are the same. Loading it needs this package installed (`pip install dpn`)."""
+    import importlib.metadata
+
+    import mlflow.pyfunc
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
+
+    from pipelines.serving import DEFAULT_MAX_NEW_TOKENS, HF_ARTIFACT, DPNPyfunc, ServingConfig
+
+    config = ServingConfig(compressor=compressor, budget=budget)  # validated before anything is written
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(AnyType(), "image"), ColSpec("string", "question")]),
+        outputs=Schema([ColSpec("string", "answer")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", DEFAULT_MAX_NEW_TOKENS)]),
+    )
+    # Pinned to what logged it: the model's numerics depend on torch and transformers.
+    requirements = [f"{pkg}=={importlib.metadata.version(pkg).split('+')[0]}"
+                    for pkg in ("torch", "transformers", "mlflow", "pillow", "pandas")]
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / artifact_path
+        mlflow.pyfunc.save_model(
+            local, python_model=DPNPyfunc(), artifacts={HF_ARTIFACT: str(model_dir)}, signature=signature,
+            model_config=dataclasses.asdict(config), pip_requirements=requirements,
+        )
+        c = client(tracking_uri)
+        c.log_artifacts(run_id, str(local), artifact_path)
+    c.set_tag(run_id, "dpn.pyfunc_artifact", artifact_path)
+    return f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+
+
 # ----- model registry -------------------------------------------------------------------------------
 def register_model(
     run_id: str,
@@ -492,7 +543,8 @@ def download_model(
     tracking_uri: str | None = None,
 ) -> Path:
     """Download a registered model version (by alias or version) into `dst_dir`; returns the directory
-    to pass to `DPNForConditionalGeneration.from_pretrained`."""
+    to pass to `DPNForConditionalGeneration.from_pretrained` (for a pyfunc version, `log_pyfunc_model`,
+    the `save_pretrained` directory inside it)."""
     if (alias is None) == (version is None):
         raise ValueError(f"give exactly one of alias or version, got alias={alias!r} version={version!r}")
     c = client(tracking_uri)
@@ -501,7 +553,23 @@ def download_model(
     root = run.info.artifact_uri.rstrip("/") + "/"
     if not mv.source.startswith(root):
         raise ValueError(f"model version {name}/{mv.version} has source {mv.source!r} outside its run's artifacts")
-    return download_artifacts(mv.run_id, mv.source[len(root) :], dst_dir, tracking_uri)
+    got = download_artifacts(mv.run_id, mv.source[len(root) :], dst_dir, tracking_uri)
+    if (got / "MLmodel").is_file():
+        from pipelines.serving import HF_ARTIFACT
+
+        return _pyfunc_artifact_dir(got, HF_ARTIFACT)
+    return got
+
+
+def _pyfunc_artifact_dir(model_dir: Path, key: str) -> Path:
+    """Where artifact `key` of the pyfunc model saved in `model_dir` lies (its MLmodel file says)."""
+    import yaml
+
+    flavors = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]
+    artifacts = flavors.get("python_function", {}).get("artifacts", {})
+    if key not in artifacts:
+        raise ValueError(f"{model_dir}: the pyfunc model has no artifact {key!r} (has {sorted(artifacts)})")
+    return model_dir / artifacts[key]["path"]
 
 
 __all__ = [
@@ -516,7 +584,9 @@ __all__ = [
     "flatten_params",
     "get_alias",
     "get_run",
+    "log_pyfunc_model",
     "metric_history",
+    "PYFUNC_ARTIFACT",
     "register_model",
     "resolve_parent_run_id",
     "resolve_tracking_uri",
