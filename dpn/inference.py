@@ -103,6 +103,7 @@ def load_model(model_dir: str | os.PathLike, compressor: str, dtype: str = "floa
     instead of transformers' default of initialising them randomly with a warning.
     """
     import torch
+    from transformers.utils import logging as hf_logging
 
     from dpn.modeling_dpn import DPNForConditionalGeneration
 
@@ -110,10 +111,18 @@ def load_model(model_dir: str | os.PathLike, compressor: str, dtype: str = "floa
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if budget is not None:
         config_overrides["budget"] = budget
-    model, info = DPNForConditionalGeneration.from_pretrained(
-        str(model_dir), compressor=compressor, dtype=getattr(torch, dtype), output_loading_info=True,
-        **config_overrides,
-    )
+    # Our checkpoints load quietly: no per-tensor progress bar (transformers' is process-wide, so it is put
+    # back as it was); key mismatches are errors below, not a report.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = DPNForConditionalGeneration.from_pretrained(
+            str(model_dir), compressor=compressor, dtype=getattr(torch, dtype), output_loading_info=True,
+            **config_overrides,
+        )
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         hint = (
