@@ -77,17 +77,27 @@ def client(tracking_uri: str | None = None, work_dir: str | os.PathLike | None =
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+# MLflow 3's UI asks for an experiment's kind (GenAI or machine learning) unless this tag says it; ours is
+# model training, which opens in the classic runs view.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def get_or_create_experiment(mlflow_client, name: str, artifact_location: str | None = None) -> str:
-    """Id of experiment `name`, created with `artifact_location` if it does not exist (or was deleted)."""
+    """Id of experiment `name`, created with `artifact_location` if it does not exist (or was deleted),
+    tagged `mlflow.experimentKind` = `custom_model_development` (also set on an existing one lacking it)."""
     from mlflow.exceptions import MlflowException
 
     exp = mlflow_client.get_experiment_by_name(name)
     if exp is not None and exp.lifecycle_stage == "deleted":
         mlflow_client.restore_experiment(exp.experiment_id)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            mlflow_client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return mlflow_client.create_experiment(name, artifact_location=artifact_location)
+        return mlflow_client.create_experiment(name, artifact_location=artifact_location,
+                                               tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException:
         # Another process created it between our lookup and create (concurrent pipeline steps).
         exp = mlflow_client.get_experiment_by_name(name)
@@ -418,6 +428,17 @@ def download_artifacts(
     return Path(client(tracking_uri).download_artifacts(run_id, artifact_path, str(dst)))
 
 
+def run_link(run_id: str, tracking_uri: str | None = None) -> str:
+    """Where to open run `run_id` in the MLflow UI: its URL for a tracking server; for a local SQLite store,
+    the `mlflow ui` command to start one and the run's URL on it (its default address)."""
+    uri = resolve_tracking_uri(tracking_uri)
+    exp_id = client(uri).get_run(run_id).info.experiment_id
+    path = f"#/experiments/{exp_id}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{path}"
+    return f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000/{path}"
+
+
 def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
     """Fail fast, before any work, when the tracking store cannot be reached.
 
@@ -590,5 +611,6 @@ __all__ = [
     "register_model",
     "resolve_parent_run_id",
     "resolve_tracking_uri",
+    "run_link",
     "set_alias",
 ]

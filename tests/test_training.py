@@ -202,6 +202,10 @@ def test_tracking_resume_by_key_params_metrics_registry(tmp_path, monkeypatch):
     assert tracking.get_alias("dpn-test", registry.CHALLENGER, uri) is None
     got = tracking.download_model("dpn-test", alias=registry.CHAMPION, dst_dir=tmp_path / "dl", tracking_uri=uri)
     assert (got / "config.json").read_text() == "{}"
+    exp_id = tracking.client(uri).get_run(run.run_id).info.experiment_id
+    assert tracking.run_link(run.run_id, uri) == (f"mlflow ui --backend-store-uri {uri}   then open "
+                                                  f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{run.run_id}")
+    assert tracking.client(uri).get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
     inert = tracking.RunTracker.open(work_dir=tmp_path, enabled=False)  # ranks != 0
     inert.log_metrics({"x": 1.0}, step=1)
     assert inert.run_id is None
