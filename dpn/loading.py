@@ -26,10 +26,10 @@ from safetensors import safe_open
 from transformers import AutoConfig, CLIPConfig, PreTrainedConfig
 from transformers.initialization import no_init_weights
 
-logger = logging.getLogger(__name__)
-
 from dpn.configuration_dpn import DPNConfig
 from dpn.modeling_dpn import DPNForConditionalGeneration
+
+logger = logging.getLogger(__name__)
 
 # Weights that a model built from pretrained parts legitimately lacks: the DPN-only modules.
 _FRESH_PREFIXES = ("routers.", "pool_experts.")
