@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dpn.compressors import format_path
 from pipelines.recipes import TrainConfig, config_from_dict
 from pipelines.training.model_setup import SKIPPABLE_TRAINABLE, build_model, set_trainable
 from pipelines.training.schedule import build_optimizer, deepspeed_config, lr_factor
@@ -100,7 +101,8 @@ class StepStats:
             digits.append(code % (self.n_exp + 1))
             code //= self.n_exp + 1
         factors = self.cfg.expert_factors
-        return "-".join("x" if j == self.n_exp else str(factors[j]) for j in reversed(digits))
+        # The one path notation (`dpn.compressors.format_path`): "4-2-1", a DPE that did not pool as "n".
+        return format_path([None if j == self.n_exp else factors[j] for j in reversed(digits)])
 
     def reduce(self, device) -> dict[str, float]:
         import torch
