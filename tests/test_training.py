@@ -121,9 +121,9 @@ def test_step_stats_paths_compression_and_flops():
     assert m["loss/lm"] == 2.0 and m["loss/route"] == 0.5
     # The text-only sample made no routing decision: shares over the two routed samples.
     # Paths in the one notation (`dpn.compressors.format_path`): a DPE that did not pool is "n".
-    assert m["router/path_share/4-1-2"] == 0.5 and m["router/path_share/1-1-n"] == 0.5
-    assert m["router/mean_compression/layer0"] == pytest.approx((4 + 1) / 2)
-    assert m["router/mean_compression/layer2"] == pytest.approx(2.0)  # one sample pooled there
+    assert m["routing/path_share/4-1-2"] == 0.5 and m["routing/path_share/1-1-n"] == 0.5
+    assert m["routing/mean_compression/layer0"] == pytest.approx((4 + 1) / 2)
+    assert m["routing/mean_compression/layer2"] == pytest.approx(2.0)  # one sample pooled there
     tc = mc.text_config
     ours = sum(llm_prefill_flops(tc, (v + t).tolist()) for v, t in zip(vis, txt, strict=True))
     base = sum(llm_prefill_flops(tc, [int(v[0] + t[0])] * 4) for v, t in zip(vis, txt, strict=True))
@@ -414,8 +414,8 @@ def test_mlflow_holds_params_metrics_dataset_and_artifacts(stages):
         inputs = c.get_run(r.run_id).inputs.dataset_inputs
         assert len(inputs) == 1 and inputs[0].tags[0].value == "training"
     m2 = tracking.get_run(stages["r2"].run_id, uri)["metrics"]
-    assert "loss/route" in m2 and "router/mean_compression/layer1" in m2
-    assert any(k.startswith("router/path_share/") for k in m2)
+    assert "loss/route" in m2 and "routing/mean_compression/layer1" in m2
+    assert any(k.startswith("routing/path_share/") for k in m2)
     assert m2["flops/saving"] > 0.1  # DPN pools: deeper layers see fewer tokens
     assert tracking.get_run(stages["r1"].run_id, uri)["metrics"]["flops/saving"] == 0.0  # stage 1: plain LLaVA
 

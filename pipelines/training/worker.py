@@ -124,13 +124,13 @@ class StepStats:
         b, n = self._base, self.n_dpe
         for k, layer in enumerate(self.cfg.dpe_layers):
             if v[b + k] > 0:
-                m[f"router/mean_compression/layer{layer}"] = v[b + n + k] / v[b + k]
+                m[f"routing/mean_compression/layer{layer}"] = v[b + n + k] / v[b + k]
         paths = v[b + 2 * n :]
         routed = sum(paths)
         if routed > 0:
             for code, count in enumerate(paths):
                 if count > 0:
-                    m[f"router/path_share/{self.path_name(code)}"] = count / routed
+                    m[f"routing/path_share/{self.path_name(code)}"] = count / routed
         return m
 
 
