@@ -10,9 +10,10 @@ DEEPSPEED_SPEC := deepspeed>=0.18,<0.20
 # and once it is installed transformers picks torchvision image processors and every import breaks. So
 # lmms-eval goes in without its dependency list, then those of its dependencies that its evaluator imports
 # on our path (with them, and what .[dev] brings, the lmms-eval CLI and tests/test_lmms.py run; torch stays
-# 2.13.0+cpu). `pip install -e '.[lmms]'` is the one command where torchvision matches the torch.
-LMMS_SPEC := $(shell sed -n 's/^lmms = \["\(.*\)"\]/\1/p' pyproject.toml)
-LMMS_RUNTIME := "datasets>=2.19" "evaluate>=0.4" pytablewriter "sacrebleu>=1.5" "scikit-learn>=0.24" einops \
+# 2.13.0+cpu; filelock<4 as the extra says). Elsewhere, with a torch whose torchvision is on PyPI (CUDA
+# builds), `pip install -e '.[lmms]'` is the one command.
+LMMS_SPEC := $(shell sed -n 's/^lmms = \["\([^"]*\)".*/\1/p' pyproject.toml)
+LMMS_RUNTIME := "filelock<4" "datasets>=2.19" "evaluate>=0.4" pytablewriter "sacrebleu>=1.5" "scikit-learn>=0.24" einops \
 	sympy loguru "tenacity>=8.3" pydantic python-dotenv jinja2 aiohttp
 # The stamp changes whenever the dependency list does, so `make` re-installs exactly then.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
