@@ -5,6 +5,16 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION := 2.13.0
 DEEPSPEED_SPEC := deepspeed>=0.18,<0.20
+# The [lmms] extra (dpn_lmms/, `lmms-eval eval --model dpn`). lmms-eval lists torchvision, whose PyPI wheel
+# is a CUDA build that fails to import beside the CPU torch ("operator torchvision::nms does not exist"),
+# and once it is installed transformers picks torchvision image processors and every import breaks. So
+# lmms-eval goes in without its dependency list, then those of its dependencies that its evaluator imports
+# on our path (with them, and what .[dev] brings, the lmms-eval CLI and tests/test_lmms.py run; torch stays
+# 2.13.0+cpu; filelock<4 as the extra says). Elsewhere, with a torch whose torchvision is on PyPI (CUDA
+# builds), `pip install -e '.[lmms]'` is the one command.
+LMMS_SPEC := $(shell sed -n 's/^lmms = \["\([^"]*\)".*/\1/p' pyproject.toml)
+LMMS_RUNTIME := "filelock<4" "datasets>=2.19" "evaluate>=0.4" pytablewriter "sacrebleu>=1.5" "scikit-learn>=0.24" einops \
+	sympy loguru "tenacity>=8.3" pydantic python-dotenv jinja2 aiohttp
 # The stamp changes whenever the dependency list does, so `make` re-installs exactly then.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
@@ -25,7 +35,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q "torch==$(TORCH_VERSION)"
 	# DeepSpeed's sdist must build against the torch above, never in an isolated env with a CUDA torch.
 	$(PIP) install -q --no-build-isolation "$(DEEPSPEED_SPEC)"
-	$(PIP) install -q -e ".[dev]"
+	# The torch installed above stays: every later call is constrained to it (pyproject only says torch>=2.4).
+	$(PIP) install -q -e ".[dev]" --constraint <(echo "torch==$(TORCH_VERSION)")
+	$(PIP) install -q --no-deps "$(LMMS_SPEC)"
+	$(PIP) install -q $(LMMS_RUNTIME) --constraint <(echo "torch==$(TORCH_VERSION)")
 	rm -f $(VENV)/.installed-*
 	touch $@
 

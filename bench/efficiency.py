@@ -40,6 +40,8 @@ METHODS = ("none", "static", "dpn", "fastv", "pdrop")  # the measured ones of dp
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from dpn.compressors import parse_path
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", help="cpu (the only one; accelerators: bench/latency.py)")
     p.add_argument("--geometry", default=None, help="mid | 7b (default: mid)")
@@ -48,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=16, help="greedy decode steps per timed decode")
     p.add_argument("--decode-repeats", type=int, default=3, help="timed decodes per method (median reported)")
     p.add_argument("--text-tokens", type=int, default=64, help="text tokens per prompt (LLaVA-style prompt)")
-    p.add_argument("--dpn-paths", default="4,2,1;2,2,2", help="forced DPN paths, ';'-separated (factor per DPE)")
+    p.add_argument("--dpn-paths", default="4-2-1;2-2-2", help="forced DPN paths, ';'-separated (factor per DPE)")
     p.add_argument("--layers", type=int, default=None, help="override the measured geometry's layer count")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice)")
@@ -69,9 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if "none" not in args.methods or any(m not in METHODS for m in args.methods):
         p.error(f"--methods must be a subset of {','.join(METHODS)} including none (the baseline), got {args.methods}")
     try:
-        args.dpn_paths = [[int(f) for f in path.split(",")] for path in args.dpn_paths.split(";")]
+        args.dpn_paths = [parse_path(path) for path in args.dpn_paths.split(";")]  # "4-2-1" (or the older "4,2,1")
     except ValueError:
-        p.error(f"--dpn-paths must look like 4,2,1;2,2,2, got {args.dpn_paths!r}")
+        p.error(f"--dpn-paths must look like 4-2-1;2-2-2, got {args.dpn_paths!r}")
     return args
 
 
@@ -109,9 +111,11 @@ def seven_b_config(layers: int | None = None):
 # ----- one method on one model ----------------------------------------------------------------------
 def method_rows(cfg, dpn_paths, methods=METHODS) -> list[dict]:
     """(name, compressor, forced path) of every row, the baseline first."""
+    from dpn.compressors import format_path
+
     rows = [dict(name="baseline", compressor="none", path=None),
-            dict(name=f"static {','.join(map(str, cfg.static_path))}", compressor="static", path=None)]
-    rows += [dict(name=f"dpn {','.join(map(str, p))} (forced)", compressor="dpn", path=p) for p in dpn_paths]
+            dict(name=f"static {format_path(cfg.static_path)}", compressor="static", path=None)]
+    rows += [dict(name=f"dpn {format_path(p)} (forced)", compressor="dpn", path=p) for p in dpn_paths]
     rows += [dict(name=f"fastv K={cfg.fastv_layer} R={cfg.fastv_ratio}", compressor="fastv", path=None),
              dict(name=f"pdrop {'/'.join(map(str, cfg.pdrop_layers))} x{cfg.pdrop_ratio}", compressor="pdrop", path=None)]
     return [r for r in rows if r["compressor"] in methods]

@@ -28,6 +28,7 @@ MARKER = "## FLOPs tables"
 
 
 def rows_of(name: str, n_text: int) -> tuple[list[dict], dict]:
+    from dpn.compressors import format_path
     from dpn.flops import analytic_token_counts, flops_report
     from dpn.presets import get_preset
 
@@ -50,7 +51,7 @@ def rows_of(name: str, n_text: int) -> tuple[list[dict], dict]:
         vis, txt = analytic_token_counts(cfg, n_text, list(path), "dpn")
         rep = flops_report(cfg, vis, txt)
         total = rep["tflops_exact"] + rep["vision_tflops"] + rep["projector_tflops"]
-        paths["-".join(map(str, path))] = dict(saving=rep["saving"], saving_exact=rep["saving_exact"],
+        paths[format_path(path)] = dict(saving=rep["saving"], saving_exact=rep["saving_exact"],
                                                total_saving=1 - total / base_total)
     return out, paths
 

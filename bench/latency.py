@@ -57,6 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from efficiency import kv_bytes, method_rows  # noqa: E402
 
+from dpn.compressors import format_path  # noqa: E402
+
 GEOMETRIES = ("llava-1.5-7b", "llava-1.5-13b", "llava-hr-7b", "llava-hr-x-13b")
 TINY = ("tiny", "llava-hr-tiny")
 ATTENTIONS = ("sdpa", "flash_attention_2")
@@ -244,7 +246,7 @@ class Cell:
                     decode_tokens_per_s=per_seq * self.batch, decode_tokens_per_s_per_seq=per_seq,
                     peak_memory_gib=self.peak, kv_cache_mib=self.kv / 2**20,
                     llm_prefill_tflops_exact_mean=sum(self.flops) / len(self.flops),
-                    paths=None if mix is None else ["-".join(map(str, p)) for p in mix])
+                    paths=None if mix is None else [format_path(p) for p in mix])
 
 
 def measure(cells: list[Cell], args) -> None:
@@ -339,7 +341,7 @@ def run_geometry(name: str, attn: str, args) -> dict:
                 gpu=torch.cuda.get_device_name() if cuda else None, layers=tc.num_hidden_layers, hidden=tc.hidden_size,
                 visual_tokens=cfg.num_image_tokens, text_tokens=args.text_tokens, image_size=cfg.vision_config.image_size,
                 dpe_layers=cfg.dpe_layers, build_s=build_s, seconds=time.perf_counter() - t0, rows=results,
-                path_flops_fractions={"-".join(map(str, p)): f for p, f in fractions.items()})
+                path_flops_fractions={format_path(p): f for p, f in fractions.items()})
     del model, cells
     if cuda:
         torch.cuda.empty_cache()

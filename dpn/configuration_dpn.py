@@ -331,4 +331,9 @@ class DPNConfig(PreTrainedConfig):
         return [math.log2(f) for f in self.expert_factors]
 
 
+# Known to the Auto classes under its model_type, as transformers' own models are: AutoConfig (and
+# AutoTokenizer, which reads config.json of a checkpoint directory) then read a DPN checkpoint without the
+# "model of type dpn to instantiate a model of type ..." warning. A registry entry, no I/O.
+AutoConfig.register(DPNConfig.model_type, DPNConfig, exist_ok=True)
+
 __all__ = ["DPNConfig", "COMPRESSORS", "default_dpe_layers", "expert_factor"]

@@ -103,6 +103,7 @@ def load_model(model_dir: str | os.PathLike, compressor: str, dtype: str = "floa
     instead of transformers' default of initialising them randomly with a warning.
     """
     import torch
+    from transformers.utils import logging as hf_logging
 
     from dpn.modeling_dpn import DPNForConditionalGeneration
 
@@ -110,10 +111,18 @@ def load_model(model_dir: str | os.PathLike, compressor: str, dtype: str = "floa
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if budget is not None:
         config_overrides["budget"] = budget
-    model, info = DPNForConditionalGeneration.from_pretrained(
-        str(model_dir), compressor=compressor, dtype=getattr(torch, dtype), output_loading_info=True,
-        **config_overrides,
-    )
+    # Our checkpoints load quietly: no per-tensor progress bar (transformers' is process-wide, so it is put
+    # back as it was); key mismatches are errors below, not a report.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = DPNForConditionalGeneration.from_pretrained(
+            str(model_dir), compressor=compressor, dtype=getattr(torch, dtype), output_loading_info=True,
+            **config_overrides,
+        )
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         hint = (
@@ -155,6 +164,52 @@ def path_label(experts: Sequence[int], factors: Sequence[int]) -> str:
     return format_path([None if int(j) < 0 else factors[int(j)] for j in experts])
 
 
+def generate_batches(model, processor, samples: Sequence[dict[str, Any]], *, batch_size: int = 8,
+                     max_new_tokens: int = 16, path: Sequence[int] | None = None):
+    """Greedy generation over `samples` (`DPNProcessor.encode` outputs, `<ROUTER>` already appended for
+    dpn), `batch_size` at a time, left padded. Yields `(start, GenerationOutput)` per batch, `start` the
+    index of the batch's first sample. `path` (compression factor per DPE, e.g. [4, 2, 1]) sends every
+    sample down that path instead of its router's choice.
+
+    The one generation loop of the package: `predict` (the evaluation), the lmms-eval model
+    (`dpn_lmms.model`) and the MLflow pyfunc (`pipelines.serving`) all answer through it."""
+    import torch
+
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+    config = model.config
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    forced = None if path is None else torch.tensor([config.expert_index(int(f)) for f in path])
+    tokenizer = processor.tokenizer
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start : start + batch_size]
+        inputs = processor.pad(batch)
+        pixel_values = inputs.get("pixel_values")
+        out = model.generate(
+            inputs["input_ids"].to(device),
+            pixel_values=None if pixel_values is None else pixel_values.to(device=device, dtype=dtype),
+            attention_mask=inputs["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+            force_path=None if forced is None else forced.expand(len(batch), -1).to(device),
+        )
+        yield start, out
+
+
+def decode_answer(out, b: int, tokenizer) -> str:
+    """Sample `b`'s generated answer in a `GenerationOutput`: its new tokens up to (without) EOS, decoded
+    without special tokens and stripped, as LLaVA's eval scripts write answers."""
+    n_new = int(out.num_new_tokens[b])
+    tokens = out.new_tokens[b, :n_new].tolist()
+    eos = tokenizer.eos_token_id
+    if tokens and eos is not None and tokens[-1] == eos:
+        tokens = tokens[:-1]
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
 def predict(
     model,
     processor,
@@ -168,7 +223,8 @@ def predict(
     answer_salt: str = "",
     path: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Answer `items` with greedy batched generation; returns LLaVA answer records in item order.
+    """Answer `items` with greedy batched generation (`generate_batches`); returns LLaVA answer records
+    in item order.
 
     Inputs come from `processor` (a `DPNProcessor`: its template, `<ROUTER>` for the dpn compressor, left
     padded). `metadata` of each record holds the per-sample measurements (routing path, tokens per layer,
@@ -176,39 +232,80 @@ def predict(
     so a re-run writes identical files. `path` (compression factor per DPE, e.g. [4, 2, 1]) sends every
     sample down that path instead of its router's choice (the fixed paths of a dpn model's own weights).
     """
+    samples = []
+    for item in items:
+        try:
+            image = item.open_image() if item.has_image else None
+            samples.append(processor.encode(item.text, image, add_router_token=compressor == "dpn"))
+        except (OSError, ValueError) as e:
+            raise EvalDataError(f"{benchmark} question {item.question_id!r}: {e}") from e
+    records: list[dict[str, Any]] = []
+    for start, out in generate_batches(model, processor, samples, batch_size=batch_size,
+                                       max_new_tokens=max_new_tokens, path=path):
+        batch = items[start : start + batch_size]
+        records += _answer_records(out, batch, processor.tokenizer, model.config, compressor=compressor,
+                                   benchmark=benchmark, model_id=model_id, answer_salt=answer_salt)
+    return records
+
+
+def continuation_logprobs(model, processor, requests: Sequence[tuple[str, Any, str]], *, compressor: str,
+                          batch_size: int = 8) -> list[tuple[float, bool]]:
+    """Log-likelihood of each continuation after its prompt: `requests` holds (question, image or None,
+    continuation); the prompt is the question in the processor's template (as `generate_batches` answers
+    it), the continuation the text after "ASSISTANT:" (e.g. " A"). Returns per request (sum of the
+    continuation tokens' log-probabilities, whether greedy decoding would produce exactly them).
+
+    Tokens: prompt + continuation are tokenized together and split after the prompt's tokens (lm-eval's
+    convention: a BPE merge across the boundary stays with the continuation). The router reads what it
+    reads at generation (`<ROUTER>`, else the last prompt token), so routing equals `generate_batches`'."""
     import torch
 
-    config = model.config
+    from dpn.constants import IGNORE_INDEX
+
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    forced = None if path is None else torch.tensor([config.expert_index(int(f)) for f in path])
-    tokenizer = processor.tokenizer
-    eos = tokenizer.eos_token_id
-    records: list[dict[str, Any]] = []
-    for start in range(0, len(items), batch_size):
-        batch = items[start : start + batch_size]
-        samples = []
-        for item in batch:
-            try:
-                image = item.open_image() if item.has_image else None
-                samples.append(processor.encode(item.text, image, add_router_token=compressor == "dpn"))
-            except (OSError, ValueError) as e:
-                raise EvalDataError(f"{benchmark} question {item.question_id!r}: {e}") from e
-        inputs = processor.pad(samples)
+    router = compressor == "dpn"
+    encoded = []
+    for question, image, continuation in requests:
+        if not continuation:
+            raise ValueError(f"an empty continuation has no log-likelihood (question {question!r})")
+        prompt = processor.encode(question, image, add_router_token=router)
+        whole = processor.encode(question, image, add_router_token=router, continuation=continuation)
+        n_prompt = len(prompt["input_ids"])
+        if whole["input_ids"][:n_prompt] != prompt["input_ids"]:
+            # The continuation merged with the prompt's last token: keep the prompt's tokens, then the rest.
+            n_prompt = next(i for i, (a, b) in enumerate(zip(prompt["input_ids"], whole["input_ids"], strict=False))
+                            if a != b)
+        if len(whole["input_ids"]) <= n_prompt:
+            raise ValueError(f"continuation {continuation!r} adds no token to the prompt of {question!r}")
+        whole["labels"] = [IGNORE_INDEX] * n_prompt + whole["input_ids"][n_prompt:]
+        encoded.append(whole)
+    results: list[tuple[float, bool]] = []
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start : start + batch_size]
+        inputs = processor.pad(batch, keep_labels=True)
         pixel_values = inputs.get("pixel_values")
-        out = model.generate(
-            inputs["input_ids"].to(device),
-            pixel_values=None if pixel_values is None else pixel_values.to(device=device, dtype=dtype),
-            attention_mask=inputs["attention_mask"].to(device),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=tokenizer.pad_token_id,
-            return_dict_in_generate=True,
-            force_path=None if forced is None else forced.expand(len(batch), -1).to(device),
-        )
-        records += _answer_records(out, batch, tokenizer, config, compressor=compressor, benchmark=benchmark,
-                                   model_id=model_id, answer_salt=answer_salt)
-    return records
+        with torch.no_grad():
+            out = model(
+                inputs["input_ids"].to(device),
+                pixel_values=None if pixel_values is None else pixel_values.to(device=device, dtype=dtype),
+                attention_mask=inputs["attention_mask"].to(device),
+                labels=inputs["labels"].to(device),
+            )
+        # Left padding and text that is never pooled: in the last stage's layout each sample's continuation
+        # is still its last n tokens, predicted by the n positions before them.
+        logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # (B, L_last, V)
+        for b, sample in enumerate(batch):
+            target = torch.tensor([t for t in sample["labels"] if t != IGNORE_INDEX], device=logprobs.device)
+            n = len(target)
+            rows = logprobs[b, -n - 1 : -1]  # (n, V)
+            total = float(rows.gather(-1, target[:, None]).sum())
+            # The model's own per-sample loss over the same tokens: a mismatch means the layout assumption broke.
+            if abs(-total / n - float(out.sample_loss[b])) > 1e-3 * max(1.0, abs(total / n)):
+                raise RuntimeError(f"continuation log-probability {total / n:.6g} per token disagrees with the "
+                                   f"model's loss {float(out.sample_loss[b]):.6g}")
+            results.append((total, bool((rows.argmax(-1) == target).all())))
+    return results
 
 
 def _answer_records(out, batch: Sequence[EvalItem], tokenizer, config, *, compressor: str, benchmark: str,
@@ -216,18 +313,13 @@ def _answer_records(out, batch: Sequence[EvalItem], tokenizer, config, *, compre
     """One LLaVA answer record per item of a generated batch, with the per-sample measurements."""
     from dpn.flops import flops_report
 
-    eos = tokenizer.eos_token_id
-    sequences = out.new_tokens.cpu()
     n_new = out.num_new_tokens.cpu().tolist()
     paths = out.routing_paths.cpu().tolist()
     vis = out.visual_tokens_per_layer.cpu().tolist()
     txt = out.text_tokens_per_layer.cpu().tolist()
     records = []
     for b, item in enumerate(batch):
-        tokens = sequences[b, : n_new[b]].tolist()
-        if tokens and eos is not None and tokens[-1] == eos:
-            tokens = tokens[:-1]
-        text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        text = decode_answer(out, b, tokenizer)
         report = flops_report(config, vis[b], txt[b])
         difficulty = item.extra.get("difficulty")
         metadata = {
@@ -250,4 +342,5 @@ def _answer_records(out, batch: Sequence[EvalItem], tokenizer, config, *, compre
     return records
 
 
-__all__ = ["check_checkpoint", "find_tokenizer_dir", "load_model", "load_model_and_processor", "path_label", "predict"]
+__all__ = ["check_checkpoint", "continuation_logprobs", "decode_answer", "find_tokenizer_dir", "generate_batches",
+           "load_model", "load_model_and_processor", "path_label", "predict"]

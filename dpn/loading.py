@@ -15,6 +15,7 @@ or a shape mismatch raises an error naming the file and the key.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +28,8 @@ from transformers.initialization import no_init_weights
 
 from dpn.configuration_dpn import DPNConfig
 from dpn.modeling_dpn import DPNForConditionalGeneration
+
+logger = logging.getLogger(__name__)
 
 # Weights that a model built from pretrained parts legitimately lacks: the DPN-only modules.
 _FRESH_PREFIXES = ("routers.", "pool_experts.")
@@ -204,6 +207,11 @@ def from_llava_hf(path: str | Path, dtype: torch.dtype | None = None, **override
     config = DPNConfig(**fields)
     model = _build_uninitialised(config, dtype)
     load_weights(model, weight_files(directory), _rename_llava, fresh_prefixes=_FRESH_PREFIXES)
+    routers = getattr(model, "routers", None)  # built for compressor="dpn" only
+    if routers is not None:
+        # The one thing worth saying: llava-hf checkpoints have no routers, so dpn routing is random until trained.
+        logger.warning("%s: loaded as DPN; its %d routers start untrained (train stage 2 or route_calibrate "
+                       "before routing with compressor='dpn')", directory, len(routers))
     return model.eval()
 
 

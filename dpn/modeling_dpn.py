@@ -27,7 +27,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM, DynamicCache, PreTrainedModel
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    DynamicCache,
+    PreTrainedModel,
+)
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
@@ -251,6 +257,10 @@ class DPNPreTrainedModel(PreTrainedModel):
     # The routers' input standardisation is identity until fitted (`dpn.routing`); checkpoints written before
     # it existed load with the identity.
     _keys_to_ignore_on_load_missing = [r"routers\.\d+\.input_(shift|scale)"]
+    # A checkpoint trained with routers, loaded with another compressor (static, none, ...), has routers the
+    # model does not build: not an error, so no UNEXPECTED load report. (A dpn model that lacks router weights
+    # is refused by `dpn.inference.load_model`, not silenced here.)
+    _keys_to_ignore_on_load_unexpected = [r"^routers\."]
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Conv2d) and hasattr(module, "dpn_avg_init"):
@@ -715,6 +725,11 @@ class DPNForConditionalGeneration(DPNPreTrainedModel):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return DPNOutput(logits=self.language_model.lm_head(hidden), cache=cache, attention_mask=cache.stage_masks[-1])
+
+
+# `AutoModelForImageTextToText.from_pretrained(dpn_checkpoint)` builds this class (AutoConfig knows DPNConfig,
+# see dpn.configuration_dpn). A registry entry, no I/O.
+AutoModelForImageTextToText.register(DPNConfig, DPNForConditionalGeneration, exist_ok=True)
 
 
 __all__ = [

@@ -23,7 +23,7 @@ from transformers import BatchFeature, ProcessorMixin
 
 from dpn.collate import collate
 from dpn.constants import IMAGE_TOKEN
-from dpn.conversation import encode_prompt, get_template
+from dpn.conversation import build_prompt, encode_prompt, get_template, tokenize_prompt
 from dpn.image_processing import build_image_processor, preprocess_images
 
 
@@ -73,23 +73,30 @@ class DPNProcessor(ProcessorMixin):
     def image_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
-    def encode(self, text: str, image: Image.Image | None = None, add_router_token: bool | None = None
-               ) -> dict[str, Any]:
+    def encode(self, text: str, image: Image.Image | None = None, add_router_token: bool | None = None,
+               continuation: str = "") -> dict[str, Any]:
         """One sample: {"input_ids": list of ids, "labels": the same, "pixel_values": (3, H, W) or None}.
+        `continuation` is text after the prompt's "ASSISTANT:" (e.g. " A"), tokenized together with it, for
+        scoring an answer (`dpn.inference.continuation_logprobs`).
 
         Raises ValueError for a question the template cannot take (e.g. holding `<ROUTER>`) or an image
         that is not a PIL image."""
         router = self.add_router_token if add_router_token is None else add_router_token
-        ids = encode_prompt(text, self.tokenizer, self.template, self.num_image_tokens, image is not None, router)
+        if continuation:
+            prompt = build_prompt(text, self.template, image is not None, router)
+            ids = tokenize_prompt(prompt + continuation, self.tokenizer, self.num_image_tokens)
+        else:
+            ids = encode_prompt(text, self.tokenizer, self.template, self.num_image_tokens, image is not None, router)
         pixels = preprocess_images([image], self.image_processor)[0] if image is not None else None
         return {"input_ids": ids, "labels": ids, "pixel_values": pixels}
 
-    def pad(self, samples: Sequence[dict[str, Any]]) -> BatchFeature:
+    def pad(self, samples: Sequence[dict[str, Any]], keep_labels: bool = False) -> BatchFeature:
         """Left-pad `encode`d samples into model inputs: input_ids and attention_mask (B, L), and
-        pixel_values (N_img, 3, H, W) when some sample has an image."""
+        pixel_values (N_img, 3, H, W) when some sample has an image; labels (B, L) too with `keep_labels`."""
         batch = collate(samples, pad_token_id=self.tokenizer.pad_token_id, padding_side="left",
                         image_token_id=self.image_token_id)
-        batch.pop("labels")
+        if not keep_labels:
+            batch.pop("labels")
         return BatchFeature(batch)
 
     def __call__(self, images: Image.Image | Sequence[Image.Image | None] | None = None,

@@ -98,10 +98,10 @@ def run_and_report(recipe: str | None, config_file: str | None, work_dir: str | 
         if reg:
             print(f"\nregistry: {reg['model']} v{reg['version']} "
                   f"{'promoted to champion' if reg['promoted'] else 'kept as challenger'} ({reg['reason']})")
-        uri = summary["tracking_uri"]
-        store = uri.removeprefix("sqlite:///")
-        print(f"\nMLflow UI:  .venv/bin/mlflow ui --backend-store-uri {uri}"
-              + (f"   (store: {store})" if store != uri else ""))
+        if summary.get("parent_run_id"):
+            from pipelines import tracking
+
+            print(f"\nMLflow run: {tracking.run_link(summary['parent_run_id'], summary['tracking_uri'])}")
         print(f"pipeline finished {summary['status']} in {summary['seconds']}s\n")
     print(json.dumps(summary))
     return 0 if summary["status"] == "succeeded" else 1

@@ -38,21 +38,26 @@ def promotion_decision(challenger: dict[str, float], champion: dict[str, float] 
 
 
 def register_and_gate(source_run_id: str, model_name: str, challenger: dict[str, float], *, gate_metric: str,
-                      compressor: str, tracking_uri: str) -> dict[str, Any]:
-    """Register the "model" artifact of `source_run_id` as a new version of `model_name`, alias it
-    `challenger`, and move `champion` to it when `promotion_decision` says so.
+                      compressor: str, tracking_uri: str, model_dir: str) -> dict[str, Any]:
+    """Log `model_dir` as a pyfunc model on `source_run_id` (`tracking.log_pyfunc_model`: what
+    `mlflow.pyfunc.load_model("models:/<name>@champion")` and `mlflow models serve` load), register it as a
+    new version of `model_name`, alias it `challenger`, and move `champion` to it when `promotion_decision`
+    says so.
 
     Args:
-        source_run_id: the MLflow run holding the model directory artifact.
+        source_run_id: the MLflow run that trained (or calibrated) the model.
         model_name: the registered model.
         challenger: {"score": gate score, "tflops": prefill TFLOPs per sample} of the new model.
         gate_metric / compressor: recorded as tags of the version.
         tracking_uri: the store (also the registry).
+        model_dir: the model's `save_pretrained` directory (the dpn budget is the one saved in it).
     Returns:
         {"version", "promoted", "reason", "champion"}: champion is the previous champion's
         {"score", "tflops"}, None when there was none.
     """
-    version = tracking.register_model(source_run_id, model_name, artifact_path="model", tracking_uri=tracking_uri,
+    tracking.log_pyfunc_model(source_run_id, model_dir, compressor=compressor, tracking_uri=tracking_uri)
+    version = tracking.register_model(source_run_id, model_name, artifact_path=tracking.PYFUNC_ARTIFACT,
+                                      tracking_uri=tracking_uri,
                                       tags={"gate_metric": gate_metric, "gate_score": challenger["score"],
                                             "tflops_per_sample": challenger["tflops"], "compressor": compressor})
     tracking.set_alias(model_name, CHALLENGER, version, tracking_uri=tracking_uri)

@@ -77,17 +77,27 @@ def client(tracking_uri: str | None = None, work_dir: str | os.PathLike | None =
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+# MLflow 3's UI asks for an experiment's kind (GenAI or machine learning) unless this tag says it; ours is
+# model training, which opens in the classic runs view.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def get_or_create_experiment(mlflow_client, name: str, artifact_location: str | None = None) -> str:
-    """Id of experiment `name`, created with `artifact_location` if it does not exist (or was deleted)."""
+    """Id of experiment `name`, created with `artifact_location` if it does not exist (or was deleted),
+    tagged `mlflow.experimentKind` = `custom_model_development` (also set on an existing one lacking it)."""
     from mlflow.exceptions import MlflowException
 
     exp = mlflow_client.get_experiment_by_name(name)
     if exp is not None and exp.lifecycle_stage == "deleted":
         mlflow_client.restore_experiment(exp.experiment_id)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            mlflow_client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return mlflow_client.create_experiment(name, artifact_location=artifact_location)
+        return mlflow_client.create_experiment(name, artifact_location=artifact_location,
+                                               tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except MlflowException:
         # Another process created it between our lookup and create (concurrent pipeline steps).
         exp = mlflow_client.get_experiment_by_name(name)
@@ -418,6 +428,17 @@ def download_artifacts(
     return Path(client(tracking_uri).download_artifacts(run_id, artifact_path, str(dst)))
 
 
+def run_link(run_id: str, tracking_uri: str | None = None) -> str:
+    """Where to open run `run_id` in the MLflow UI: its URL for a tracking server; for a local SQLite store,
+    the `mlflow ui` command to start one and the run's URL on it (its default address)."""
+    uri = resolve_tracking_uri(tracking_uri)
+    exp_id = client(uri).get_run(run_id).info.experiment_id
+    path = f"#/experiments/{exp_id}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{path}"
+    return f"mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000/{path}"
+
+
 def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
     """Fail fast, before any work, when the tracking store cannot be reached.
 
@@ -438,6 +459,57 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
     except (urllib.error.URLError, OSError) as e:
         raise ConnectionError(f"MLflow tracking server {tracking_uri} is not reachable ({e}); start it or set "
                               "MLFLOW_TRACKING_URI to a reachable server") from e
+
+
+# ----- the served model (MLflow pyfunc) -------------------------------------------------------------
+PYFUNC_ARTIFACT = "pyfunc"  # the run artifact holding the MLflow model that the registry versions point at
+
+
+def log_pyfunc_model(
+    run_id: str,
+    model_dir: str | os.PathLike,
+    *,
+    compressor: str,
+    budget: float | None = None,
+    artifact_path: str = PYFUNC_ARTIFACT,
+    tracking_uri: str | None = None,
+) -> str:
+    """Log `model_dir` (a `save_pretrained` directory) as an MLflow pyfunc model (`pipelines.serving.DPNPyfunc`)
+    under the run's artifact `artifact_path`; returns that artifact's URI, what `register_model` versions.
+
+    The model holds the directory as its artifact `hf_model`, the signature (input `image`: path or bytes,
+    `question`: string; output `answer`; param `max_new_tokens`) and `{"compressor", "budget"}` as its model
+    config, so `mlflow.pyfunc.load_model("models:/<name>@champion")` and `mlflow models serve` answer with
+    it. It is written with `mlflow.pyfunc.save_model` and uploaded with the client: `log_model` needs
+    MLflow's process-global active run, which concurrent DAG steps must not share (see the module
+    docstring); the files are the same. Loading it needs this package installed (`pip install dpn`)."""
+    import importlib.metadata
+
+    import mlflow.pyfunc
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
+
+    from pipelines.serving import DEFAULT_MAX_NEW_TOKENS, HF_ARTIFACT, DPNPyfunc, ServingConfig
+
+    config = ServingConfig(compressor=compressor, budget=budget)  # validated before anything is written
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(AnyType(), "image"), ColSpec("string", "question")]),
+        outputs=Schema([ColSpec("string", "answer")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", DEFAULT_MAX_NEW_TOKENS)]),
+    )
+    # Pinned to what logged it: the model's numerics depend on torch and transformers.
+    requirements = [f"{pkg}=={importlib.metadata.version(pkg).split('+')[0]}"
+                    for pkg in ("torch", "transformers", "mlflow", "pillow", "pandas")]
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / artifact_path
+        mlflow.pyfunc.save_model(
+            local, python_model=DPNPyfunc(), artifacts={HF_ARTIFACT: str(model_dir)}, signature=signature,
+            model_config=dataclasses.asdict(config), pip_requirements=requirements,
+        )
+        c = client(tracking_uri)
+        c.log_artifacts(run_id, str(local), artifact_path)
+    c.set_tag(run_id, "dpn.pyfunc_artifact", artifact_path)
+    return f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
 
 
 # ----- model registry -------------------------------------------------------------------------------
@@ -492,7 +564,8 @@ def download_model(
     tracking_uri: str | None = None,
 ) -> Path:
     """Download a registered model version (by alias or version) into `dst_dir`; returns the directory
-    to pass to `DPNForConditionalGeneration.from_pretrained`."""
+    to pass to `DPNForConditionalGeneration.from_pretrained` (for a pyfunc version, `log_pyfunc_model`,
+    the `save_pretrained` directory inside it)."""
     if (alias is None) == (version is None):
         raise ValueError(f"give exactly one of alias or version, got alias={alias!r} version={version!r}")
     c = client(tracking_uri)
@@ -501,7 +574,23 @@ def download_model(
     root = run.info.artifact_uri.rstrip("/") + "/"
     if not mv.source.startswith(root):
         raise ValueError(f"model version {name}/{mv.version} has source {mv.source!r} outside its run's artifacts")
-    return download_artifacts(mv.run_id, mv.source[len(root) :], dst_dir, tracking_uri)
+    got = download_artifacts(mv.run_id, mv.source[len(root) :], dst_dir, tracking_uri)
+    if (got / "MLmodel").is_file():
+        from pipelines.serving import HF_ARTIFACT
+
+        return _pyfunc_artifact_dir(got, HF_ARTIFACT)
+    return got
+
+
+def _pyfunc_artifact_dir(model_dir: Path, key: str) -> Path:
+    """Where artifact `key` of the pyfunc model saved in `model_dir` lies (its MLmodel file says)."""
+    import yaml
+
+    flavors = yaml.safe_load((model_dir / "MLmodel").read_text())["flavors"]
+    artifacts = flavors.get("python_function", {}).get("artifacts", {})
+    if key not in artifacts:
+        raise ValueError(f"{model_dir}: the pyfunc model has no artifact {key!r} (has {sorted(artifacts)})")
+    return model_dir / artifacts[key]["path"]
 
 
 __all__ = [
@@ -516,9 +605,12 @@ __all__ = [
     "flatten_params",
     "get_alias",
     "get_run",
+    "log_pyfunc_model",
     "metric_history",
+    "PYFUNC_ARTIFACT",
     "register_model",
     "resolve_parent_run_id",
     "resolve_tracking_uri",
+    "run_link",
     "set_alias",
 ]

@@ -282,8 +282,15 @@ def test_mlflow_child_runs_hold_metrics_and_artifacts(fanned_out):
                  for a in c.list_artifacts(row["mlflow_run_id"], top)}
         assert {"predictions/synthetic/predictions.jsonl", "tables/predictions.json",
                 "figures/accuracy_vs_flops.png", "figures/routing_by_difficulty.png"} <= files
+        # Created when the evaluation started and updated as each of its 4 shards finished.
+        from pipelines.tracking import metric_history
+
+        assert [v for _, v in metric_history(row["mlflow_run_id"], "eval/shards_done", uri)] == [1, 2, 3, 4]
     parent_files = {a.path for a in c.list_artifacts(parent_id, "figures")}
     assert "figures/accuracy_vs_flops.png" in parent_files
+    # The experiment opens in MLflow 3's classic (model training) view.
+    exp = c.get_experiment_by_name("eval-test")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 @pytest.mark.slow

@@ -46,13 +46,13 @@ def test_latency_bench_runs_on_cpu_at_tiny_geometry(tmp_path):
     (geo,) = result["geometries"]
     assert geo["geometry"] == "llava-hr-tiny" and geo["visual_tokens"] == 64 and geo["gpu"] is None
     rows = {(r["method"], r["batch"]): r for r in geo["rows"]}
-    names = {"baseline", "dpn 4,2,1 (forced)", "fastv K=2 R=0.5", "dpn budget 0.6 (emulated)"}
+    names = {"baseline", "dpn 4-2-1 (forced)", "fastv K=2 R=0.5", "dpn budget 0.6 (emulated)"}
     assert set(rows) == {(n, b) for n in names for b in (1, 2)}
     for r in rows.values():
         assert 0 < r["ttft_ms_p50"] <= r["ttft_ms_p99"] and r["decode_tokens_per_s"] > 0 and len(r["ttft_ms_all"]) == 2
         assert r["peak_memory_gib"] is None  # CPU: not measured
     fractions = geo["path_flops_fractions"]
-    forced = rows[("dpn 4,2,1 (forced)", 2)]
+    forced = rows[("dpn 4-2-1 (forced)", 2)]
     assert forced["flops_saving"] == pytest.approx(1 - fractions["4-2-1"], abs=1e-9)
     assert rows[("baseline", 1)]["flops_saving"] == 0.0
     budget = rows[("dpn budget 0.6 (emulated)", 2)]

@@ -411,3 +411,35 @@ def test_text_only_batch_trains_without_logits(objective):
     out.loss.backward()
     assert out.logits is None and torch.isfinite(out.loss)
     assert (out.route_loss is None) == (objective == "counterfactual")
+
+
+def test_loading_is_quiet_but_says_llava_hf_routers_start_untrained(llava_dir, tmp_path, capfd, caplog):
+    """Our checkpoints load with nothing on stderr and no warning (no "model of type" warning, no load report,
+    no progress bar), with or without the routers they were saved with; a llava-hf checkpoint loaded as dpn
+    says in one line that the routers start untrained."""
+    import logging
+
+    from dpn.inference import load_model
+
+    d, _ = llava_dir
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO):
+        model = from_llava_hf(d, compressor="dpn")
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "3 routers start untrained" in warnings[0].getMessage()
+    assert "\n" not in warnings[0].getMessage()
+    assert capfd.readouterr().err == ""
+
+    model.save_pretrained(tmp_path / "ours")
+    caplog.clear()
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO):
+        load_model(tmp_path / "ours", "dpn")
+        load_model(tmp_path / "ours", "static")  # routers saved, not built: no UNEXPECTED report
+        DPNConfig.from_pretrained(tmp_path / "ours")
+        from transformers import AutoConfig
+
+        assert type(AutoConfig.from_pretrained(tmp_path / "ours")) is DPNConfig
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""

@@ -115,6 +115,10 @@ def test_killed_driver_resumes_without_recomputing_or_duplicate_runs(tmp_path):
     assert tracking.metric_history(stage1["run_id"], "loss/lm", tracking_uri=uri)
     champion = tracking.get_alias("dpn", registry.CHAMPION, tracking_uri=uri)
     assert champion is not None and champion["tags"]["compressor"] == "dpn"
+    # The champion is the calibrated model as a pyfunc (pipelines/serving.py), its HF directory inside.
+    assert champion["source"].endswith(f"/{tracking.PYFUNC_ARTIFACT}")
+    hf_dir = tracking.download_model("dpn", alias=registry.CHAMPION, dst_dir=tmp_path / "champion", tracking_uri=uri)
+    assert json.loads((hf_dir / "config.json").read_text())["compressor"] == "dpn"
 
     # A second run is all cache hits and returns in seconds.
     t0 = time.time()

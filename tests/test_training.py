@@ -112,7 +112,7 @@ def test_step_stats_paths_compression_and_flops():
     out = SimpleNamespace(
         num_label_tokens=torch.tensor(4), lm_loss=torch.tensor(2.0), route_loss=torch.tensor(0.5),
         visual_tokens_per_layer=vis, text_tokens_per_layer=txt,
-        routing_paths=torch.tensor([[2, 0, 1], [0, 0, 0], [-1, -1, -1]]),
+        routing_paths=torch.tensor([[2, 0, 1], [0, 0, -1], [-1, -1, -1]]),
     )
     batch = {"attention_mask": torch.tensor([[1] * 74 + [0] * 2, [1] * 76, [1] * 7 + [0] * 69])}
     st.add(batch, out)
@@ -120,9 +120,10 @@ def test_step_stats_paths_compression_and_flops():
     assert m["train/samples"] == 3 and m["train/tokens"] == 74 + 76 + 7
     assert m["loss/lm"] == 2.0 and m["loss/route"] == 0.5
     # The text-only sample made no routing decision: shares over the two routed samples.
-    assert m["router/path_share/4-1-2"] == 0.5 and m["router/path_share/1-1-1"] == 0.5
-    assert m["router/mean_compression/layer0"] == pytest.approx((4 + 1) / 2)
-    assert m["router/mean_compression/layer2"] == pytest.approx((2 + 1) / 2)
+    # Paths in the one notation (`dpn.compressors.format_path`): a DPE that did not pool is "n".
+    assert m["routing/path_share/4-1-2"] == 0.5 and m["routing/path_share/1-1-n"] == 0.5
+    assert m["routing/mean_compression/layer0"] == pytest.approx((4 + 1) / 2)
+    assert m["routing/mean_compression/layer2"] == pytest.approx(2.0)  # one sample pooled there
     tc = mc.text_config
     ours = sum(llm_prefill_flops(tc, (v + t).tolist()) for v, t in zip(vis, txt, strict=True))
     base = sum(llm_prefill_flops(tc, [int(v[0] + t[0])] * 4) for v, t in zip(vis, txt, strict=True))
@@ -202,6 +203,10 @@ def test_tracking_resume_by_key_params_metrics_registry(tmp_path, monkeypatch):
     assert tracking.get_alias("dpn-test", registry.CHALLENGER, uri) is None
     got = tracking.download_model("dpn-test", alias=registry.CHAMPION, dst_dir=tmp_path / "dl", tracking_uri=uri)
     assert (got / "config.json").read_text() == "{}"
+    exp_id = tracking.client(uri).get_run(run.run_id).info.experiment_id
+    assert tracking.run_link(run.run_id, uri) == (f"mlflow ui --backend-store-uri {uri}   then open "
+                                                  f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{run.run_id}")
+    assert tracking.client(uri).get_experiment(exp_id).tags["mlflow.experimentKind"] == "custom_model_development"
     inert = tracking.RunTracker.open(work_dir=tmp_path, enabled=False)  # ranks != 0
     inert.log_metrics({"x": 1.0}, step=1)
     assert inert.run_id is None
@@ -409,8 +414,8 @@ def test_mlflow_holds_params_metrics_dataset_and_artifacts(stages):
         inputs = c.get_run(r.run_id).inputs.dataset_inputs
         assert len(inputs) == 1 and inputs[0].tags[0].value == "training"
     m2 = tracking.get_run(stages["r2"].run_id, uri)["metrics"]
-    assert "loss/route" in m2 and "router/mean_compression/layer1" in m2
-    assert any(k.startswith("router/path_share/") for k in m2)
+    assert "loss/route" in m2 and "routing/mean_compression/layer1" in m2
+    assert any(k.startswith("routing/path_share/") for k in m2)
     assert m2["flops/saving"] > 0.1  # DPN pools: deeper layers see fewer tokens
     assert tracking.get_run(stages["r1"].run_id, uri)["metrics"]["flops/saving"] == 0.0  # stage 1: plain LLaVA
 

@@ -216,11 +216,13 @@ def placement(config: EvalConfig) -> tuple[bool, int]:
 
 
 def run_shards(
-    tasks: list[ShardTask], settings: WorkerSettings, config: EvalConfig, n_workers: int, log: Callable[[str], None]
+    tasks: list[ShardTask], settings: WorkerSettings, config: EvalConfig, n_workers: int, log: Callable[[str], None],
+    on_done: Callable[[ShardTask, int], None] | None = None,
 ) -> tuple[dict[str, int], dict[str, str], float]:
-    """Run `tasks` on a pool of `n_workers` Ray actors (one GPU each when `settings.use_gpu`). Returns
-    ({key: attempts} of finished shards, {key: error} of shards that failed `max_attempts` times, wall
-    seconds of the fan-out including worker start-up)."""
+    """Run `tasks` on a pool of `n_workers` Ray actors (one GPU each when `settings.use_gpu`); `on_done(task,
+    n_answers)` is called as each shard is written (live progress). Returns ({key: attempts} of finished
+    shards, {key: error} of shards that failed `max_attempts` times, wall seconds of the fan-out including
+    worker start-up)."""
     import ray
     from ray.exceptions import RayActorError
 
@@ -273,6 +275,8 @@ def run_shards(
                 done[task.key] = attempt
                 idle.append(actor)
                 log(f"evaluate: shard {task.key} done ({len(result['records'])} answers, {result['seconds']:.1f}s)")
+                if on_done is not None:
+                    on_done(task, len(result["records"]))
     finally:
         for actor in actors:
             ray.kill(actor)

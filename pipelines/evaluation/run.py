@@ -90,6 +90,49 @@ class TrackingOptions:
     run_name: str = "evaluate"
 
 
+def _child_key(fp: str, model: str, compressor: str) -> str:
+    return f"evaluate:{fp}:{model}/{compressor}"
+
+
+def _open_mlflow_runs(config: EvalConfig, tracking: TrackingOptions, fp: str, compressors: Mapping[str, list[str]]
+                      ) -> tuple[Callable[[ShardTask, int], None], list[Any]]:
+    """Create the evaluation's MLflow runs when it starts (status RUNNING, params logged), so the UI shows
+    them while shards run. Returns the `run_shards` callback that logs each child's progress live
+    (`eval/shards_done`, `eval/answers_done`) and the runs opened here (finished as FAILED if shards fail;
+    else `_log_to_mlflow` finds them again by key and finishes them)."""
+    RunTracker = mlflow_tracking.RunTracker
+    common = dict(tracking_uri=tracking.tracking_uri, work_dir=tracking.work_dir, experiment=tracking.experiment)
+    own_parent = tracking.parent_run_id is None
+    parent = RunTracker.open(**common, run_id=tracking.parent_run_id,
+                             run_name=tracking.run_name if own_parent else None,
+                             run_key=f"evaluate:{fp}" if own_parent else None,
+                             tags={"dpn.step": "evaluate"} if own_parent else None)
+    children = {}
+    for target in config.targets:
+        for comp in compressors[target.name]:
+            child = RunTracker.open(**common, parent_run_id=parent.run_id, run_name=f"{target.name}/{comp}",
+                                    run_key=_child_key(fp, target.name, comp),
+                                    tags={"dpn.model": target.name, "dpn.compressor": comp})
+            child.log_params({
+                "model": target.name, "model_dir": str(target.model_dir), "compressor": comp,
+                "benchmarks": ",".join(config.benchmarks), "limit": str(config.limit),
+                "template": config.template, "batch_size": str(config.batch_size),
+                "max_new_tokens": str(config.max_new_tokens), "shard_size": str(config.shard_size),
+                "dtype": config.dtype,
+            })
+            children[(target.name, comp)] = child
+    progress = {key: [0, 0] for key in children}
+
+    def on_done(task: ShardTask, n_answers: int) -> None:
+        key = (task.target, task.compressor)
+        done = progress[key]
+        done[0] += 1
+        done[1] += n_answers
+        children[key].log_metrics({"eval/shards_done": done[0], "eval/answers_done": done[1]}, step=done[0])
+
+    return on_done, [*children.values(), *([parent] if own_parent else [])]
+
+
 def _log_to_mlflow(
     summary: dict[str, Any],
     config: EvalConfig,
@@ -117,7 +160,7 @@ def _log_to_mlflow(
                 **common,
                 parent_run_id=parent.run_id,
                 run_name=f"{row['model']}/{row['compressor']}",
-                run_key=f"evaluate:{summary['fingerprint']}:{row['model']}/{row['compressor']}",
+                run_key=_child_key(summary["fingerprint"], row["model"], row["compressor"]),
                 tags={"dpn.model": row["model"], "dpn.compressor": row["compressor"], "mlflow.loggedArtifacts": tables_tag},
             )
             with child:
@@ -194,9 +237,11 @@ def run_evaluation(
     done: dict[str, int] = {}
     failed: dict[str, str] = {}
     fan_out_seconds = 0.0
+    fp = fingerprint(sorted(t.fingerprint for t in tasks))[:16]
+    on_done, opened = _open_mlflow_runs(config, tracking, fp, compressors) if tracking is not None else (None, [])
     if pending:
         done, failed, fan_out_seconds = run_shards(pending, _worker_settings(config, dtype, use_gpu), config,
-                                                   n_workers, log)
+                                                   n_workers, log, on_done=on_done)
 
     per_pair = _score(tasks, failed, data, out_root)
     rows = [
@@ -209,7 +254,7 @@ def run_evaluation(
     samples_computed = sum(len(t.items) for t in tasks if t.key in done)
     summary: dict[str, Any] = {
         "status": "failed" if failed else "succeeded",
-        "fingerprint": fingerprint(sorted(t.fingerprint for t in tasks))[:16],
+        "fingerprint": fp,
         "out_dir": str(out_root),
         "benchmarks": list(config.benchmarks),
         "rows": rows,
@@ -222,6 +267,8 @@ def run_evaluation(
         "mlflow": None,
     }
     if failed:
+        for run in opened:
+            run.finish("FAILED")
         summary["seconds"] = time.perf_counter() - t0
         _write_json(out_root / "summary.json", summary)
         raise EvalShardsFailed(

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from dpn.compressors import format_path
 from pipelines.publish import verify_checksums, write_checksums
 from pipelines.recipes import TrainConfig, config_from_dict
 from pipelines.training.model_setup import SKIPPABLE_TRAINABLE, build_model, set_trainable
@@ -103,7 +104,8 @@ class StepStats:
             digits.append(code % (self.n_exp + 1))
             code //= self.n_exp + 1
         factors = self.cfg.expert_factors
-        return "-".join("x" if j == self.n_exp else str(factors[j]) for j in reversed(digits))
+        # The one path notation (`dpn.compressors.format_path`): "4-2-1", a DPE that did not pool as "n".
+        return format_path([None if j == self.n_exp else factors[j] for j in reversed(digits)])
 
     def reduce(self, device) -> dict[str, float]:
         import torch
@@ -125,13 +127,13 @@ class StepStats:
         b, n = self._base, self.n_dpe
         for k, layer in enumerate(self.cfg.dpe_layers):
             if v[b + k] > 0:
-                m[f"router/mean_compression/layer{layer}"] = v[b + n + k] / v[b + k]
+                m[f"routing/mean_compression/layer{layer}"] = v[b + n + k] / v[b + k]
         paths = v[b + 2 * n :]
         routed = sum(paths)
         if routed > 0:
             for code, count in enumerate(paths):
                 if count > 0:
-                    m[f"router/path_share/{self.path_name(code)}"] = count / routed
+                    m[f"routing/path_share/{self.path_name(code)}"] = count / routed
         return m
 
 
