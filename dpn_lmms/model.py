@@ -69,7 +69,16 @@ class DPNLmms(lmms):
         self.path = None if path is None else parse_path(str(path))
         if self.path is not None and self.compressor not in POOLING:
             raise ValueError(f"path {path!r} fixes the pooling pyramid; compressor {self.compressor!r} does not pool")
-        self.budget = None if budget is None else float(budget)
+        try:
+            self.budget = None if budget is None else float(budget)
+        except ValueError:
+            raise ValueError(f"budget must be a number in (0, 1], got {budget!r}") from None
+        # Every check the checkpoint allows before its weights load: router weights for dpn, the budget in
+        # the calibrated range, the path's length against the DPE layers.
+        check_checkpoint(pretrained, self.compressor, self.budget if self.compressor == "dpn" else None)
+        n_dpe = len(saved.get("dpe_layers") or ())
+        if self.path is not None and n_dpe and len(self.path) != n_dpe:
+            raise ValueError(f"path {path!r} has {len(self.path)} factor(s); the model has {n_dpe} DPE layers")
         try:
             self.batch_size_per_device = int(batch_size)
         except ValueError:

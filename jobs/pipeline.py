@@ -101,7 +101,11 @@ def run_and_report(recipe: str | None, config_file: str | None, work_dir: str | 
         if summary.get("parent_run_id"):
             from pipelines import tracking
 
-            print(f"\nMLflow run: {tracking.run_link(summary['parent_run_id'], summary['tracking_uri'])}")
+            try:
+                link = tracking.run_link(summary["parent_run_id"], summary["tracking_uri"])
+            except Exception as e:  # the store may be gone by now; the summary line below must still print
+                link = f"run {summary['parent_run_id']} on {summary['tracking_uri']} (no link: {e})"
+            print(f"\nMLflow run: {link}")
         print(f"pipeline finished {summary['status']} in {summary['seconds']}s\n")
     print(json.dumps(summary))
     return 0 if summary["status"] == "succeeded" else 1

@@ -76,9 +76,12 @@ def _weights_problems(name: str, value: str | None, kind: str) -> list[str]:
     problems = []
     if not (p / "config.json").is_file():
         problems.append(f"train_overrides.{name}: {value!r} holds no config.json")
-    if not (any(p.glob("*.safetensors")) or (p / "model.safetensors.index.json").is_file()
-            or any(p.glob("pytorch_model*.bin"))):
-        problems.append(f"train_overrides.{name}: {value!r} holds no weights (*.safetensors)")
+    from dpn.loading import weight_files  # what loading will read: an index naming a missing shard counts
+
+    try:
+        weight_files(p)
+    except (FileNotFoundError, ValueError) as e:
+        problems.append(f"train_overrides.{name}: {value!r} holds no weights ({e})")
     return problems
 
 

@@ -6,6 +6,8 @@ like every MLflow call.
 
 from __future__ import annotations
 
+import dataclasses
+import uuid
 from typing import Any
 
 from pipelines import tracking
@@ -38,7 +40,8 @@ def promotion_decision(challenger: dict[str, float], champion: dict[str, float] 
 
 
 def register_and_gate(source_run_id: str, model_name: str, challenger: dict[str, float], *, gate_metric: str,
-                      compressor: str, tracking_uri: str, model_dir: str) -> dict[str, Any]:
+                      compressor: str, tracking_uri: str, model_dir: str,
+                      tmp_dir: str | None = None) -> dict[str, Any]:
     """Log `model_dir` as a pyfunc model on `source_run_id` (`tracking.log_pyfunc_model`: what
     `mlflow.pyfunc.load_model("models:/<name>@champion")` and `mlflow models serve` load), register it as a
     new version of `model_name`, alias it `challenger`, and move `champion` to it when `promotion_decision`
@@ -51,12 +54,23 @@ def register_and_gate(source_run_id: str, model_name: str, challenger: dict[str,
         gate_metric / compressor: recorded as tags of the version.
         tracking_uri: the store (also the registry).
         model_dir: the model's `save_pretrained` directory (the dpn budget is the one saved in it).
+        tmp_dir: where the pyfunc is assembled before the upload (the step's scratch dir, which the pipeline
+            cleans; default: the system's temporary directory).
     Returns:
         {"version", "promoted", "reason", "champion"}: champion is the previous champion's
         {"score", "tflops"}, None when there was none.
     """
-    tracking.log_pyfunc_model(source_run_id, model_dir, compressor=compressor, tracking_uri=tracking_uri)
-    version = tracking.register_model(source_run_id, model_name, artifact_path=tracking.PYFUNC_ARTIFACT,
+    # A path of its own per registration: a re-run of the register step (a scorer fix re-runs it alone, the
+    # source run stays cached) must never rewrite the files an earlier version (maybe the champion) points at.
+    artifact_path = f"{tracking.PYFUNC_ARTIFACT}/{uuid.uuid4().hex[:12]}"
+    from pipelines.serving import DEFAULT_MAX_NEW_TOKENS, DPNPyfunc, ServingConfig
+
+    config = ServingConfig(compressor=compressor)  # validated before anything is written
+    tracking.log_pyfunc_model(source_run_id, model_dir, python_model=DPNPyfunc(),
+                              model_config=dataclasses.asdict(config),
+                              params={"max_new_tokens": DEFAULT_MAX_NEW_TOKENS}, artifact_path=artifact_path,
+                              tracking_uri=tracking_uri, tmp_dir=tmp_dir)
+    version = tracking.register_model(source_run_id, model_name, artifact_path=artifact_path,
                                       tracking_uri=tracking_uri,
                                       tags={"gate_metric": gate_metric, "gate_score": challenger["score"],
                                             "tflops_per_sample": challenger["tflops"], "compressor": compressor})

@@ -14,36 +14,37 @@ MLflow), and it is imported lazily there, so nothing here runs at import time be
 from __future__ import annotations
 
 import base64
-import io
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import mlflow.pyfunc
+from pydantic import Field, with_config
 
 from dpn.compressors import COMPRESSORS
+from pipelines.tracking import HF_ARTIFACT
+from pipelines.validation import STRICT, ConfigError, build, check_fields
 
-HF_ARTIFACT = "hf_model"  # the artifact key of the save_pretrained directory inside the MLflow model
 DEFAULT_MAX_NEW_TOKENS = 16  # `dpn eval run`'s default
 
 
+@with_config(STRICT)
 @dataclass(kw_only=True)
 class ServingConfig:
-    """How the served model answers: the MLflow model's `model_config`."""
+    """How the served model answers: the MLflow model's `model_config` (validated as the pipeline's
+    configs are: strict types, no NaN / inf, unknown keys named, every problem at once)."""
 
     compressor: str
     """dpn | static | none | fastv | pdrop: the compressor the model runs with."""
-    budget: float | None = None
+    budget: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     """The dpn routers' compute budget (fraction of the uncompressed prefill FLOPs); None: the checkpoint's."""
-    batch_size: int = 8
+    batch_size: Annotated[int, Field(ge=1)] = 8
     """Questions answered per forward pass."""
 
     def __post_init__(self) -> None:
+        check_fields(self, "model_config")
         if self.compressor not in COMPRESSORS:
-            raise ValueError(f"compressor must be one of {COMPRESSORS}, got {self.compressor!r}")
-        if self.budget is not None and not 0 < float(self.budget) <= 1:
-            raise ValueError(f"budget must be in (0, 1], got {self.budget!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
+            raise ConfigError([f"model_config.compressor: must be one of {', '.join(COMPRESSORS)}, "
+                               f"got {self.compressor!r}"])
 
 
 class DPNPyfunc(mlflow.pyfunc.PythonModel):
@@ -52,7 +53,7 @@ class DPNPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from dpn.inference import load_model_and_processor
 
-        self.config = ServingConfig(**(context.model_config or {}))
+        self.config = build(ServingConfig, context.model_config or {}, prefix="model_config.")
         self.model, self.processor = load_model_and_processor(
             context.artifacts[HF_ARTIFACT], self.config.compressor, budget=self.config.budget)
 
@@ -82,33 +83,41 @@ class DPNPyfunc(mlflow.pyfunc.PythonModel):
 
 def _open_image(value: Any, row: int):
     """An RGB PIL image from a file path, the encoded image's bytes, or those bytes as base64 text (what
-    JSON carries to the scoring server); None for an empty value (a text-only question)."""
+    JSON carries to the scoring server); None for an empty value (a text-only question). Read as every
+    corpus and benchmark image is (`dpn.image_io`): regular files only, size and pixel caps."""
     import binascii
     from pathlib import Path
 
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
+
+    from dpn.image_io import MAX_IMAGE_BYTES, ImageFileError, decode_image, read_image_file
 
     if value is None or (isinstance(value, float) and value != value) or (isinstance(value, str | bytes) and not value):
         return None
-    if isinstance(value, str):
-        try:
-            is_file = Path(value).is_file()
-        except OSError:  # e.g. base64 text longer than a file name may be
-            is_file = False
-        if is_file:
-            with Image.open(value) as img:
-                return img.convert("RGB")
-        try:
-            value = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError(f"row {row}: image {value[:80]!r} is neither an existing file nor base64 image bytes"
-                             ) from None
-    if not isinstance(value, bytes | bytearray):
-        raise ValueError(f"row {row}: image must be a path or bytes, got {type(value).__name__}")
     try:
-        return Image.open(io.BytesIO(value)).convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"row {row}: image bytes are not a readable image ({e})") from e
+        if isinstance(value, str):
+            try:
+                exists = Path(value).exists()
+            except OSError:  # e.g. base64 text longer than a file name may be
+                exists = False
+            if exists:
+                value = read_image_file(value)
+            else:
+                try:
+                    value = base64.b64decode(value, validate=True)
+                except (binascii.Error, ValueError):
+                    raise ValueError(f"row {row}: image {value[:80]!r} is neither an existing file nor base64 "
+                                     "image bytes") from None
+        if not isinstance(value, bytes | bytearray):
+            raise ValueError(f"row {row}: image must be a path or bytes, got {type(value).__name__}")
+        if len(value) > MAX_IMAGE_BYTES:
+            raise ValueError(f"row {row}: image is {len(value)} bytes, more than the {MAX_IMAGE_BYTES} allowed")
+        with decode_image(bytes(value), max_pixels=Image.MAX_IMAGE_PIXELS) as img:
+            return img.convert("RGB")
+    except ImageFileError as e:
+        raise ValueError(f"row {row}: image not readable: {e}") from None
+    except OSError as e:  # a truncated file fails when it is decoded
+        raise ValueError(f"row {row}: image not readable: {e}") from None
 
 
-__all__ = ["DEFAULT_MAX_NEW_TOKENS", "DPNPyfunc", "HF_ARTIFACT", "ServingConfig"]
+__all__ = ["DEFAULT_MAX_NEW_TOKENS", "DPNPyfunc", "ServingConfig"]

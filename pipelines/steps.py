@@ -215,7 +215,7 @@ def register(ctx: StepContext, variant: str, model_name: str, gate_metric: str, 
                   "tflops": float(results[variant]["prefill_tflops_per_sample"])}
     gate = registry.register_and_gate(source_run, model_name, challenger, gate_metric=gate_metric,
                                       compressor=variant, tracking_uri=tracking_uri,
-                                      model_dir=str(_eval_model_dir(ctx, variant)))
+                                      model_dir=str(_eval_model_dir(ctx, variant)), tmp_dir=str(ctx.scratch_dir))
     champion = gate["champion"]
     run = tracking.RunTracker.open(tracking_uri=tracking_uri, run_id=ctx.run_id)
     run.log_metrics({"registry/challenger_score": challenger["score"],

@@ -463,24 +463,28 @@ def check_reachable(tracking_uri: str, timeout_s: float = 10.0) -> None:
 
 # ----- the served model (MLflow pyfunc) -------------------------------------------------------------
 PYFUNC_ARTIFACT = "pyfunc"  # the run artifact holding the MLflow model that the registry versions point at
+HF_ARTIFACT = "hf_model"  # the artifact key of the save_pretrained directory inside that MLflow model
 
 
 def log_pyfunc_model(
     run_id: str,
     model_dir: str | os.PathLike,
     *,
-    compressor: str,
-    budget: float | None = None,
+    python_model: Any,
+    model_config: dict[str, Any],
+    params: dict[str, int],
     artifact_path: str = PYFUNC_ARTIFACT,
     tracking_uri: str | None = None,
+    tmp_dir: str | os.PathLike | None = None,
 ) -> str:
-    """Log `model_dir` (a `save_pretrained` directory) as an MLflow pyfunc model (`pipelines.serving.DPNPyfunc`)
-    under the run's artifact `artifact_path`; returns that artifact's URI, what `register_model` versions.
+    """Log `model_dir` (a `save_pretrained` directory) as the MLflow pyfunc model `python_model`
+    (`pipelines.serving.DPNPyfunc`) under the run's artifact `artifact_path`; returns that artifact's URI,
+    what `register_model` versions.
 
     The model holds the directory as its artifact `hf_model`, the signature (input `image`: path or bytes,
-    `question`: string; output `answer`; param `max_new_tokens`) and `{"compressor", "budget"}` as its model
-    config, so `mlflow.pyfunc.load_model("models:/<name>@champion")` and `mlflow models serve` answer with
-    it. It is written with `mlflow.pyfunc.save_model` and uploaded with the client: `log_model` needs
+    `question`: string; output `answer`; `params`, e.g. {"max_new_tokens": 16}, with their defaults) and
+    `model_config` (`pipelines.serving.ServingConfig` as a dict), so
+    `mlflow.pyfunc.load_model("models:/<name>@champion")` and `mlflow models serve` answer with it. It is written with `mlflow.pyfunc.save_model` and uploaded with the client: `log_model` needs
     MLflow's process-global active run, which concurrent DAG steps must not share (see the module
     docstring); the files are the same. Loading it needs this package installed (`pip install dpn`)."""
     import importlib.metadata
@@ -489,22 +493,23 @@ def log_pyfunc_model(
     from mlflow.models import ModelSignature
     from mlflow.types.schema import AnyType, ColSpec, ParamSchema, ParamSpec, Schema
 
-    from pipelines.serving import DEFAULT_MAX_NEW_TOKENS, HF_ARTIFACT, DPNPyfunc, ServingConfig
-
-    config = ServingConfig(compressor=compressor, budget=budget)  # validated before anything is written
+    # The model class comes from the caller (`pipelines.registry`: `pipelines.serving.DPNPyfunc`): imported
+    # here, every step's code key (`pipelines.code_keys`) would cover the inference and scoring code.
     signature = ModelSignature(
         inputs=Schema([ColSpec(AnyType(), "image"), ColSpec("string", "question")]),
         outputs=Schema([ColSpec("string", "answer")]),
-        params=ParamSchema([ParamSpec("max_new_tokens", "long", DEFAULT_MAX_NEW_TOKENS)]),
+        params=ParamSchema([ParamSpec(name, "long", default) for name, default in params.items()]),
     )
     # Pinned to what logged it: the model's numerics depend on torch and transformers.
     requirements = [f"{pkg}=={importlib.metadata.version(pkg).split('+')[0]}"
                     for pkg in ("torch", "transformers", "mlflow", "pillow", "pandas")]
-    with tempfile.TemporaryDirectory() as tmp:
+    # The weights are copied once into the MLflow model before the upload: under `tmp_dir` (a step's scratch
+    # dir, which the pipeline cleans after a kill) rather than a pod's possibly small /tmp.
+    with tempfile.TemporaryDirectory(dir=tmp_dir) as tmp:
         local = Path(tmp) / artifact_path
         mlflow.pyfunc.save_model(
-            local, python_model=DPNPyfunc(), artifacts={HF_ARTIFACT: str(model_dir)}, signature=signature,
-            model_config=dataclasses.asdict(config), pip_requirements=requirements,
+            local, python_model=python_model, artifacts={HF_ARTIFACT: str(model_dir)}, signature=signature,
+            model_config=model_config, pip_requirements=requirements,
         )
         c = client(tracking_uri)
         c.log_artifacts(run_id, str(local), artifact_path)
@@ -576,8 +581,6 @@ def download_model(
         raise ValueError(f"model version {name}/{mv.version} has source {mv.source!r} outside its run's artifacts")
     got = download_artifacts(mv.run_id, mv.source[len(root) :], dst_dir, tracking_uri)
     if (got / "MLmodel").is_file():
-        from pipelines.serving import HF_ARTIFACT
-
         return _pyfunc_artifact_dir(got, HF_ARTIFACT)
     return got
 
@@ -607,6 +610,7 @@ __all__ = [
     "get_run",
     "log_pyfunc_model",
     "metric_history",
+    "HF_ARTIFACT",
     "PYFUNC_ARTIFACT",
     "register_model",
     "resolve_parent_run_id",

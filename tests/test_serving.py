@@ -77,6 +77,26 @@ def test_gate_registers_a_pyfunc_that_answers_from_the_champion_alias(registered
     assert len(set(expected)) > 1
     with pytest.raises(Exception, match="neither an existing file nor base64"):
         model.predict(pd.DataFrame({"image": ["/no/such/image.png"], "question": ["What color?"]}))
+    # Read as corpus images are (dpn.image_io): bad bytes and a FIFO (which would block an open) are refused.
+    with pytest.raises(Exception, match="row 0: image not readable"):
+        model.predict(pd.DataFrame({"image": [b"not an image"], "question": ["What color?"]}))
+    fifo = tmp_path / "fifo.png"
+    os.mkfifo(fifo)
+    with pytest.raises(Exception, match="row 1: image not readable.*not a regular file"):
+        model.predict(pd.DataFrame({"image": [questions[0][0], str(fifo)], "question": ["What color?"] * 2}))
+
+
+def test_registering_again_from_the_same_run_keeps_the_earlier_versions_files(registered, assets):
+    """A re-run of the register step (a scorer fix re-runs it alone; the source run stays cached) logs a new
+    pyfunc beside the first: version 1, maybe the champion, keeps its files."""
+    uri = registered["uri"]
+    again = registry.register_and_gate(registered["run_id"], "dpn-serve", {"score": 0.5, "tflops": 1.0},
+                                       gate_metric="synthetic/accuracy", compressor="dpn", tracking_uri=uri,
+                                       model_dir=str(assets["model"]))
+    assert again["version"] == "2" and not again["promoted"]
+    v1, v2 = (tracking.get_alias("dpn-serve", a, uri) for a in (registry.CHAMPION, registry.CHALLENGER))
+    assert v1["version"] == "1" and v2["version"] == "2" and v1["source"] != v2["source"]
+    assert {v1["run_id"], v2["run_id"]} == {registered["run_id"]}
 
 
 def _free_port() -> int:

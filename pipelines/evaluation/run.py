@@ -94,8 +94,8 @@ def _child_key(fp: str, model: str, compressor: str) -> str:
     return f"evaluate:{fp}:{model}/{compressor}"
 
 
-def _open_mlflow_runs(config: EvalConfig, tracking: TrackingOptions, fp: str, compressors: Mapping[str, list[str]]
-                      ) -> tuple[Callable[[ShardTask, int], None], list[Any]]:
+def _open_mlflow_runs(config: EvalConfig, tracking: TrackingOptions, fp: str, compressors: Mapping[str, list[str]],
+                      reused: list[ShardTask]) -> tuple[Callable[[ShardTask, int], None], list[Any]]:
     """Create the evaluation's MLflow runs when it starts (status RUNNING, params logged), so the UI shows
     them while shards run. Returns the `run_shards` callback that logs each child's progress live
     (`eval/shards_done`, `eval/answers_done`) and the runs opened here (finished as FAILED if shards fail;
@@ -121,7 +121,12 @@ def _open_mlflow_runs(config: EvalConfig, tracking: TrackingOptions, fp: str, co
                 "dtype": config.dtype,
             })
             children[(target.name, comp)] = child
+    # A resumed evaluation finds the same runs by key: count on from its reused shards, not from 0, so the
+    # progress metrics' steps do not repeat the first attempt's.
     progress = {key: [0, 0] for key in children}
+    for t in reused:
+        progress[(t.target, t.compressor)][0] += 1
+        progress[(t.target, t.compressor)][1] += len(t.items)
 
     def on_done(task: ShardTask, n_answers: int) -> None:
         key = (task.target, task.compressor)
@@ -238,56 +243,67 @@ def run_evaluation(
     failed: dict[str, str] = {}
     fan_out_seconds = 0.0
     fp = fingerprint(sorted(t.fingerprint for t in tasks))[:16]
-    on_done, opened = _open_mlflow_runs(config, tracking, fp, compressors) if tracking is not None else (None, [])
-    if pending:
-        done, failed, fan_out_seconds = run_shards(pending, _worker_settings(config, dtype, use_gpu), config,
-                                                   n_workers, log, on_done=on_done)
+    pending_keys = {t.key for t in pending}
+    reused = [t for t in tasks if t.key not in pending_keys]
+    on_done, opened = (_open_mlflow_runs(config, tracking, fp, compressors, reused) if tracking is not None
+                       else (None, []))
+    try:
+        if pending:
+            done, failed, fan_out_seconds = run_shards(pending, _worker_settings(config, dtype, use_gpu), config,
+                                                       n_workers, log, on_done=on_done)
 
-    per_pair = _score(tasks, failed, data, out_root)
-    rows = [
-        summary_row(t.name, c, {b: per_pair[(t.name, c)][b] for b in config.benchmarks})
-        for t in config.targets
-        for c in compressors[t.name]
-        if all(b in per_pair[(t.name, c)] for b in config.benchmarks)
-    ]
-    fill_saving_vs_none(rows)
-    samples_computed = sum(len(t.items) for t in tasks if t.key in done)
-    summary: dict[str, Any] = {
-        "status": "failed" if failed else "succeeded",
-        "fingerprint": fp,
-        "out_dir": str(out_root),
-        "benchmarks": list(config.benchmarks),
-        "rows": rows,
-        "shards": {"total": len(tasks), "computed": len(done), "reused": len(tasks) - len(pending),
-                   "retried": {k: n for k, n in sorted(done.items()) if n > 1}, "failed": dict(sorted(failed.items()))},
-        # Answered questions per second of fan-out wall time (worker start-up and model loading included).
-        "samples_per_s": samples_computed / fan_out_seconds if fan_out_seconds > 0 else None,
-        "seconds": None,
-        "figures": {},
-        "mlflow": None,
-    }
-    if failed:
-        for run in opened:
-            run.finish("FAILED")
+        per_pair = _score(tasks, failed, data, out_root)
+        rows = [
+            summary_row(t.name, c, {b: per_pair[(t.name, c)][b] for b in config.benchmarks})
+            for t in config.targets
+            for c in compressors[t.name]
+            if all(b in per_pair[(t.name, c)] for b in config.benchmarks)
+        ]
+        fill_saving_vs_none(rows)
+        samples_computed = sum(len(t.items) for t in tasks if t.key in done)
+        summary: dict[str, Any] = {
+            "status": "failed" if failed else "succeeded",
+            "fingerprint": fp,
+            "out_dir": str(out_root),
+            "benchmarks": list(config.benchmarks),
+            "rows": rows,
+            "shards": {"total": len(tasks), "computed": len(done), "reused": len(tasks) - len(pending),
+                       "retried": {k: n for k, n in sorted(done.items()) if n > 1}, "failed": dict(sorted(failed.items()))},
+            # Answered questions per second of fan-out wall time (worker start-up and model loading included).
+            "samples_per_s": samples_computed / fan_out_seconds if fan_out_seconds > 0 else None,
+            "seconds": None,
+            "figures": {},
+            "mlflow": None,
+        }
+        if failed:
+            for run in opened:
+                run.finish("FAILED")
+            summary["seconds"] = time.perf_counter() - t0
+            _write_json(out_root / "summary.json", summary)
+            raise EvalShardsFailed(
+                f"{len(failed)} shard(s) failed after {config.max_attempts} attempt(s): "
+                + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items()))
+                + f". Finished shards are kept under {out_root}; re-run to resume.",
+                summary,
+            )
+        figures = {
+            "accuracy_vs_flops": plot_accuracy_vs_flops(summary, out_root / "figures" / "accuracy_vs_flops.png"),
+            "routing_by_difficulty": plot_routing_by_difficulty(summary, out_root / "figures" / "routing_by_difficulty.png"),
+        }
+        summary["figures"] = {k: str(v) for k, v in figures.items()}
+        if tracking is not None:
+            truth = {b: {qid_key(r["question_id"]): r for r in d.ground_truth} for b, d in data.items()}
+            _log_to_mlflow(summary, config, tracking, figures, truth)
         summary["seconds"] = time.perf_counter() - t0
         _write_json(out_root / "summary.json", summary)
-        raise EvalShardsFailed(
-            f"{len(failed)} shard(s) failed after {config.max_attempts} attempt(s): "
-            + "; ".join(f"{k}: {v}" for k, v in sorted(failed.items()))
-            + f". Finished shards are kept under {out_root}; re-run to resume.",
-            summary,
-        )
-    figures = {
-        "accuracy_vs_flops": plot_accuracy_vs_flops(summary, out_root / "figures" / "accuracy_vs_flops.png"),
-        "routing_by_difficulty": plot_routing_by_difficulty(summary, out_root / "figures" / "routing_by_difficulty.png"),
-    }
-    summary["figures"] = {k: str(v) for k, v in figures.items()}
-    if tracking is not None:
-        truth = {b: {qid_key(r["question_id"]): r for r in d.ground_truth} for b, d in data.items()}
-        _log_to_mlflow(summary, config, tracking, figures, truth)
-    summary["seconds"] = time.perf_counter() - t0
-    _write_json(out_root / "summary.json", summary)
-    return summary
+        return summary
+    except EvalShardsFailed:
+        raise  # its runs are finished FAILED above
+    except BaseException:
+        # Opened live when the step started: an error or Ctrl-C must not leave them RUNNING.
+        for run in opened:
+            run.finish("FAILED")
+        raise
 
 
 def _checked_compressors(config: EvalConfig) -> dict[str, list[str]]:
