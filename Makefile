@@ -46,7 +46,7 @@ demo: install
 	$(VENV)/bin/dpn demo
 
 test: install
-	$(VENV)/bin/python -m pytest -q -ra
+	$(VENV)/bin/python -m pytest -q -ra --durations=20
 
 test-fast: install
 	$(VENV)/bin/python -m pytest -q -ra -m "not slow"

@@ -1,8 +1,8 @@
-"""Real parts: a Ray head started with `ray start --head` on loopback and a real `mlflow server`
-(SQLite; PostgreSQL from Debian's packages behind the `postgres` marker, which .ci/run sets up); the
-pipeline is submitted as a Ray job with `dpn submit`, and the test checks the job succeeded and that the
-runs, metrics, artifacts and registered model are in that server. Every process started here is stopped
-by process group."""
+"""Real servers for the end-to-end tests: processes started by process group and stopped the same way
+(`process`), a real `mlflow server` (`mlflow_server`) and a throw-away PostgreSQL (`postgres`, Debian's
+binaries; marker `postgres`, which .ci/run sets up). The pipeline submitted as a Ray job to a token-
+protected two-node cluster against an MLflow server is `tests/test_cluster_auth.py`; here the PostgreSQL
+backend gets what a pipeline run asks of its store."""
 
 from __future__ import annotations
 
@@ -22,15 +22,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-SMALL = """
-corpus: {n_pretrain: 64, n_instruct: 64, n_eval: 15}
-variants: [dpn, none]
-train_overrides: {optim.max_steps: 2, optim.global_batch_size: 16, vision_pretrain.steps: 3,
-                  vision_pretrain.batch_size: 4, vision_pretrain.eval_images: 4, llm_pretrain.steps: 3,
-                  llm_pretrain.bare_steps: 1, llm_pretrain.eval_questions: 5}
-"""
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,28 +80,6 @@ def mlflow_server(tmp: Path, backend_uri: str):
 
 
 @contextmanager
-def ray_head(tmp: Path):
-    port, dash = free_port(), free_port()
-    # Ray's unix sockets live under --temp-dir and their paths must stay under 108 bytes: keep it short.
-    ray_tmp = tempfile.mkdtemp(prefix="dpnray", dir="/tmp")
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-           "--temp-dir", ray_tmp,
-           # Every fixed default port (the agent's 52365 above all) may be taken by another Ray on this
-           # machine (e.g. a concurrently running test's local cluster): use free ones.
-           "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
-           "--runtime-env-agent-port", str(free_port()), "--metrics-export-port", str(free_port()),
-           "--ray-client-server-port", str(free_port())]
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        with process(cmd, tmp / "ray.log", base_env(), lambda: http_ok(f"{address}/api/version"), 180):
-            yield address
-    finally:
-        if not os.environ.get("DPN_KEEP_RAY_TMP"):
-            shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-@contextmanager
 def postgres(tmp: Path):
     """A throw-away PostgreSQL cluster on a loopback port (Debian's binaries; run as `postgres` when root)."""
     bindir = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None)
@@ -139,41 +108,52 @@ def postgres(tmp: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def submit_and_check(tmp: Path, tracking_uri: str) -> None:
+def tracking_roundtrip(uri: str, model_dir: Path, tmp: Path) -> None:
+    """What a pipeline run asks of its MLflow store, against `uri`: a parent run and child runs written
+    concurrently (DAG steps run side by side), resumed by their key without duplicates, metric histories
+    with steps, the registry gate (pyfunc model, version, aliases) and the champion's download."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from pipelines import registry, tracking
 
-    cfg = tmp / "pipeline.yaml"
-    cfg.write_text(SMALL)
-    work = tmp / "work"
-    with ray_head(tmp) as address:
-        out = subprocess.run(
-            [str(BIN / "dpn"), "submit", "--address", address, "--mlflow-uri", tracking_uri, "--follow",
-             "--timeout", "1200", "--", "dpn", "pipeline", "run", "--config", str(cfg), "--work-dir", str(work)],
-            cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=1300)
-        assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-3000:]
-        assert "SUCCEEDED" in out.stderr
-    summary = __import__("json").loads(
-        [line for line in out.stdout.splitlines() if line.startswith('{"status"')][-1])
-    assert summary["tracking_uri"] == tracking_uri
-    parent = tracking.get_run(summary["parent_run_id"], tracking_uri=tracking_uri)
-    assert parent["tags"]["dpn.trigger"] == "manual" and parent["status"] == "FINISHED"
-    steps = {c["run_name"]: c for c in tracking.child_runs(summary["parent_run_id"], tracking_uri=tracking_uri)}
-    assert {"synth", "stage0_vision", "stage0_llm", "stage1", "stage2_dpn", "stage2_none", "route_calibrate",
-            "evaluate", "register"} <= set(steps)
-    assert tracking.metric_history(steps["stage2_dpn"]["run_id"], "loss/lm", tracking_uri=tracking_uri)
-    model = tracking.download_artifacts(steps["stage2_dpn"]["run_id"], "model", tmp / "dl", tracking_uri=tracking_uri)
-    assert (model / "model.safetensors").is_file() and (model / "config.json").is_file()
-    champion = tracking.get_alias("dpn", registry.CHAMPION, tracking_uri=tracking_uri)
-    # The dpn variant is registered as calibrated: the model logged by the route_calibrate step's run.
-    assert champion is not None and champion["run_id"] == steps["route_calibrate"]["run_id"]
+    parent = tracking.RunTracker.open(tracking_uri=uri, run_name="pipeline", run_key="pg:pipeline",
+                                      tags={"dpn.trigger": "manual"})
+
+    def step(i: int) -> str:
+        run = tracking.RunTracker.open(tracking_uri=uri, parent_run_id=parent.run_id, run_name=f"step{i}",
+                                       run_key=f"pg:step{i}")
+        for k in range(20):
+            run.log_metrics({"loss/lm": 1.0 / (k + 1), "throughput/samples_per_s": float(i)}, step=k)
+        run.finish()
+        return run.run_id
+
+    with ThreadPoolExecutor(4) as pool:
+        ids = list(pool.map(step, range(4)))
+    again = tracking.RunTracker.open(tracking_uri=uri, parent_run_id=parent.run_id, run_name="step0",
+                                     run_key="pg:step0")
+    assert again.run_id == ids[0], "a resumed step finds its run by key"
+    again.finish()
+    children = tracking.child_runs(parent.run_id, tracking_uri=uri)
+    assert sorted(c["run_name"] for c in children) == [f"step{i}" for i in range(4)]
+    assert len(tracking.metric_history(ids[2], "loss/lm", tracking_uri=uri)) == 20
+    gate = registry.register_and_gate(ids[3], "dpn", {"score": 60.0, "tflops": 1e-4}, gate_metric="synthetic/accuracy",
+                                      compressor="dpn", tracking_uri=uri, model_dir=str(model_dir), tmp_dir=str(tmp))
+    assert gate["promoted"] and gate["version"] == "1"
+    champion = tracking.get_alias("dpn", registry.CHAMPION, tracking_uri=uri)
+    assert champion is not None and champion["run_id"] == ids[3]
+    hf = tracking.download_model("dpn", alias=registry.CHAMPION, dst_dir=tmp / "dl", tracking_uri=uri)
+    assert (hf / "model.safetensors").is_file() and (hf / "config.json").is_file()
+    parent.finish()
+    assert tracking.get_run(parent.run_id, tracking_uri=uri)["status"] == "FINISHED"
 
 
-# The SQLite-backed server is covered by test_cluster_auth's two-node pipeline test (same submission, same
-# MLflow checks); running a third full pipeline for it cost CI ~5 minutes of its 20.
+# The whole pipeline as a Ray job against an MLflow server (SQLite-backed) is test_cluster_auth's two-node
+# test; a second full pipeline here for PostgreSQL cost CI ~4 of its 20 minutes, for a backend that sees the
+# same calls as this round trip makes.
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_pipeline_as_ray_job_against_mlflow_server_postgres(tmp_path):
+def test_mlflow_server_on_postgres_keeps_what_a_pipeline_run_writes(tmp_path, assets):
     if not os.environ.get("DPN_TEST_POSTGRES"):
         pytest.skip("set DPN_TEST_POSTGRES=1 (.ci/run does) to run against a local PostgreSQL")
     with postgres(tmp_path) as pg, mlflow_server(tmp_path, pg) as uri:
-        submit_and_check(tmp_path, uri)
+        tracking_roundtrip(uri, assets["model"], tmp_path)
