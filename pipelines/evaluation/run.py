@@ -206,7 +206,8 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-# ~80 lines with its docstring: the evaluation's stages in order (check, plan, fan out, score, report, log).
+# ~100 lines with its docstring: the evaluation's stages in order (check, plan, fan out, score, report, log),
+# inside one try that finishes the live MLflow runs as FAILED on any error (they are opened before the fan-out).
 def run_evaluation(
     config: EvalConfig, *, tracking: TrackingOptions | None = None, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
