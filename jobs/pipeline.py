@@ -137,7 +137,7 @@ def _plan(args: argparse.Namespace) -> int:
         cfg = _config(args)
         pipe = build_pipeline(cfg)
         plan = pipe.plan()
-        problems = preflight(cfg)  # every missing or malformed input, all at once
+        problems = preflight(cfg, pipe.steps)  # every missing or malformed input, all at once
     except ValueError as e:
         return _fail(str(e))
     for s in plan:

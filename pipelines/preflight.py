@@ -17,6 +17,7 @@ What is checked, for the steps `cfg.until` selects:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -95,13 +96,13 @@ def _stage_problems(stage: TrainConfig) -> list[str]:
     return problems
 
 
-def preflight(cfg: PipelineConfig) -> list[str]:
-    """Every problem with the inputs of the steps `cfg` would run (empty: ready), one line each."""
+def preflight(cfg: PipelineConfig, steps: Iterable[str]) -> list[str]:
+    """Every problem with the inputs of `steps` (the names of the steps `cfg`'s DAG runs: the caller has
+    built it, and this module must not import the workflow that imports it) -- empty: ready -- one line each."""
     from dpn.tokenizer import check_prepared
     from pipelines.evaluation.benchmarks import locate_benchmark
-    from pipelines.workflow import pipeline_steps
 
-    steps = {s.name for s in pipeline_steps(cfg)}
+    steps = set(steps)
     corpus = cfg.corpus
     problems = corpus.missing_paths()
     if not corpus.synthetic:

@@ -520,7 +520,7 @@ def execute(cfg: PipelineConfig, trigger: str = "manual", log: Callable[[str], N
     # (WorkDirBusy), and the lock is held until the last step is published.
     lock = pipe.lock(f"pipeline {cfg.name}")
     try:
-        problems = preflight(cfg)  # a missing input fails in seconds, not after hours of training
+        problems = preflight(cfg, pipe.steps)  # a missing input fails in seconds, not after hours of training
         if problems:
             raise ConfigError(problems)
         tracking.check_reachable(cfg.tracking_uri)  # a down tracking server fails here, before any work
