@@ -76,8 +76,8 @@ class DPNLmms(lmms):
         # Every check the checkpoint allows before its weights load: router weights for dpn, the budget in
         # the calibrated range, the path's length against the DPE layers.
         check_checkpoint(pretrained, self.compressor, self.budget if self.compressor == "dpn" else None)
-        n_dpe = len(saved.get("dpe_layers") or ())
-        if self.path is not None and n_dpe and len(self.path) != n_dpe:
+        n_dpe = len(saved.get("dpe_layers") or ())  # every DPNConfig saves its DPE layers
+        if self.path is not None and len(self.path) != n_dpe:
             raise ValueError(f"path {path!r} has {len(self.path)} factor(s); the model has {n_dpe} DPE layers")
         try:
             self.batch_size_per_device = int(batch_size)
@@ -89,9 +89,6 @@ class DPNLmms(lmms):
         self._model, self.processor = load_model_and_processor(
             pretrained, self.compressor, tokenizer_dir=tokenizer, template=template, dtype=dtype,
             device=self._device, budget=self.budget)
-        if self.path is not None and len(self.path) != len(self._model.config.dpe_layers):
-            raise ValueError(f"path {path!r} has {len(self.path)} factor(s); the model has "
-                             f"{len(self._model.config.dpe_layers)} DPE layers")
 
     # ----- what lmms-eval reads ---------------------------------------------------------------------
     @property

@@ -60,11 +60,11 @@ def register_and_gate(source_run_id: str, model_name: str, challenger: dict[str,
         {"version", "promoted", "reason", "champion"}: champion is the previous champion's
         {"score", "tflops"}, None when there was none.
     """
+    from pipelines.serving import DEFAULT_MAX_NEW_TOKENS, DPNPyfunc, ServingConfig
+
     # A path of its own per registration: a re-run of the register step (a scorer fix re-runs it alone, the
     # source run stays cached) must never rewrite the files an earlier version (maybe the champion) points at.
     artifact_path = f"{tracking.PYFUNC_ARTIFACT}/{uuid.uuid4().hex[:12]}"
-    from pipelines.serving import DEFAULT_MAX_NEW_TOKENS, DPNPyfunc, ServingConfig
-
     config = ServingConfig(compressor=compressor)  # validated before anything is written
     tracking.log_pyfunc_model(source_run_id, model_dir, python_model=DPNPyfunc(),
                               model_config=dataclasses.asdict(config),

@@ -8,7 +8,8 @@ DataFrame with `image` (a file path or the encoded image's bytes; empty for a te
 MLflow model's config (`model_config`), set when the model is logged (`pipelines.tracking.log_pyfunc_model`).
 
 This module defines the model class only; logging it is `pipelines.tracking`'s job (one module talks to
-MLflow), and it is imported lazily there, so nothing here runs at import time beyond the class itself.
+MLflow), called by `pipelines.registry`, which imports this module lazily (only the register step's code
+key covers the inference code it reaches); nothing here runs at import time beyond the class itself.
 """
 
 from __future__ import annotations
@@ -83,41 +84,36 @@ class DPNPyfunc(mlflow.pyfunc.PythonModel):
 
 def _open_image(value: Any, row: int):
     """An RGB PIL image from a file path, the encoded image's bytes, or those bytes as base64 text (what
-    JSON carries to the scoring server); None for an empty value (a text-only question). Read as every
-    corpus and benchmark image is (`dpn.image_io`): regular files only, size and pixel caps."""
+    JSON carries to the scoring server); None for an empty value (a text-only question). Opened as every
+    benchmark image is (`EvalItem.open_image`: regular files only, pixel cap)."""
     import binascii
     from pathlib import Path
 
-    from PIL import Image
-
-    from dpn.image_io import MAX_IMAGE_BYTES, ImageFileError, decode_image, read_image_file
+    from dpn.eval.benchmarks import EvalItem
 
     if value is None or (isinstance(value, float) and value != value) or (isinstance(value, str | bytes) and not value):
         return None
-    try:
-        if isinstance(value, str):
+    if isinstance(value, str):
+        try:
+            exists = Path(value).exists()
+        except OSError:  # e.g. base64 text longer than a file name may be
+            exists = False
+        if exists:
+            item = EvalItem(question_id=row, text="", image=value)
+        else:
             try:
-                exists = Path(value).exists()
-            except OSError:  # e.g. base64 text longer than a file name may be
-                exists = False
-            if exists:
-                value = read_image_file(value)
-            else:
-                try:
-                    value = base64.b64decode(value, validate=True)
-                except (binascii.Error, ValueError):
-                    raise ValueError(f"row {row}: image {value[:80]!r} is neither an existing file nor base64 "
-                                     "image bytes") from None
-        if not isinstance(value, bytes | bytearray):
-            raise ValueError(f"row {row}: image must be a path or bytes, got {type(value).__name__}")
-        if len(value) > MAX_IMAGE_BYTES:
-            raise ValueError(f"row {row}: image is {len(value)} bytes, more than the {MAX_IMAGE_BYTES} allowed")
-        with decode_image(bytes(value), max_pixels=Image.MAX_IMAGE_PIXELS) as img:
-            return img.convert("RGB")
-    except ImageFileError as e:
-        raise ValueError(f"row {row}: image not readable: {e}") from None
-    except OSError as e:  # a truncated file fails when it is decoded
-        raise ValueError(f"row {row}: image not readable: {e}") from None
+                item = EvalItem(question_id=row, text="", image_bytes=base64.b64decode(value, validate=True))
+            except (binascii.Error, ValueError):
+                raise ValueError(f"row {row}: image {value[:80]!r} is neither an existing file nor base64 "
+                                 "image bytes") from None
+    elif isinstance(value, bytes | bytearray):
+        item = EvalItem(question_id=row, text="", image_bytes=bytes(value))
+    else:
+        raise ValueError(f"row {row}: image must be a path or bytes, got {type(value).__name__}")
+    try:
+        return item.open_image()
+    except (ValueError, OSError) as e:  # EvalDataError; a truncated file fails when it is decoded
+        raise ValueError(f"row {row}: image not readable ({e})") from None
 
 
 __all__ = ["DEFAULT_MAX_NEW_TOKENS", "DPNPyfunc", "ServingConfig"]
